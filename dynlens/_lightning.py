@@ -1,0 +1,40 @@
+"""One set of base classes that both Lightning distributions accept.
+
+``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies: a Trainer from one
+package does not recognise a ``Callback`` or ``LightningDataModule`` subclassed from the other.
+dynlens classes derive from the base of *every* installed package at once, so the same object works
+with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``; at least one must be installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+def _installed(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+PACKAGES: tuple[ModuleType, ...] = tuple(
+    m for m in (_installed("pytorch_lightning"), _installed("lightning.pytorch")) if m is not None
+)
+if not PACKAGES:
+    raise ImportError(
+        "dynlens needs PyTorch Lightning: `pip install pytorch-lightning` (or `pip install lightning`)."
+    )
+
+Callback: type = type("Callback", tuple(p.Callback for p in PACKAGES), {"__module__": __name__})
+LightningDataModule: type = type(
+    "LightningDataModule", tuple(p.LightningDataModule for p in PACKAGES), {"__module__": __name__}
+)
+
+
+def is_tensorboard_logger(logger: object) -> bool:
+    """True for a TensorBoard logger of either package (or any logger writing a SummaryWriter)."""
+    return any(
+        isinstance(logger, p.loggers.TensorBoardLogger) for p in PACKAGES
+    )
