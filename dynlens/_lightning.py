@@ -2,8 +2,9 @@
 
 ``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies: a Trainer from one
 package does not recognise a ``Callback`` or ``LightningDataModule`` subclassed from the other.
-dynlens classes derive from the base of *every* installed package at once, so the same object works
-with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``; at least one must be installed.
+dynlens classes derive from the base of *every* installed package at once, so the same object
+works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``; at least one of the two
+must be installed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ PACKAGES: tuple[ModuleType, ...] = tuple(
 )
 if not PACKAGES:
     raise ImportError(
-        "dynlens needs PyTorch Lightning: `pip install pytorch-lightning` (or `pip install lightning`)."
+        "dynlens needs PyTorch Lightning: `pip install pytorch-lightning` "
+        "(or `pip install lightning`)."
     )
 
 Callback: type = type("Callback", tuple(p.Callback for p in PACKAGES), {"__module__": __name__})
@@ -35,6 +37,4 @@ LightningDataModule: type = type(
 
 def is_tensorboard_logger(logger: object) -> bool:
     """True for a TensorBoard logger of either package (or any logger writing a SummaryWriter)."""
-    return any(
-        isinstance(logger, p.loggers.TensorBoardLogger) for p in PACKAGES
-    )
+    return any(isinstance(logger, p.loggers.TensorBoardLogger) for p in PACKAGES)
