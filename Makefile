@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing and
+# install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed only when the venv has none. The pinned release is the CPU build on this
+# project's machines; elsewhere add the CPU wheel index to avoid a multi-GB CUDA download:
+#   make test TORCH_PIP_FLAGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_FLAGS ?=
+STAMP := $(BIN)/.dynlens-installed
+
+.PHONY: install test lint demo clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/python -m pip install -q $(TORCH_PIP_FLAGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check dynlens tests examples benchmarks
+	$(BIN)/ruff format --check dynlens tests examples benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/dynlens demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

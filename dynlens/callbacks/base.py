@@ -1,0 +1,255 @@
+"""The machinery every dynlens callback shares (the monitor contract of DESIGN.md).
+
+A monitor subclasses :class:`Monitor`, sets ``name`` (the ``<monitor>`` part of its metric keys),
+describes its TensorBoard panel in :meth:`Monitor.panel`, and in its hooks measures, then calls
+:meth:`Monitor.log_metrics` and :meth:`Monitor.log_event`. The base provides:
+
+* **cadence** in optimizer steps (:meth:`Monitor.is_due`), never during the sanity check;
+* **logging** to every Lightning logger at Lightning's own logging step, so dynlens charts line up
+  with the run's ``self.log`` metrics whatever ``log_every_n_steps`` is, and into
+  ``trainer.callback_metrics`` so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them;
+* **TensorBoard extras**: one custom-scalars layout per run merged from every attached monitor's
+  panel, and text events for discrete events;
+* **DDP helpers** (:meth:`Monitor.reduce`) that run on every rank; side effects on rank 0 only;
+* **state** with a ``state_key`` built from the identifying arguments;
+* **failing soft**: a hook decorated with :func:`fail_soft` that raises mid-run warns once and
+  disables its monitor; training goes on. :class:`ConfigurationError` is the exception: a set-up
+  mistake stops the run with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from rich import get_console
+
+from .._lightning import Callback, is_tensorboard_logger
+
+# SummaryWriters that already hold a dynlens layout: one merged layout per run, whichever monitor
+# gets there first writes it for all.
+_LAYOUT_WRITTEN: weakref.WeakSet = weakref.WeakSet()
+
+NO_LOGGER_WARNING = (
+    "dynlens: this Trainer has no logger, so dynlens metrics reach only `trainer.callback_metrics` "
+    "and the console. Pass `logger=TensorBoardLogger('runs')` (or any Lightning logger) to record "
+    "them."
+)
+
+Chart = list  # ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper]]
+Hook = TypeVar("Hook", bound=Callable[..., Any])
+
+
+class ConfigurationError(ValueError):
+    """A monitor was set up wrongly; the message says how to fix it. Never swallowed."""
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Validate a count argument, e.g. ``every_n_steps``, with a message that names the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"Expected `{name}` to be a positive int, got {value!r}.")
+    return value
+
+
+def fail_soft(hook: Hook) -> Hook:
+    """Run a hook of a :class:`Monitor`; on an unexpected error warn once and disable the monitor.
+
+    A disabled monitor's hooks do nothing for the rest of the run, so one bad measurement
+    (a NaN, an op without a double-backward rule) never kills a long training job.
+    """
+
+    @functools.wraps(hook)
+    def guarded(self: Monitor, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled_reason is not None:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            self.disable(f"{type(exc).__name__} in `{hook.__name__}`: {exc}")
+            return None
+
+    return guarded  # type: ignore[return-value]
+
+
+def logging_step(trainer: Any) -> int:
+    """The step Lightning itself gives ``self.log`` values logged at this moment.
+
+    It counts optimizer steps (batches that stepped), equals ``trainer.global_step`` until the
+    step's ``on_train_batch_end`` has run, and is restored from checkpoints.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
+class Monitor(Callback):
+    """Base class of dynlens callbacks. Subclasses set :attr:`name` and implement hooks.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (where the monitor measures on
+            training steps).
+        prefix: first part of every metric key, ``<prefix>/<monitor>/<quantity>``.
+        verbose: print event lines (rank 0) to the console.
+    """
+
+    #: The ``<monitor>`` part of metric keys, e.g. ``"grokking"``.
+    name: ClassVar[str] = "monitor"
+
+    def __init__(self, *, every_n_steps: int = 1, prefix: str = "dynlens", verbose: bool = True):
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        if not isinstance(prefix, str) or not prefix.strip("/"):
+            raise ConfigurationError(f"Expected `prefix` to be a non-empty str, got {prefix!r}.")
+        self.prefix = prefix.strip("/")
+        self.verbose = verbose
+        #: Discrete events so far: dicts with ``step``, ``reason`` and ``message`` (kept in state).
+        self.events: list[dict[str, Any]] = []
+        #: Why the monitor switched itself off mid-run, or ``None`` while it is active.
+        self.disabled_reason: str | None = None
+
+    # ----------------------------------------------------------------------------- identity
+    def state_key_fields(self) -> dict[str, Any]:
+        """Arguments that identify this configuration; two monitors with equal fields clash."""
+        return {"prefix": self.prefix}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.state_key_fields())
+
+    def key(self, quantity: str) -> str:
+        """Full metric key of ``quantity``: ``<prefix>/<name>/<quantity>``."""
+        return f"{self.prefix}/{self.name}/{quantity}"
+
+    # ----------------------------------------------------------------------------- cadence
+    def is_due(self, trainer: Any) -> bool:
+        """True on training steps that fall on the cadence; never in the sanity check."""
+        if trainer.sanity_checking or not trainer.training:
+            return False
+        return logging_step(trainer) % self.every_n_steps == 0
+
+    # ----------------------------------------------------------------------------- set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and not trainer.loggers and trainer.is_global_zero:
+            warnings.warn(NO_LOGGER_WARNING, UserWarning, stacklevel=2)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            write_layout(trainer)
+
+    # ----------------------------------------------------------------------------- logging
+    def log_metrics(
+        self, trainer: Any, metrics: Mapping[str, torch.Tensor | float], step: int | None = None
+    ) -> dict[str, float]:
+        """Send ``{quantity: value}`` to every logger and to ``trainer.callback_metrics``.
+
+        Tensor values are moved to the host together (one synchronisation). Keys are prefixed to
+        ``<prefix>/<name>/<quantity>``; ``step`` defaults to :func:`logging_step`. Returns the
+        logged floats.
+        """
+        if not metrics:
+            return {}
+        names = list(metrics)
+        tensors = [torch.as_tensor(metrics[k], dtype=torch.float64).reshape(()) for k in names]
+        device = tensors[0].device
+        values = torch.stack([t.to(device) for t in tensors]).cpu().tolist()
+        logged = {self.key(k): float(v) for k, v in zip(names, values, strict=True)}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+        if trainer.is_global_zero:
+            step = logging_step(trainer) if step is None else step
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=step)
+        return logged
+
+    def log_event(self, trainer: Any, step: int, reason: str, message: str) -> None:
+        """Record a discrete event: kept in state, written as TensorBoard text, printed (rank 0).
+
+        ``reason`` is a short machine-readable code (``"memorized"``), ``message`` a sentence.
+        """
+        self.events.append({"step": int(step), "reason": reason, "message": message})
+        if not trainer.is_global_zero:
+            return
+        for writer in tensorboard_writers(trainer):
+            writer.add_text(f"{self.prefix}/{self.name}/events", f"step {step}: {message}", step)
+        if self.verbose:
+            # rich's shared console, so lines print cleanly above a live progress display.
+            get_console().print(
+                f"[bold cyan]dynlens[/] {self.name} · step {step}: {message}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    def panel(self) -> dict[str, Chart]:
+        """This monitor's TensorBoard custom-scalars charts: ``{chart title: chart}``."""
+        return {}
+
+    def multiline(self, *quantities: str) -> Chart:
+        """A multiline chart of exactly these quantities (anchored tag regexes)."""
+        return ["Multiline", [tag_regex(self.key(q)) for q in quantities]]
+
+    def margin(self, value: str, lower: str, upper: str) -> Chart:
+        """A margin chart: ``value`` with a band from ``lower`` to ``upper``."""
+        return ["Margin", [self.key(value), self.key(lower), self.key(upper)]]
+
+    # ----------------------------------------------------------------------------- DDP
+    @staticmethod
+    def reduce(trainer: Any, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """All-reduce across ranks (``"mean"`` or ``"sum"``). Call it on every rank."""
+        return trainer.strategy.reduce(tensor, reduce_op=op)
+
+    # ----------------------------------------------------------------------------- failing soft
+    def disable(self, reason: str) -> None:
+        """Switch the monitor off for the rest of the run with one warning naming ``reason``."""
+        self.disabled_reason = reason
+        warnings.warn(
+            f"dynlens {type(self).__name__} disabled itself and training goes on: {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": [dict(e) for e in self.events]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Tolerant of older or partial checkpoints: missing entries keep their defaults.
+        self.events = [dict(e) for e in state_dict.get("events", [])]
+
+
+def tag_regex(tag: str) -> str:
+    """Regex matching exactly ``tag``, anchored at both ends (``trace`` must not also match
+    ``trace_stderr``)."""
+    return "^" + re.escape(tag) + "$"
+
+
+def tensorboard_writers(trainer: Any) -> list[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger of the trainer (rank 0 only)."""
+    if not trainer.is_global_zero:
+        return []
+    return [logger.experiment for logger in trainer.loggers if is_tensorboard_logger(logger)]
+
+
+def layout(monitors: list[Monitor]) -> dict[str, dict[str, Chart]]:
+    """The merged custom-scalars layout of ``monitors``: one category per monitor."""
+    merged: dict[str, dict[str, Chart]] = {}
+    for monitor in monitors:
+        charts = monitor.panel()
+        if charts:
+            merged.setdefault(f"{monitor.prefix}/{monitor.name}", {}).update(charts)
+    return merged
+
+
+def write_layout(trainer: Any) -> None:
+    """Write the layout of every dynlens monitor attached to ``trainer``, once per writer."""
+    monitors = [cb for cb in trainer.callbacks if isinstance(cb, Monitor)]
+    merged = layout(monitors)
+    if not merged:
+        return
+    for writer in tensorboard_writers(trainer):
+        if writer not in _LAYOUT_WRITTEN:
+            writer.add_custom_scalars(merged)
+            _LAYOUT_WRITTEN.add(writer)
