@@ -5,6 +5,11 @@ package does not recognise a ``Callback`` or ``LightningDataModule`` subclassed 
 dynlens classes derive from the base of *every* installed package at once, so the same object
 works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``; at least one of the two
 must be installed.
+
+One limit: Lightning decides whether a DataModule hook is "overridden" by comparing its code with
+*its own* base class, so an inherited default from the other package looks overridden. dynlens
+DataModules therefore define ``train_dataloader`` and ``val_dataloader`` themselves; callbacks
+always define ``state_dict`` (Lightning treats a callback with one as stateful).
 """
 
 from __future__ import annotations
