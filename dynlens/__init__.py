@@ -2,12 +2,39 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import grokking
+from . import collapse, continual, curvature, data, grokking
 from .callbacks import ConfigurationError, GrokkingMonitor, Monitor
+from .nn import (
+    CrossEntropyLoss,
+    StableMax,
+    log_stablemax,
+    stablemax,
+    stablemax_cross_entropy,
+    z_loss,
+)
+from .optim import OrthoGrad, project_out_weights_
 
 try:
     __version__ = version("dynlens")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["ConfigurationError", "GrokkingMonitor", "Monitor", "__version__", "grokking"]
+__all__ = [
+    "ConfigurationError",
+    "CrossEntropyLoss",
+    "GrokkingMonitor",
+    "Monitor",
+    "OrthoGrad",
+    "StableMax",
+    "__version__",
+    "collapse",
+    "continual",
+    "curvature",
+    "data",
+    "grokking",
+    "log_stablemax",
+    "project_out_weights_",
+    "stablemax",
+    "stablemax_cross_entropy",
+    "z_loss",
+]

@@ -1,0 +1,368 @@
+"""Softmax Collapse measurements: the pure functions behind ``SoftmaxCollapseMonitor``.
+
+Prieto, Barsbey, Mediano & Birdal 2025, *Grokking at the Edge of Numerical Stability*
+(arXiv:2501.04697). Softmax is computed as ``exp(z_i - m) / S`` with ``m = max_j z_j`` and
+``S = sum_j exp(z_j - m)``. The top term of ``S`` is exactly 1, so once every other term is below
+half an ulp of 1 (``eps / 2``), ``S`` *rounds to exactly 1*: the top probability is exactly 1, the
+loss of a correctly classified sample is exactly 0 and so is its gradient for the correct class.
+Such samples stop contributing to learning (**Softmax Collapse**, SC), which the paper links to
+the stalls of grokking. SC is a property of the precision the softmax is computed in.
+
+Everything here is plain torch: statistics are device tensors (counts, not fractions, so they
+reduce across processes by summing) and nothing synchronises with the host except the
+convenience functions returning ``float``.
+
+Threshold (two classes, logits ``[d, 0]``): ``S = 1 + exp(-d)`` rounds to 1 iff
+``exp(-d) <= eps / 2`` (a tie rounds to the even neighbour, which is 1), i.e.
+``d >= ln(2 / eps)``:
+
+========  ==========  =============  ==================
+dtype     eps         ln(2 / eps)    first integer gap
+========  ==========  =============  ==================
+float16   2^-10       7.62           8
+bfloat16  2^-7        5.55           6
+float32   2^-23       16.64          17
+float64   2^-52       36.74          37
+========  ==========  =============  ==================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dynlens.nn import _log_s, stablemax_cross_entropy
+
+__all__ = [
+    "CollapseStats",
+    "collapse_stats",
+    "collapse_threshold",
+    "collapsed_mask",
+    "nlm_cosine",
+    "nlm_cosine_per_tensor",
+    "softmax_collapse_fraction",
+    "stablemax_collapse_fraction",
+]
+
+Activation = Literal["softmax", "stablemax"]
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in get_args(Activation):
+        raise ValueError(f"Expected activation in {get_args(Activation)}, got {activation!r}")
+
+
+def _resolve_dtype(logits: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        dtype = logits.dtype
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"Expected a floating dtype (e.g. torch.float32) or None for the logits' own, got "
+            f"{dtype!r}; pass the precision the loss is computed in"
+        )
+    return dtype
+
+
+def _rows(logits: Tensor) -> Tensor:
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(
+            f"Expected logits of shape (..., C) with C >= 1 classes last, got {tuple(logits.shape)}"
+        )
+    return logits.detach().reshape(-1, logits.shape[-1])
+
+
+def _s(z: Tensor) -> Tensor:
+    # StableMax's s(x), rounded in z's dtype (forward only: no gradient flows here, so the
+    # unused branch of torch.where may be inf without harm).
+    return torch.where(z >= 0, z + 1, 1 / (1 - z))
+
+
+def collapsed_mask(
+    logits: Tensor, *, activation: Activation = "softmax", dtype: torch.dtype | None = None
+) -> Tensor:
+    """Per-sample Softmax Collapse indicator, shape ``logits.shape[:-1]``.
+
+    Softmax: ``sum_j exp(z_j - max z) == 1`` exactly, with every ``exp`` rounded to ``dtype`` and
+    the sum rounded to ``dtype`` (PyTorch accumulates float16/bfloat16 sums in float32 and rounds
+    once, as its softmax kernels do). StableMax: ``sum_j s(z_j) == s(max z)`` exactly in
+    ``dtype``, i.e. the other terms are absorbed by the top one. Rows with non-finite logits
+    never count as collapsed.
+
+    Args:
+        logits: ``(..., C)``, classes last.
+        activation: ``"softmax"`` or ``"stablemax"``.
+        dtype: precision of the sum (the loss's precision); default the logits' dtype.
+    """
+    _check_activation(activation)
+    dtype = _resolve_dtype(logits, dtype)
+    z = _rows(logits).to(dtype)
+    if activation == "softmax":
+        collapsed = torch.exp(z - z.amax(dim=-1, keepdim=True)).sum(dim=-1) == 1
+    else:
+        s = _s(z)
+        collapsed = s.sum(dim=-1) == s.amax(dim=-1)
+    return collapsed.reshape(logits.shape[:-1])
+
+
+def _fraction(mask: Tensor) -> float:
+    if mask.numel() == 0:
+        return math.nan
+    return mask.sum().item() / mask.numel()
+
+
+def softmax_collapse_fraction(logits: Tensor, dtype: torch.dtype | None = None) -> float:
+    """Share of samples in Softmax Collapse: ``sum_j exp(z_j - max z)`` is exactly 1 in ``dtype``.
+
+    The SC metric of Prieto et al. 2025 (their reference code's ``softmax_collapse``). Samples are
+    all leading positions of ``(..., C)`` logits; ``dtype`` defaults to the logits' own (pass the
+    precision your loss is computed in). Synchronises with the host once; ``nan`` for no samples.
+
+    Example:
+        >>> logits = torch.tensor([[16.0, 0.0], [17.0, 0.0], [40.0, 0.0], [1.0, 0.0]])
+        >>> softmax_collapse_fraction(logits)  # float32: gaps >= 17 collapse
+        0.5
+        >>> softmax_collapse_fraction(logits, dtype=torch.float64)  # float64: from 37
+        0.25
+    """
+    return _fraction(collapsed_mask(logits, activation="softmax", dtype=dtype))
+
+
+def stablemax_collapse_fraction(logits: Tensor, dtype: torch.dtype | None = None) -> float:
+    """Share of samples whose StableMax sum ``sum_j s(z_j)`` is exactly ``s(max z)`` in ``dtype``.
+
+    The StableMax analogue of :func:`softmax_collapse_fraction`: the top term has absorbed the
+    others. With ``s`` linear for positive logits this needs ``s(max z)`` around ``2 / eps`` times
+    the rest (16.7 million in float32), which is why StableMax resists collapse.
+
+    Example:
+        >>> stablemax_collapse_fraction(torch.tensor([[2047.0, 0.0], [2046.0, 0.0]]), torch.float16)
+        0.5
+    """
+    return _fraction(collapsed_mask(logits, activation="stablemax", dtype=dtype))
+
+
+def collapse_threshold(
+    dtype: torch.dtype, activation: Activation = "softmax", num_classes: int = 2
+) -> float:
+    """The top-minus-runner-up gap at which collapse sets in: ``ln(2 / eps) + ln(C - 1)``.
+
+    The gap is measured in log-activation units: logits for softmax, ``log s(z)`` for StableMax
+    (for which ``StableMax = softmax(log s(z))``). Derivation: the sum ``1 + r`` of the top term
+    and the rest ``r`` rounds to 1 iff ``r <= eps / 2``. With two classes ``r = exp(-gap)``, so
+    collapse starts at ``gap = ln(2 / eps)``: 16.64 in float32 (integer gaps collapse from 17),
+    36.74 in float64 (37), 7.62 in float16 (8), 5.55 in bfloat16 (6).
+
+    With ``C`` classes the rest depends on every logit, and for float32/float64 also on the
+    summation order: a sum that adds the top term first absorbs each term below ``eps / 2`` on its
+    own. Two bounds hold for any logits and order:
+
+    * **no** sample whose runner-up gap is below ``collapse_threshold(dtype)`` (``C = 2``) is
+      collapsed, since the runner-up term alone exceeds ``eps / 2``;
+    * **every** sample whose runner-up gap is at least ``collapse_threshold(dtype, num_classes=C)``
+      is, since then ``r <= (C - 1) exp(-gap) <= eps / 2``. This worst case is attained when the
+      ``C - 1`` other logits tie and the sum is exact before rounding (float16 and bfloat16).
+
+    dynlens reports headroom against the first bound (:attr:`CollapseStats.headroom`): positive
+    headroom guarantees that a sample is not collapsed, whatever the other logits are, and the
+    runner-up gap is a per-sample number that reads the same for every ``C``.
+
+    For StableMax the top term ``s(max z)`` is not 1 but any float; its half-ulp lies between
+    ``eps / 4`` and ``eps / 2`` of it, so the same thresholds are necessary bounds and collapse is
+    certain ``ln 2`` later.
+
+    Args:
+        dtype: precision of the softmax sum.
+        activation: ``"softmax"`` or ``"stablemax"`` (chooses the units, not the value).
+        num_classes: ``C >= 2``.
+
+    Example:
+        >>> round(collapse_threshold(torch.float32), 4), round(collapse_threshold(torch.float64), 4)
+        (16.6355, 36.7368)
+    """
+    _check_activation(activation)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"Expected a floating torch.dtype, got {dtype!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"Expected num_classes to be an int >= 2, got {num_classes!r}")
+    return math.log(2 / torch.finfo(dtype).eps) + math.log(num_classes - 1)
+
+
+@dataclass(frozen=True)
+class CollapseStats:
+    """Sufficient statistics of Softmax Collapse for one batch, as device tensors.
+
+    Across processes, ``num_samples``, ``num_collapsed`` and ``num_zero_loss`` reduce by sum;
+    ``gap`` is per sample (gather it, or reduce ``gap.max()`` by max for the worst sample).
+
+    Attributes:
+        num_samples: 0-dim int64, number of samples (all leading positions of the logits).
+        num_collapsed: 0-dim int64, samples in collapse (:func:`collapsed_mask`).
+        num_zero_loss: 0-dim int64, samples whose per-sample cross-entropy for the activation,
+            computed in ``dtype``, is exactly 0; ``None`` when no targets were given.
+        gap: ``(num_samples,)`` top minus runner-up in log-activation units (``inf`` for one
+            class), computed from the logits rounded to ``dtype``, in at least float32.
+        threshold: :func:`collapse_threshold` for the dtype and activation.
+    """
+
+    num_samples: Tensor
+    num_collapsed: Tensor
+    num_zero_loss: Tensor | None
+    gap: Tensor
+    threshold: float
+
+    @property
+    def headroom(self) -> Tensor:
+        """Per-sample ``threshold - gap``: positive means not collapsed (whatever ``C``)."""
+        return self.threshold - self.gap
+
+
+def collapse_stats(
+    logits: Tensor,
+    targets: Tensor | None = None,
+    *,
+    activation: Activation = "softmax",
+    dtype: torch.dtype | None = None,
+) -> CollapseStats:
+    """Counts and per-sample headroom of Softmax (or StableMax) Collapse, without host sync.
+
+    Prieto et al. 2025 track two shares on the training set: samples whose softmax sum is
+    exactly 1 (:func:`collapsed_mask`) and samples whose loss is exactly 0. This returns both as
+    counts, plus the top-minus-runner-up gap that says how far each sample is from collapse
+    (see :func:`collapse_threshold` for why the runner-up).
+
+    Args:
+        logits: ``(..., C)``, classes last.
+        targets: class indices of shape ``logits.shape[:-1]``, or ``None``.
+        activation: ``"softmax"`` or ``"stablemax"``.
+        dtype: precision the loss is computed in; default the logits' dtype.
+
+    Example:
+        >>> stats = collapse_stats(torch.tensor([[20.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 0]))
+        >>> stats.num_collapsed, stats.num_zero_loss
+        (tensor(1), tensor(1))
+        >>> stats.headroom
+        tensor([-3.3645, 13.6355])
+    """
+    _check_activation(activation)
+    dtype = _resolve_dtype(logits, dtype)
+    rows = _rows(logits)
+    num_classes = rows.shape[-1]
+    collapsed = collapsed_mask(rows, activation=activation, dtype=dtype)
+
+    num_zero_loss = None
+    if targets is not None:
+        if targets.shape != logits.shape[:-1] or targets.is_floating_point():
+            raise ValueError(
+                f"Expected targets as class indices of shape {tuple(logits.shape[:-1])}, got "
+                f"{targets.dtype} of shape {tuple(targets.shape)}"
+            )
+        flat_targets = targets.reshape(-1)
+        if activation == "softmax":
+            loss = F.cross_entropy(rows.to(dtype), flat_targets, reduction="none")
+        else:
+            loss = stablemax_cross_entropy(rows, flat_targets, reduction="none", dtype=dtype)
+        num_zero_loss = (loss == 0).sum()
+
+    # Gap of the values actually fed to the loss (rounded to dtype), measured in >= float32.
+    wide = torch.promote_types(dtype, torch.float32)
+    z = rows.to(dtype).to(wide)
+    scores = z if activation == "softmax" else _log_s(z)
+    if num_classes == 1:
+        gap = torch.full((rows.shape[0],), math.inf, dtype=wide, device=rows.device)
+    else:
+        top2 = scores.topk(2, dim=-1).values
+        gap = top2[:, 0] - top2[:, 1]
+
+    return CollapseStats(
+        num_samples=torch.tensor(rows.shape[0], device=rows.device),
+        num_collapsed=collapsed.sum(),
+        num_zero_loss=num_zero_loss,
+        gap=gap,
+        threshold=collapse_threshold(dtype, activation),
+    )
+
+
+def _check_pairs(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+    if len(grads) != len(params) or len(grads) == 0:
+        raise ValueError(
+            f"Expected equally many gradients and parameters (at least one), got {len(grads)} "
+            f"and {len(params)}; pass [p.grad for p in ps] and ps for the same ps"
+        )
+    for i, (g, w) in enumerate(zip(grads, params, strict=True)):
+        if g is None:
+            raise ValueError(f"Gradient {i} is None; pass only parameters that received a gradient")
+        if g.shape != w.shape:
+            raise ValueError(
+                f"Gradient {i} has shape {tuple(g.shape)}, its parameter {tuple(w.shape)}"
+            )
+
+
+def _dot_and_squares(g: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    acc = torch.promote_types(w.dtype, torch.float32)
+    gf = g.detach().reshape(-1).to(acc)
+    wf = w.detach().reshape(-1).to(acc)
+    return torch.dot(gf, wf), torch.dot(gf, gf), torch.dot(wf, wf)
+
+
+def _common_dtype(terms: list[tuple[Tensor, Tensor, Tensor]]) -> torch.dtype:
+    return torch.float64 if any(t[0].dtype == torch.float64 for t in terms) else torch.float32
+
+
+def _descent_cosine(dot: Tensor, gg: Tensor, ww: Tensor) -> Tensor:
+    # Cosine of -g with w; defined as 0 when either vector is 0 (no direction to compare).
+    denom = (gg * ww).sqrt()
+    cosine = -dot / denom.clamp_min(torch.finfo(denom.dtype).tiny) + 0.0  # + 0.0: no "-0."
+    return torch.where(denom > 0, cosine.clamp(-1.0, 1.0), 0.0)
+
+
+def nlm_cosine(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """Alignment of the descent direction with naive loss minimisation: ``cos(-∇L, θ)``.
+
+    Prieto et al. 2025, Section 5: for a positively homogeneous network ``f(cθ) = c^L f(θ)``,
+    once the training set is classified the loss falls fastest by scaling the weights up, the
+    *naive loss minimisation* direction ``θ``. This is the cosine between the gradient-descent
+    direction ``-∇L`` and ``θ``, over all tensors flattened together::
+
+        cos = -<g, θ> / (||g|| ||θ||)
+
+    It is +1 when a gradient step only scales the weights up (``∇L = -cθ``, ``c > 0``), 0 for an
+    orthogonal gradient (e.g. after ⊥Grad) and 0 by convention when ``g`` or ``θ`` is 0. Note the
+    sign: ``cos(∇L, θ)`` itself tends to -1 under NLM. A 0-dim tensor, no host sync.
+
+    Args:
+        grads: gradients, one per parameter tensor (e.g. ``[p.grad for p in ps]``).
+        params: the parameter tensors, same order and shapes.
+
+    Example:
+        >>> w = [torch.tensor([3.0, 4.0])]
+        >>> nlm_cosine([torch.tensor([-6.0, -8.0])], w), nlm_cosine([torch.tensor([4.0, -3.0])], w)
+        (tensor(1.), tensor(0.))
+    """
+    _check_pairs(grads, params)
+    terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
+    acc = _common_dtype(terms)
+    dot, gg, ww = (torch.stack([t[k].to(acc) for t in terms]).sum() for k in range(3))
+    return _descent_cosine(dot, gg, ww)
+
+
+def nlm_cosine_per_tensor(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """:func:`nlm_cosine` of each parameter tensor separately, shape ``(len(params),)``.
+
+    The paper reports this per layer: the output layer aligns first (cosine around 0.9 after
+    overfitting).
+
+    Example:
+        >>> ws = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
+        >>> nlm_cosine_per_tensor([torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 0.0])], ws)
+        tensor([1., 0.])
+    """
+    _check_pairs(grads, params)
+    terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
+    acc = _common_dtype(terms)
+    return torch.stack([_descent_cosine(*(x.to(acc) for x in t)) for t in terms])

@@ -1,0 +1,309 @@
+"""Tests for dynlens.collapse: Softmax Collapse thresholds, counts, headroom and NLM alignment."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dynlens.collapse
+from dynlens.collapse import (
+    CollapseStats,
+    collapse_stats,
+    collapse_threshold,
+    collapsed_mask,
+    nlm_cosine,
+    nlm_cosine_per_tensor,
+    softmax_collapse_fraction,
+    stablemax_collapse_fraction,
+)
+from dynlens.nn import stablemax_cross_entropy
+
+# First integer gap d at which the two-class logits [d, 0] collapse (Prieto et al. 2025).
+FIRST_COLLAPSING_GAP = {torch.float16: 8, torch.bfloat16: 6, torch.float32: 17, torch.float64: 37}
+DTYPES = list(FIRST_COLLAPSING_GAP)
+
+
+def two_class(gaps, dtype) -> torch.Tensor:
+    gaps = torch.as_tensor(gaps, dtype=torch.float64)
+    return torch.stack([gaps, torch.zeros_like(gaps)], dim=-1).to(dtype)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(dynlens.collapse, extraglobs={"torch": torch})
+    assert result.failed == 0
+    assert result.attempted >= 10
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_two_class_collapse_starts_at_the_known_integer_gap(dtype):
+    first = FIRST_COLLAPSING_GAP[dtype]
+    assert softmax_collapse_fraction(two_class([first], dtype)) == 1.0
+    assert softmax_collapse_fraction(two_class([first - 1], dtype)) == 0.0
+    gaps = torch.arange(0, first + 60)
+    mask = collapsed_mask(two_class(gaps, dtype))
+    assert torch.equal(mask, gaps >= first)
+    assert softmax_collapse_fraction(two_class(gaps, dtype)) == pytest.approx(60 / (first + 60))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loss_and_correct_class_gradient_exactly_zero_at_collapse(dtype):
+    first = FIRST_COLLAPSING_GAP[dtype]
+    target = torch.tensor([0])
+    for gap, collapsed in ((first - 1, False), (first, True), (first + 5, True)):
+        logits = two_class([gap], dtype).requires_grad_()
+        loss = F.cross_entropy(logits, target)
+        loss.backward()
+        assert (loss == 0).item() is collapsed, (gap, loss)
+        assert (logits.grad[0, 0] == 0).item() is collapsed, (gap, logits.grad)
+        # The wrong class keeps its tiny gradient exp(-gap) until exp itself underflows: SC zeroes
+        # the loss and the correct-class gradient, not every component.
+        assert logits.grad[0, 1] > 0
+
+
+def _fine_grid(dtype, low, high, step):
+    if dtype in (torch.float16, torch.bfloat16):
+        # every representable value in [low, high]: an exhaustive check
+        grid = torch.arange(low, high, 1e-4, dtype=torch.float64).to(dtype).unique()
+        return grid.double(), grid.double().diff().max().item()
+    return torch.arange(low, high, step, dtype=torch.float64), step
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threshold_formula_matches_brute_force(dtype):
+    threshold = collapse_threshold(dtype)
+    assert threshold == math.log(2 / torch.finfo(dtype).eps)
+    assert math.ceil(threshold) == FIRST_COLLAPSING_GAP[dtype]
+    grid, spacing = _fine_grid(dtype, threshold - 0.3, threshold + 0.3, 1e-4)
+    mask = collapsed_mask(two_class(grid, dtype))
+    first = grid[mask.nonzero()[0, 0]].item()
+    assert mask[grid >= first].all() and not mask[grid < first].any()  # monotone
+    # exp(-d) is rounded before it is compared with eps / 2, hence the small tolerance
+    assert abs(first - threshold) <= spacing + 2e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_classes", [3, 10, 113])
+def test_multiclass_collapse_lies_between_the_two_bounds(dtype, num_classes):
+    low, high = collapse_threshold(dtype), collapse_threshold(dtype, num_classes=num_classes)
+    assert high == pytest.approx(low + math.log(num_classes - 1))
+    grid, spacing = _fine_grid(dtype, low - 0.5, high + 0.5, 2e-3)
+    logits = torch.zeros(len(grid), num_classes, dtype=torch.float64)
+    logits[:, 0] = grid  # the other C - 1 logits tie at the runner-up: the worst case
+    mask = collapsed_mask(logits.to(dtype))
+    first = grid[mask.nonzero()[0, 0]].item()
+    assert low - spacing - 2e-3 <= first <= high + spacing + 2e-3
+    if dtype in (torch.float16, torch.bfloat16):
+        # reduced precision sums exactly (in float32) and rounds once: the worst case is attained
+        assert abs(first - high) <= spacing + 2e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_logits_respect_the_bounds(dtype):
+    gen = torch.Generator().manual_seed(0)
+    num_classes = 7
+    low = collapse_threshold(dtype)
+    high = collapse_threshold(dtype, num_classes=num_classes)
+    logits = torch.randn(4000, num_classes, generator=gen, dtype=torch.float64) * 3
+    runner_up = logits[:, 1:].amax(-1)
+    logits[:, 0] = runner_up + low - 2 + (high - low + 4) * torch.rand(4000, generator=gen)
+    logits = logits.to(dtype)
+    stats = collapse_stats(logits, activation="softmax")
+    mask = collapsed_mask(logits)
+    assert int(stats.num_collapsed) == int(mask.sum()) > 0
+    tol = 2e-3 + 2 * torch.finfo(dtype).eps * 40
+    assert (stats.gap[mask] >= low - tol).all()  # positive headroom: never collapsed
+    assert (stats.headroom[mask] <= tol).all()
+    assert mask[stats.gap >= high + tol].all()
+
+
+def test_two_class_collapse_agrees_with_zero_loss_of_f_cross_entropy():
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        gaps = collapse_threshold(dtype) - 0.05 + 0.1 * torch.rand(5000, generator=gen)
+        logits = two_class(gaps, dtype)
+        stats = collapse_stats(logits, torch.zeros(5000, dtype=torch.long))
+        assert 0 < int(stats.num_collapsed) < 5000
+        assert int(stats.num_collapsed) == int(stats.num_zero_loss)
+
+
+def test_dtype_argument_rounds_in_that_dtype():
+    logits = two_class([7.9, 16.9, 36.9], torch.float32)
+    assert softmax_collapse_fraction(logits) == pytest.approx(2 / 3)
+    assert softmax_collapse_fraction(logits, dtype=torch.float16) == 1.0
+    assert softmax_collapse_fraction(logits, dtype=torch.float64) == pytest.approx(1 / 3)
+    # float16: three terms 1 + 2 * exp(-8); each alone is below eps / 2 but their sum is not, and
+    # the float16 sum (accumulated exactly, rounded once, as F.cross_entropy does) is not 1.
+    three = torch.tensor([[8.0, 0.0, 0.0]], dtype=torch.float16)
+    assert softmax_collapse_fraction(three) == 0.0
+    assert F.cross_entropy(three, torch.tensor([0])) > 0
+
+
+def test_collapse_over_leading_dimensions():
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 1, 2] = 30.0
+    logits[1, 0, 0] = 40.0
+    mask = collapsed_mask(logits)
+    assert mask.shape == (2, 3)
+    assert mask.sum() == 2 and mask[0, 1] and mask[1, 0]
+    assert softmax_collapse_fraction(logits) == pytest.approx(2 / 6)
+    assert math.isnan(softmax_collapse_fraction(torch.zeros(0, 3)))
+
+
+def test_non_finite_rows_never_count():
+    logits = torch.tensor([[math.inf, 0.0], [math.nan, 0.0], [40.0, 0.0]])
+    assert collapsed_mask(logits).tolist() == [False, False, True]
+
+
+# ---------------------------------------------------------------- StableMax collapse
+
+
+@pytest.mark.parametrize(
+    ("dtype", "first"), [(torch.float16, 2**11 - 1), (torch.float32, 2**24 - 1)], ids=str
+)
+def test_stablemax_collapse_needs_a_huge_top_logit(dtype, first):
+    # [d, 0]: s = (d + 1, 1); d + 2 rounds to d + 1 once the ulp of d + 1 reaches 2.
+    assert stablemax_collapse_fraction(two_class([first], dtype)) == 1.0
+    assert stablemax_collapse_fraction(two_class([first - 1], dtype)) == 0.0
+    # where softmax collapsed long ago
+    assert stablemax_collapse_fraction(two_class([40.0], dtype)) == 0.0
+    assert softmax_collapse_fraction(two_class([40.0], dtype)) == 1.0
+
+
+def test_stablemax_collapse_respects_the_necessary_bound():
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float16, torch.float32):
+        low = collapse_threshold(dtype, "stablemax")
+        # spread the top class's log s over the threshold region (log s is the log-odds scale)
+        logits = torch.randn(3000, 5, generator=gen, dtype=torch.float64)
+        top_log_s = logits[:, 1:].amax(-1).clamp(min=0).log1p() + low - 1 + 3 * torch.rand(3000)
+        logits[:, 0] = top_log_s.exp() - 1
+        logits = logits.to(dtype)
+        stats = collapse_stats(logits, torch.zeros(3000, dtype=torch.long), activation="stablemax")
+        mask = collapsed_mask(logits, activation="stablemax")
+        assert 0 < int(mask.sum()) < 3000
+        assert (stats.headroom[mask] <= 1e-2).all()
+        # at least ln 2 beyond the bound, collapse is certain for the runner-up alone ... the other
+        # three classes add at most ln 4 more
+        assert mask[stats.gap >= low + math.log(2) + math.log(4) + 1e-2].all()
+        loss = stablemax_cross_entropy(
+            logits, torch.zeros(3000, dtype=torch.long), reduction="none", dtype=dtype
+        )
+        assert int(stats.num_zero_loss) == int((loss == 0).sum())
+
+
+# ---------------------------------------------------------------- collapse_stats
+
+
+def test_collapse_stats_counts_and_headroom():
+    logits = torch.tensor(
+        [[[20.0, 0.0, -1.0], [3.0, 0.0, 1.0]], [[0.0, 50.0, 0.0], [-2.0, -2.0, -2.0]]]
+    )
+    targets = torch.tensor([[0, 0], [0, 0]])  # third sample collapsed but wrong: loss is large
+    stats = collapse_stats(logits, targets)
+    assert isinstance(stats, CollapseStats)
+    assert stats.num_samples.shape == () and stats.num_samples.dtype == torch.int64
+    assert (int(stats.num_samples), int(stats.num_collapsed), int(stats.num_zero_loss)) == (4, 2, 1)
+    torch.testing.assert_close(stats.gap, torch.tensor([20.0, 2.0, 50.0, 0.0]))
+    assert stats.threshold == collapse_threshold(torch.float32)
+    torch.testing.assert_close(stats.headroom, stats.threshold - stats.gap)
+    assert (stats.headroom > 0).tolist() == [False, True, False, True]
+    assert collapse_stats(logits).num_zero_loss is None
+
+
+def test_collapse_stats_dtype_and_stablemax_units():
+    logits = torch.tensor([[3.0, 1.0, -1.0]], dtype=torch.float32)
+    stats = collapse_stats(logits, activation="stablemax", dtype=torch.float64)
+    assert stats.gap.dtype == torch.float64
+    assert stats.gap.item() == pytest.approx(math.log(4.0) - math.log(2.0))  # log s(3) - log s(1)
+    assert stats.threshold == collapse_threshold(torch.float64, "stablemax")
+    half = collapse_stats(torch.tensor([[3.3, 1.0]]), dtype=torch.float16)
+    assert half.threshold == collapse_threshold(torch.float16) and half.gap.dtype == torch.float32
+    # the gap of the logits as the float16 loss sees them: 3.3 rounds to 3.30078125
+    assert half.gap.item() == torch.tensor(3.3).half().item() - 1 != torch.tensor(2.3).item()
+
+
+def test_collapse_stats_single_class_and_validation():
+    stats = collapse_stats(torch.zeros(3, 1))
+    assert int(stats.num_collapsed) == 3 and torch.isinf(stats.gap).all()
+    with pytest.raises(ValueError, match="class indices"):
+        collapse_stats(torch.zeros(3, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="activation"):
+        collapse_stats(torch.zeros(3, 2), activation="sparsemax")
+    with pytest.raises(TypeError, match="floating dtype"):
+        collapse_stats(torch.zeros(3, 2), dtype=torch.int32)
+    with pytest.raises(ValueError, match="classes last"):
+        collapsed_mask(torch.tensor(1.0))
+
+
+def test_collapse_threshold_values_and_validation():
+    assert collapse_threshold(torch.float32) == pytest.approx(24 * math.log(2))
+    assert collapse_threshold(torch.float64) == pytest.approx(53 * math.log(2))
+    assert collapse_threshold(torch.float16) == pytest.approx(11 * math.log(2))
+    assert collapse_threshold(torch.bfloat16) == pytest.approx(8 * math.log(2))
+    assert collapse_threshold(torch.float32, num_classes=113) == pytest.approx(
+        24 * math.log(2) + math.log(112)
+    )
+    with pytest.raises(ValueError, match="num_classes"):
+        collapse_threshold(torch.float32, num_classes=1)
+    with pytest.raises(TypeError, match="floating"):
+        collapse_threshold(torch.int64)
+    with pytest.raises(ValueError, match="activation"):
+        collapse_threshold(torch.float32, "exp")
+
+
+# ---------------------------------------------------------------- NLM alignment
+
+
+def test_nlm_cosine_hand_computation():
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    grads = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    g = torch.cat([t.flatten() for t in grads]).double()
+    w = torch.cat([t.flatten() for t in params]).double()
+    expected = -(g @ w) / (g.norm() * w.norm())
+    got = nlm_cosine(grads, params)
+    assert got.shape == () and abs(got.item() - expected.item()) < 1e-6
+    per_tensor = nlm_cosine_per_tensor(grads, params)
+    for i, (gi, wi) in enumerate(zip(grads, params, strict=True)):
+        gi, wi = gi.flatten().double(), wi.flatten().double()
+        assert abs(per_tensor[i].item() - (-(gi @ wi) / (gi.norm() * wi.norm())).item()) < 1e-6
+
+
+def test_nlm_cosine_special_directions():
+    params = [torch.tensor([[1.0, -2.0], [0.5, 3.0]]), torch.tensor([4.0, 0.0])]
+    assert nlm_cosine([-3 * p for p in params], params).item() == pytest.approx(1.0, abs=1e-7)
+    assert nlm_cosine([2 * p for p in params], params).item() == pytest.approx(-1.0, abs=1e-7)
+    assert nlm_cosine([torch.zeros_like(p) for p in params], params).item() == 0.0
+    orthogonal = [torch.tensor([[2.0, 1.0], [0.0, 0.0]]), torch.tensor([0.0, 7.0])]
+    assert nlm_cosine(orthogonal, params).item() == 0.0
+    assert nlm_cosine_per_tensor([-p for p in params], params).tolist() == [1.0, 1.0]
+    assert nlm_cosine([torch.ones(2)], [torch.zeros(2)]).item() == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e3))
+def test_nlm_cosine_is_a_cosine(seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(3, 2, generator=gen) * scale, torch.randn(4, generator=gen)]
+    grads = [torch.randn(3, 2, generator=gen), torch.randn(4, generator=gen) * scale]
+    value = nlm_cosine(grads, params)
+    assert -1.0 <= value.item() <= 1.0
+    # scale invariant in both arguments, and odd in the gradient
+    torch.testing.assert_close(nlm_cosine([2.5 * g for g in grads], params), value)
+    torch.testing.assert_close(nlm_cosine(grads, [0.5 * p for p in params]), value)
+    torch.testing.assert_close(nlm_cosine([-g for g in grads], params), -value)
+
+
+def test_nlm_cosine_validation():
+    with pytest.raises(ValueError, match="equally many"):
+        nlm_cosine([torch.ones(2)], [torch.ones(2), torch.ones(2)])
+    with pytest.raises(ValueError, match="shape"):
+        nlm_cosine([torch.ones(2)], [torch.ones(3)])
+    with pytest.raises(ValueError, match="None"):
+        nlm_cosine_per_tensor([None], [torch.ones(3)])
