@@ -215,5 +215,5 @@ def run_demo(
             monitor = train_run(run, logdir, datamodule=datamodule, seed=seed, callbacks=[bar])
             results.append((run, monitor.report))
     console.print(results_table(results, f"(a + b) mod {p}, {train_fraction:.0%} split"))
-    console.print(f"View the runs live:  [bold]tensorboard --logdir {logdir}[/]")
+    console.print(f"View the runs live:  [bold]tensorboard --logdir {logdir}[/]", soft_wrap=True)
     return results

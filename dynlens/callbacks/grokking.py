@@ -239,12 +239,19 @@ class GrokkingMonitor(Monitor):
         if not self.steps:
             return
         r = self.report
+        never = f"never reached {r.threshold:g}"
+        details = [
+            f"memorised at {r.memorized_step}"
+            if r.memorized_step is not None
+            else f"training accuracy {never}",
+            f"generalised at {r.generalized_step}"
+            if r.generalized_step is not None
+            else f"validation accuracy {never}",
+        ]
+        if r.delay is not None:
+            details.append(f"delay {r.delay}")
         self.log_event(
-            trainer,
-            self.steps[-1],
-            "summary",
-            f"run classified as {r.kind} (memorised at {r.memorized_step}, generalised at "
-            f"{r.generalized_step}, delay {r.delay})",
+            trainer, self.steps[-1], "summary", f"run classified as {r.kind} ({', '.join(details)})"
         )
 
     def state_dict(self) -> dict[str, Any]:
