@@ -3,7 +3,13 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import collapse, continual, curvature, data, grokking
-from .callbacks import ConfigurationError, GrokkingMonitor, Monitor
+from .callbacks import (
+    ConfigurationError,
+    GrokkingMonitor,
+    Monitor,
+    PerpGrad,
+    SoftmaxCollapseMonitor,
+)
 from .nn import (
     CrossEntropyLoss,
     StableMax,
@@ -25,6 +31,8 @@ __all__ = [
     "GrokkingMonitor",
     "Monitor",
     "OrthoGrad",
+    "PerpGrad",
+    "SoftmaxCollapseMonitor",
     "StableMax",
     "__version__",
     "collapse",

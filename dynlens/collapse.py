@@ -276,8 +276,9 @@ def collapse_stats(
     if num_classes == 1:
         gap = torch.full((rows.shape[0],), math.inf, dtype=wide, device=rows.device)
     else:
-        top2 = scores.topk(2, dim=-1).values
-        gap = top2[:, 0] - top2[:, 1]
+        # top minus runner-up; max + scatter + amax is several times faster than topk(2) on CPUs
+        top, where = scores.max(dim=-1, keepdim=True)
+        gap = top.squeeze(-1) - scores.scatter(-1, where, -math.inf).amax(dim=-1)
 
     return CollapseStats(
         num_samples=torch.tensor(rows.shape[0], device=rows.device),

@@ -1,0 +1,300 @@
+"""SoftmaxCollapseMonitor: collapse share, headroom, NLM alignment and the StableMax switch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from ..collapse import collapse_stats, collapse_threshold, nlm_cosine, nlm_cosine_per_tensor
+from ..nn import CrossEntropyLoss
+from ._capture import LogitsCapture, TargetsArg, batch_targets
+from .base import Chart, ConfigurationError, Monitor, fail_soft, logging_step
+
+Remedy = Literal["stablemax", "float64"]
+
+
+def _losses(pl_module: torch.nn.Module) -> list[CrossEntropyLoss]:
+    return [m for m in pl_module.modules() if isinstance(m, CrossEntropyLoss)]
+
+
+class SoftmaxCollapseMonitor(Monitor):
+    """Watch training logits approach Softmax Collapse (Prieto et al. 2025) and optionally fix it.
+
+    Softmax Collapse (SC): once a sample's softmax sum Σ exp(z − max z) rounds to exactly 1, its
+    loss and its correct-class gradient are exactly 0 and it stops teaching the model. Training
+    without regularisation drives logits there by aligning the gradient with the *naive loss
+    minimisation* direction — scaling the weights — which the monitor also tracks.
+
+    Logged under ``<prefix>/collapse/`` at measured steps (``every_n_steps``):
+
+    * ``sc_fraction``: share of the step's samples in collapse (every leading position of
+      ``(..., C)`` logits is a sample), for the activation actually in use;
+    * ``zero_loss_fraction``: share whose per-sample cross-entropy is exactly 0 (needs targets);
+    * ``headroom_median``, ``headroom_min``: the collapse threshold minus the top-vs-runner-up
+      logit gap, for the median and for the worst sample; it falls towards 0 before collapse
+      starts and is negative for collapsed samples;
+    * ``threshold``: the collapse threshold ln(2/eps) of the precision measured in (16.64 for
+      float32, 36.74 for float64, 7.62 for float16) — so the panel shows which dtype it was;
+    * ``nlm_cosine``: cos(−∇L, θ) over all parameters with a gradient, read in
+      ``on_before_optimizer_step`` (after gradient accumulation, AMP unscaling and DDP averaging);
+      with ``per_layer=True`` also ``nlm_cosine/<parameter name>``.
+
+    An *SC onset* event is logged the first time ``sc_fraction`` exceeds ``onset_threshold``.
+    With ``remedy="stablemax"`` (or ``"float64"``) every :class:`dynlens.CrossEntropyLoss` in the
+    module is switched to StableMax (or to float64) at that moment; the switch is an event, is
+    kept in the checkpoint and re-applied on resume. A remedy changes training by design.
+
+    Args:
+        logits_module: name of the submodule producing the logits (a forward hook records them
+            during measured steps); ``None`` reads ``outputs["logits"]`` from ``training_step``.
+        targets: ``"auto"`` (the second element of a ``(x, y)`` batch, or a ``labels``/``targets``/
+            ``y`` entry of a dict batch), a function ``batch -> targets``, or ``None``.
+        activation: ``"auto"`` follows the first :class:`dynlens.CrossEntropyLoss` in the module
+            (softmax if there is none); or ``"softmax"``/``"stablemax"``.
+        dtype: precision to measure in; ``"auto"`` is the loss's ``dtype`` when a
+            :class:`dynlens.CrossEntropyLoss` sets one, else the logits' own dtype.
+        onset_threshold: ``sc_fraction`` above which SC onset is declared (default 0.5).
+        remedy: ``None``, ``"stablemax"`` or ``"float64"``.
+        per_layer: also log the NLM cosine of every parameter tensor.
+        every_n_steps, prefix, verbose: as for every monitor.
+
+    Under DDP the counts are summed over ranks; ``headroom_min`` is exact (max over ranks of the
+    largest gap), ``headroom_median`` is the mean of the per-rank medians.
+    """
+
+    name = "collapse"
+
+    def __init__(
+        self,
+        *,
+        logits_module: str | None = None,
+        targets: TargetsArg = "auto",
+        activation: Literal["auto", "softmax", "stablemax"] = "auto",
+        dtype: torch.dtype | Literal["auto"] = "auto",
+        onset_threshold: float = 0.5,
+        remedy: Remedy | None = None,
+        per_layer: bool = False,
+        every_n_steps: int = 1,
+        prefix: str = "dynlens",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix, verbose=verbose)
+        if activation not in ("auto", "softmax", "stablemax"):
+            raise ConfigurationError(
+                f"Expected `activation` 'auto', 'softmax' or 'stablemax', got {activation!r}."
+            )
+        if dtype != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigurationError(
+                f"Expected `dtype` 'auto' or a floating torch.dtype (e.g. torch.float64), got "
+                f"{dtype!r}."
+            )
+        if not 0.0 <= onset_threshold < 1.0:
+            raise ConfigurationError(
+                f"Expected `onset_threshold` in [0, 1), got {onset_threshold!r}."
+            )
+        if remedy not in (None, "stablemax", "float64"):
+            raise ConfigurationError(
+                f"Expected `remedy` None, 'stablemax' or 'float64', got {remedy!r}."
+            )
+        if not (targets is None or targets == "auto" or callable(targets)):
+            raise ConfigurationError(
+                f"Expected `targets` 'auto', None or a function batch -> targets, got {targets!r}."
+            )
+        self.capture = LogitsCapture(logits_module)
+        self.targets = targets
+        self.activation = activation
+        self.dtype = dtype
+        self.onset_threshold = float(onset_threshold)
+        self.remedy = remedy
+        self.per_layer = per_layer
+        #: First step with ``sc_fraction`` above ``onset_threshold`` (``None`` until then).
+        self.onset_step: int | None = None
+        self.remedy_applied = False
+        self._stats: dict[str, Any] = {}
+        self._cosines: dict[str, torch.Tensor] = {}
+        self._step_at_start: int | None = None
+        self._announced_precision: tuple[str, torch.dtype] | None = None
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {
+            **super().state_key_fields(),
+            "logits_module": self.capture.logits_module,
+            "every_n_steps": self.every_n_steps,
+        }
+
+    def panel(self) -> dict[str, Chart]:
+        return {
+            "softmax collapse (share of samples)": self.multiline(
+                "sc_fraction", "zero_loss_fraction"
+            ),
+            "headroom to the collapse threshold (logits)": self.multiline(
+                "headroom_median", "headroom_min"
+            ),
+            "alignment with naive loss minimisation, cos(−∇L, θ)": [
+                "Multiline",
+                [f"^{self.key('nlm_cosine')}$", f"^{self.key('nlm_cosine')}/.*$"],
+            ],
+        }
+
+    # ------------------------------------------------------------------------------ set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.remedy is not None and not _losses(pl_module):
+            raise ConfigurationError(
+                f"SoftmaxCollapseMonitor(remedy={self.remedy!r}) switches the loss at SC onset, "
+                "but the module has no dynlens.CrossEntropyLoss. Compute the loss with one, e.g. "
+                "`self.loss_fn = dynlens.CrossEntropyLoss()` in __init__ and "
+                "`loss = self.loss_fn(logits, y)` in training_step, or drop `remedy`."
+            )
+        self.capture.attach(pl_module, type(self).__name__)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.capture.detach()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.remedy_applied:  # restored from a checkpoint: the loss modules are not
+            self._switch_losses(pl_module)
+
+    # ------------------------------------------------------------------------------ measuring
+    def _precision(self, pl_module: Any, logits: torch.Tensor) -> tuple[str, torch.dtype]:
+        loss = next(iter(_losses(pl_module)), None)
+        activation = self.activation
+        if activation == "auto":
+            activation = loss.activation if loss is not None else "softmax"
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = loss.dtype if loss is not None and loss.dtype is not None else logits.dtype
+        return activation, dtype
+
+    @fail_soft
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        if self.is_due(trainer):
+            self._step_at_start = trainer.global_step
+            self.capture.arm()
+
+    @fail_soft
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if not self.is_due(trainer):
+            return
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        grads = [p.grad for _, p in named]
+        params = [p for _, p in named]
+        self._cosines = {"nlm_cosine": nlm_cosine(grads, params)}
+        if self.per_layer:
+            per_tensor = nlm_cosine_per_tensor(grads, params)
+            self._cosines.update(
+                {f"nlm_cosine/{n}": c for (n, _), c in zip(named, per_tensor, strict=True)}
+            )
+
+    @fail_soft
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._step_at_start is None:
+            return
+        logits_list = self.capture.take(outputs)
+        if not logits_list:
+            raise ConfigurationError(self.capture.advice(type(self).__name__))
+        for logits in logits_list:
+            self._accumulate(pl_module, logits, batch_targets(batch, self.targets, logits))
+        if trainer.global_step > self._step_at_start:  # the optimizer stepped: log the step
+            self._step_at_start = None
+            self._flush(trainer, pl_module)
+
+    def _accumulate(self, pl_module: Any, logits: torch.Tensor, targets: Any) -> None:
+        activation, dtype = self._precision(pl_module, logits)
+        stats = collapse_stats(logits, targets, activation=activation, dtype=dtype)
+        acc = self._stats
+        if not acc:
+            acc.update(counts=torch.zeros(3, device=logits.device), gaps=[], has_targets=True)
+        acc["precision"] = (activation, dtype)
+        zero_loss = stats.num_zero_loss
+        if zero_loss is None:
+            zero_loss = stats.num_collapsed.new_zeros(())
+        acc["counts"] += torch.stack([stats.num_samples, stats.num_collapsed, zero_loss]).to(
+            acc["counts"]
+        )
+        acc["has_targets"] &= stats.num_zero_loss is not None
+        acc["gaps"].append(stats.gap.float())
+
+    def _flush(self, trainer: Any, pl_module: Any) -> None:
+        acc, self._stats = self._stats, {}
+        if not acc:
+            return
+        activation, dtype = acc["precision"]
+        gaps = torch.cat(acc["gaps"])
+        counts = self.reduce(trainer, acc["counts"], "sum")
+        worst_gap = self.reduce(trainer, gaps.max(), "max")
+        median_gap = self.reduce(trainer, gaps.median(), "mean")
+        threshold = collapse_threshold(dtype, activation)
+        samples = counts[0].clamp_min(1)
+        scalars: dict[str, Any] = {
+            "sc_fraction": counts[1] / samples,
+            "headroom_median": threshold - median_gap,
+            "headroom_min": threshold - worst_gap,
+            "threshold": threshold,
+        }
+        if acc["has_targets"]:
+            scalars["zero_loss_fraction"] = counts[2] / samples
+        scalars.update(self._cosines)
+        self._cosines = {}
+        logged = self.log_metrics(trainer, scalars)
+
+        step = logging_step(trainer)
+        if self._announced_precision != (activation, dtype):
+            self._announced_precision = (activation, dtype)
+            self.log_event(
+                trainer,
+                step,
+                "precision",
+                f"measuring {activation} collapse in {str(dtype).removeprefix('torch.')} "
+                f"(threshold {threshold:.2f})",
+            )
+        fraction = logged[self.key("sc_fraction")]
+        if self.onset_step is None and fraction > self.onset_threshold:
+            self.onset_step = step
+            self.log_event(
+                trainer,
+                step,
+                "onset",
+                f"Softmax Collapse onset: {fraction:.1%} of samples collapsed "
+                f"(> {self.onset_threshold:.0%})",
+            )
+            if self.remedy is not None and not self.remedy_applied:
+                self.remedy_applied = True
+                switched = self._switch_losses(pl_module)
+                target = "StableMax" if self.remedy == "stablemax" else "float64"
+                self.log_event(
+                    trainer,
+                    step,
+                    "remedy",
+                    f"switched {switched} dynlens.CrossEntropyLoss to {target} (remedy)",
+                )
+
+    def _switch_losses(self, pl_module: Any) -> int:
+        losses = _losses(pl_module)
+        for loss in losses:
+            if self.remedy == "stablemax":
+                loss.activation = "stablemax"
+            else:
+                loss.dtype = torch.float64
+        return len(losses)
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "onset_step": self.onset_step,
+            "remedy_applied": self.remedy_applied,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.onset_step = state_dict.get("onset_step")
+        self.remedy_applied = bool(state_dict.get("remedy_applied", False))
