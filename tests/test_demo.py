@@ -5,7 +5,7 @@ import pytest
 from rich.console import Console
 
 from dynlens.cli import main
-from dynlens.demo import RUNS, DemoRun, results_table, run_demo
+from dynlens.demo import RUNS, DemoResult, DemoRun, results_table, run_demo
 from dynlens.grokking import detect_grokking
 from tests.helpers import scalars
 
@@ -14,12 +14,37 @@ def test_table_renders_what_the_reports_say():
     console = Console(width=80, record=True)
     grokked = detect_grokking([0, 209, 4609], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0])
     memorised = detect_grokking([0, 69], [0.0, 1.0], [0.0, 0.001])
-    console.print(results_table([(RUNS[0], grokked), (RUNS[1], memorised)], "(a + b) mod 113"))
+    results = [
+        DemoResult(RUNS[0], grokked, 0.0, 12.25),
+        DemoResult(RUNS[1], memorised, 0.125, -0.3),
+        DemoResult(RUNS[2], memorised, None, None),
+    ]
+    console.print(results_table(results, "(a + b) mod 113"))
     lines = console.export_text().splitlines()
-    row = next(line for line in lines if "adamw_wd1" in line).split()
-    assert row == ["adamw_wd1", "0.001", "1", "209", "4,609", "4,400", "grokking"]
-    row = next(line for line in lines if "adamw_no_wd" in line).split()
-    assert row == ["adamw_no_wd", "0.005", "0", "69", "—", "—", "memorization"]
+    assert next(line for line in lines if line.startswith("  wd ")).split() == [
+        "wd",
+        "209",
+        "4,609",
+        "4,400",
+        "grokking",
+        "0%",
+        "12.2",
+    ]
+    assert next(line for line in lines if line.startswith("  no_wd ")).split() == [
+        "no_wd",
+        "69",
+        "—",
+        "—",
+        "memorization",
+        "12%",
+        "-0.3",
+    ]
+    assert next(line for line in lines if line.startswith("  stablemax ")).split()[-2:] == [
+        "—",
+        "—",
+    ]
+    text = " ".join(line.strip() for line in lines)
+    assert "orthograd" not in text and "no_wd: AdamW lr 0.005, wd 0" in text
     assert max(len(line) for line in lines) <= 80
 
 
@@ -37,8 +62,7 @@ def test_shrunken_demo_groks_with_weight_decay_and_memorises_without(tmp_path, c
     # The demo's recipe at p = 59 with half the pairs for training: weight decay groks (memorised
     # at ~66, generalised at ~1940 in a plain-torch trial) while no weight decay only memorises.
     runs = (DemoRun("wd", 3e-3, 1.0, 3000), DemoRun("no_wd", 5e-3, 0.0, 300))
-    results = run_demo(tmp_path, runs=runs, p=59, train_fraction=0.5)
-    (_, grok), (_, memo) = results
+    grok, memo = (r.report for r in run_demo(tmp_path, runs=runs, p=59, train_fraction=0.5))
     assert grok.kind == "grokking" and grok.delay >= 1000
     assert memo.kind == "memorization" and memo.memorized_step < 300
     out = capsys.readouterr().out

@@ -110,6 +110,10 @@ class SoftmaxCollapseMonitor(Monitor):
         self.per_layer = per_layer
         #: First step with ``sc_fraction`` above ``onset_threshold`` (``None`` until then).
         self.onset_step: int | None = None
+        #: Largest ``sc_fraction`` logged so far (``None`` before the first measurement).
+        self.peak_sc_fraction: float | None = None
+        #: The latest logged values, by quantity name.
+        self.latest: dict[str, float] = {}
         self.remedy_applied = False
         self._stats: dict[str, Any] = {}
         self._cosines: dict[str, torch.Tensor] = {}
@@ -245,6 +249,7 @@ class SoftmaxCollapseMonitor(Monitor):
         scalars.update(self._cosines)
         self._cosines = {}
         logged = self.log_metrics(trainer, scalars)
+        self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
         step = logging_step(trainer)
         if self._announced_precision != (activation, dtype):
@@ -256,7 +261,8 @@ class SoftmaxCollapseMonitor(Monitor):
                 f"measuring {activation} collapse in {str(dtype).removeprefix('torch.')} "
                 f"(threshold {threshold:.2f})",
             )
-        fraction = logged[self.key("sc_fraction")]
+        fraction = self.latest["sc_fraction"]
+        self.peak_sc_fraction = max(fraction, self.peak_sc_fraction or 0.0)
         if self.onset_step is None and fraction > self.onset_threshold:
             self.onset_step = step
             self.log_event(
@@ -291,10 +297,12 @@ class SoftmaxCollapseMonitor(Monitor):
         return {
             **super().state_dict(),
             "onset_step": self.onset_step,
+            "peak_sc_fraction": self.peak_sc_fraction,
             "remedy_applied": self.remedy_applied,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.onset_step = state_dict.get("onset_step")
+        self.peak_sc_fraction = state_dict.get("peak_sc_fraction")
         self.remedy_applied = bool(state_dict.get("remedy_applied", False))
