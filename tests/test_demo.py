@@ -21,7 +21,7 @@ def test_table_renders_what_the_reports_say():
     ]
     console.print(results_table(results, "(a + b) mod 113"))
     lines = console.export_text().splitlines()
-    assert next(line for line in lines if line.startswith("  wd ")).split() == [
+    assert next(line for line in lines if line.startswith("wd ")).split() == [
         "wd",
         "209",
         "4,609",
@@ -30,7 +30,7 @@ def test_table_renders_what_the_reports_say():
         "0%",
         "12.2",
     ]
-    assert next(line for line in lines if line.startswith("  no_wd ")).split() == [
+    assert next(line for line in lines if line.startswith("no_wd ")).split() == [
         "no_wd",
         "69",
         "—",
@@ -39,7 +39,7 @@ def test_table_renders_what_the_reports_say():
         "12%",
         "-0.3",
     ]
-    assert next(line for line in lines if line.startswith("  stablemax ")).split()[-2:] == [
+    assert next(line for line in lines if line.startswith("stablemax ")).split()[-2:] == [
         "—",
         "—",
     ]
