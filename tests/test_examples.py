@@ -1,6 +1,7 @@
 """The example scripts run as users run them (shortened)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from tests.helpers import scalars
@@ -9,8 +10,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # registered like an imported module, so dataclasses and pickling inside examples work
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -21,3 +24,12 @@ def test_grokking_example_logs_the_monitor(tmp_path, capsys):
     logged = scalars(tmp_path / "grokking")
     assert [s for s, _ in logged["dynlens/grokking/val_acc"]] == [9, 19]
     assert f"tensorboard --logdir {tmp_path}" in capsys.readouterr().out
+
+
+def test_softmax_collapse_example_logs_the_monitor(tmp_path, capsys):
+    monitor = load("softmax_collapse").main(max_steps=12, logdir=str(tmp_path))
+    assert monitor.onset_step is None  # 12 steps: long before collapse
+    logged = scalars(tmp_path / "softmax_collapse")
+    assert [s for s, _ in logged["dynlens/collapse/sc_fraction"]] == [0, 5, 10]
+    assert "dynlens/collapse/nlm_cosine/net.0.weight" in logged
+    assert "loss now uses softmax" in capsys.readouterr().out
