@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import collapse, continual, curvature, data, grokking
 from .callbacks import (
     ConfigurationError,
+    ContinualEvaluation,
     GrokkingMonitor,
     Monitor,
     PerpGrad,
@@ -27,6 +28,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "ConfigurationError",
+    "ContinualEvaluation",
     "CrossEntropyLoss",
     "GrokkingMonitor",
     "Monitor",

@@ -76,6 +76,16 @@ def test_loader_reshuffles_between_epochs() -> None:
     assert not torch.equal(first, second)
 
 
+def test_shuffling_ignores_iterators_that_were_never_read() -> None:
+    # Lightning creates such iterators (one more on a re-used Trainer than on a fresh one); the
+    # batch order must not depend on them, or the same seed trains differently.
+    a, b = SplitDigits(seed=3), SplitDigits(seed=3)
+    la, lb = a.train_dataloader(), b.train_dataloader()
+    iter(la)
+    for _ in range(2):
+        assert torch.equal(next(iter(la))[1], next(iter(lb))[1])
+
+
 def test_task_local_labels() -> None:
     glob, local = SplitDigits(seed=1), SplitDigits(seed=1, labels="task")
     assert local.num_classes == 2

@@ -2,7 +2,15 @@
 
 from .base import ConfigurationError, Monitor
 from .collapse import SoftmaxCollapseMonitor
+from .continual import ContinualEvaluation
 from .grokking import GrokkingMonitor
 from .perpgrad import PerpGrad
 
-__all__ = ["ConfigurationError", "GrokkingMonitor", "Monitor", "PerpGrad", "SoftmaxCollapseMonitor"]
+__all__ = [
+    "ConfigurationError",
+    "ContinualEvaluation",
+    "GrokkingMonitor",
+    "Monitor",
+    "PerpGrad",
+    "SoftmaxCollapseMonitor",
+]

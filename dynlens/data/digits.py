@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from dynlens._lightning import LightningDataModule
 
@@ -167,6 +167,7 @@ class SplitDigits(LightningDataModule):
         self._train_sets: dict[int, TensorDataset] = {}
         self._test_sets: dict[int, TensorDataset] = {}
         self._generators: dict[int, torch.Generator] = {}
+        self._worker_generators: dict[int, torch.Generator] = {}
 
     # -- task bookkeeping -----------------------------------------------------------------------
 
@@ -240,15 +241,21 @@ class SplitDigits(LightningDataModule):
         """Shuffled batches of the current task; the same seed gives the same order."""
         task = self._current_task
         if task not in self._generators:
-            # One generator per task, kept across calls, so reloading the loader each epoch
-            # continues the shuffling sequence instead of repeating the first epoch's order.
-            task_seed = int(np.random.SeedSequence([self.seed, task]).generate_state(1)[0])
-            self._generators[task] = torch.Generator().manual_seed(task_seed)
+            # Per task, kept across calls, so reloading the loader each epoch continues the
+            # shuffling sequence instead of repeating the first epoch's order. Two streams:
+            # the sampler's shuffles, and the base seed every DataLoader *iterator* draws for
+            # its workers. Were they one generator, each iterator Lightning creates without
+            # iterating (a re-used Trainer creates one more than a fresh Trainer) would shift
+            # every later shuffle.
+            shuffle_seed, worker_seed = np.random.SeedSequence([self.seed, task]).generate_state(2)
+            self._generators[task] = torch.Generator().manual_seed(int(shuffle_seed))
+            self._worker_generators[task] = torch.Generator().manual_seed(int(worker_seed))
+        dataset = self.train_set(task)
         return DataLoader(
-            self.train_set(task),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=self._generators[task],
+            sampler=RandomSampler(dataset, generator=self._generators[task]),
+            generator=self._worker_generators[task],
             num_workers=self.num_workers,
         )
 
