@@ -153,12 +153,23 @@ class Monitor(Callback):
         """
         if not metrics:
             return {}
-        names = list(metrics)
-        tensors = [torch.as_tensor(metrics[k], dtype=torch.float64).reshape(()) for k in names]
-        device = tensors[0].device
-        values = torch.stack([t.to(device) for t in tensors]).cpu().tolist()
-        logged = {self.key(k): float(v) for k, v in zip(names, values, strict=True)}
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+        values: dict[str, float] = {}
+        tensor_names: list[str] = []
+        tensors: list[torch.Tensor] = []
+        for name, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                tensor_names.append(name)
+                tensors.append(value.detach().reshape(()))
+            else:
+                values[name] = float(value)
+        if tensors:  # one device-to-host copy for all tensor values
+            device = tensors[0].device
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS lacks float64
+            stacked = torch.stack([t.to(device=device, dtype=dtype) for t in tensors])
+            values.update(zip(tensor_names, stacked.cpu().tolist(), strict=True))
+        logged = {self.key(name): values[name] for name in metrics}
+        as_tensor = torch.tensor(list(logged.values()))
+        trainer.callback_metrics.update(zip(logged, as_tensor.unbind(), strict=True))
         if trainer.is_global_zero:
             step = logging_step(trainer) if step is None else step
             for logger in trainer.loggers:
