@@ -4,12 +4,14 @@ from .base import ConfigurationError, Monitor
 from .collapse import SoftmaxCollapseMonitor
 from .continual import ContinualEvaluation
 from .grokking import GrokkingMonitor
+from .hessian import HessianMonitor
 from .perpgrad import PerpGrad
 
 __all__ = [
     "ConfigurationError",
     "ContinualEvaluation",
     "GrokkingMonitor",
+    "HessianMonitor",
     "Monitor",
     "PerpGrad",
     "SoftmaxCollapseMonitor",

@@ -1,0 +1,968 @@
+"""HessianMonitor: Hessian trace, sharpness and their ratios to the stability thresholds, live.
+
+The callback only schedules, measures through :mod:`dynlens.curvature`, syncs and logs; every
+number it shows is computed by a function of that pure layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import curvature
+from .base import Chart, ConfigurationError, Monitor, check_positive_int, fail_soft
+
+Estimator = Literal["hutchinson", "hutchpp"]
+UserLossFn = Callable[[Any, Any], Any]  # (pl_module, batch) -> loss tensor (or {"loss": ...})
+
+ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
+
+#: Strategies that shard parameters across ranks: no rank holds the full θ that H acts on.
+SHARDED_STRATEGIES = frozenset(
+    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
+)
+
+#: BatchNorm buffers replaced by ``None`` during a train-mode measurement: BatchNorm then uses
+#: the batch statistics, exactly as the training step does, and updates nothing (also under vmap).
+_BATCHNORM_STATE = ("running_mean", "running_var", "num_batches_tracked")
+
+#: The quantities measured on each rank, in the order they are reduced across ranks.
+_REDUCED = ("failed", "loss", "trace", "trace_var", "frobenius", "lambda_max", "precond_lambda_max")
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduling within a compute budget
+# --------------------------------------------------------------------------------------------
+
+
+def budget_schedule(
+    step: int,
+    *,
+    train_time: float,
+    train_steps: int,
+    measure_time: float,
+    measure_count: int,
+    budget: float,
+    measured: bool,
+) -> int | None:
+    """The next step to measure at so that measuring takes at most ``budget`` × training time.
+
+    With T = ``train_time`` / ``train_steps`` the mean time of a training step so far and
+    M = ``measure_time`` / ``measure_count`` the mean time of a measurement, the next measurement
+    comes once the training time has grown enough to pay for it as well:
+
+        (measure_time + M) / budget ≤ train_time + gap · T
+        next = step + max(⌈((measure_time + M) / budget − train_time) / T⌉, 1 if measured else 0)
+
+    So, as long as measurements cost about what they have cost so far, measurement time stays
+    within ``budget`` × training time after every measurement but the very first (which has no
+    training to amortise it yet). Totals are cumulative: a measurement dearer than predicted is
+    paid back by a longer gap. ``None`` when no training step has been timed yet.
+
+        >>> budget_schedule(16, train_time=16.0, train_steps=16, measure_time=4.0,
+        ...                 measure_count=2, budget=0.25, measured=True)
+        24
+    """
+    if train_steps <= 0:
+        return None
+    step_time = max(train_time / train_steps, 1e-12)
+    expected = measure_time / max(measure_count, 1)
+    owed = (measure_time + expected) / budget - train_time
+    # The small slack keeps an exact multiple (8.0 step times) from rounding up through float error.
+    gap = max(0, math.ceil(owed / step_time - 1e-9))
+    return step + max(gap, 1 if measured else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Stability thresholds of the optimizer in use
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stability:
+    """The step size and thresholds that the measured curvature is compared with.
+
+    Attributes:
+        lr: η, the largest ``lr`` among the parameter groups that hold measured parameters.
+        eos_threshold: the sharpness threshold of the optimizer on H itself (see
+            :class:`HessianMonitor` for which formula applies).
+        rule: the threshold's formula, for messages.
+        trace_threshold: 2/η, the SGD linear-stability bound on tr(H) (Wu & Su 2023).
+        adaptive: an Adam-family optimizer (its group has ``betas``): ``eos_threshold`` is then
+            only a gradient-descent reference.
+        precond_threshold: (2 + 2β₁)/((1 − β₁)η) for Adam-family optimizers once they have
+            ``exp_avg_sq`` state, else None.
+    """
+
+    lr: float
+    eos_threshold: float
+    rule: str
+    trace_threshold: float
+    adaptive: bool = False
+    precond_threshold: float | None = None
+
+
+def nesterov_sharpness_threshold(lr: float, momentum: float) -> float:
+    """Stability threshold of Nesterov momentum β: λ_max(H) = (2 + 2β)/((1 + 2β)η).
+
+    Cohen et al. (2021), *Gradient Descent on Neural Networks Typically Occurs at the Edge of
+    Stability*, appendix on momentum (quadratic analysis, as for heavy ball).
+
+        >>> round(nesterov_sharpness_threshold(0.01, 0.9), 6)
+        135.714286
+    """
+    return curvature.momentum_sharpness_threshold(lr, momentum) / (1.0 + 2.0 * momentum)
+
+
+def stability(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> Stability | None:
+    """Read η and the thresholds live from ``optimizer`` for the measured ``params``.
+
+    Several parameter groups: η is the largest ``lr`` among the groups holding measured
+    parameters (the fastest-moving direction sets the tightest threshold), and momentum/β₁ come
+    from that group. ``None`` when the group has no positive ``lr`` (e.g. a warm-up at 0).
+    """
+    ids = {id(p) for p in params.values()}
+    groups = [g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])]
+    groups = groups or list(optimizer.param_groups)
+    group = max(groups, key=lambda g: float(g.get("lr", 0.0)))
+    lr = float(group.get("lr", 0.0))
+    if not lr > 0:
+        return None
+    trace_threshold = curvature.sgd_trace_threshold(lr)
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    if "betas" in group:  # the Adam family
+        has_state = any("exp_avg_sq" in optimizer.state.get(p, {}) for p in group["params"])
+        return Stability(
+            lr=lr,
+            eos_threshold=curvature.gd_sharpness_threshold(lr),
+            rule="2/η (a gradient-descent reference: Adam's own threshold is on P⁻¹H)",
+            trace_threshold=trace_threshold,
+            adaptive=True,
+            precond_threshold=(
+                curvature.adam_sharpness_threshold(lr, float(group["betas"][0]))
+                if has_state
+                else None
+            ),
+        )
+    # SGD's signature (RMSprop also has "momentum", but no heavy-ball threshold applies to it).
+    if momentum > 0 and "dampening" in group:
+        dampening = float(group.get("dampening", 0.0))
+        if group.get("nesterov", False):  # PyTorch requires dampening 0 with Nesterov
+            threshold, rule = nesterov_sharpness_threshold(lr, momentum), "(2+2β)/((1+2β)η)"
+        else:
+            # PyTorch's heavy ball scales the gradient by (1 − dampening): an effective η(1 − d).
+            threshold = curvature.momentum_sharpness_threshold(lr * (1.0 - dampening), momentum)
+            rule = "2(1+β)/(η(1−dampening))" if dampening else "2(1+β)/η"
+        return Stability(lr, threshold, rule, trace_threshold)
+    return Stability(lr, curvature.gd_sharpness_threshold(lr), "2/η", trace_threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss, recomputed without side effects
+# --------------------------------------------------------------------------------------------
+
+
+class _Call(nn.Module):
+    """Holds the LightningModule so ``functional_call`` can swap its parameters around any call
+    (``training_step``, a user ``loss_fn``), not only around ``forward``."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(self.module, *args)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def logging_suppressed(module: nn.Module) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` of ``module`` record nothing inside the block."""
+    names = ("log", "log_dict")
+    saved = {name: module.__dict__[name] for name in names if name in module.__dict__}
+    for name in names:
+        # Instance attributes shadow the methods; nn.Module.__setattr__ is bypassed on purpose.
+        object.__setattr__(module, name, _no_log)
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in saved:
+                object.__setattr__(module, name, saved[name])
+            else:
+                module.__dict__.pop(name, None)
+
+
+def _as_loss(out: Any) -> Tensor:
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"HessianMonitor needs the loss, but the step returned {type(out).__name__}: return "
+            "the loss tensor (or a dict with 'loss') from training_step, or pass "
+            "HessianMonitor(loss_fn=lambda module, batch: ...)"
+        )
+    return out
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, Mapping):
+        return type(obj)({k: _cast_floats(v, dtype) for k, v in obj.items()})  # type: ignore[call-arg]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_cast_floats(v, dtype) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def loss_closure(
+    module: nn.Module,
+    batch: Any,
+    batch_idx: int,
+    loss_fn: UserLossFn | None = None,
+) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], Tensor]]:
+    """The point θ and a side-effect-free ``θ ↦ loss`` of ``module`` on ``batch``.
+
+    The loss is ``module.training_step(batch, batch_idx)`` (a tensor, or a dict's ``"loss"``),
+    or ``loss_fn(module, batch)``, evaluated at the parameters it is given through
+    ``torch.func.functional_call``, so that :mod:`dynlens.curvature` can differentiate it twice.
+    Each evaluation:
+
+    * records nothing through ``self.log``;
+    * runs outside autocast, in float32 when the module holds lower-precision floats (its
+      parameters, buffers and the batch's floating tensors are then upcast copies);
+    * leaves the module's buffers alone: BatchNorm layers in train mode see ``None`` running
+      statistics (so they normalise with the batch statistics, as the training step does, and
+      update nothing), every other buffer is a fresh copy.
+
+    Returns ``(params, loss_of)``: the trainable parameters by name (detached; upcast copies when
+    needed) and the function of them.
+    """
+    trainable = {k: p for k, p in module.named_parameters() if p.requires_grad}
+    frozen = {k: p for k, p in module.named_parameters() if not p.requires_grad}
+    buffers: dict[str, Tensor | None] = {}
+    for prefix, sub in module.named_modules():
+        for name, buf in sub.named_buffers(recurse=False):
+            key = f"{prefix}.{name}" if prefix else name
+            train_bn = isinstance(sub, _BatchNorm) and sub.training
+            buffers[key] = None if train_bn and name in _BATCHNORM_STATE else buf
+    tensors = [
+        *trainable.values(),
+        *frozen.values(),
+        *(b for b in buffers.values() if b is not None),
+    ]
+    upcast = any(t.is_floating_point() and t.element_size() < 4 for t in tensors)
+    dtype = torch.float32
+    if upcast:
+        params = {k: p.detach().to(dtype) for k, p in trainable.items()}
+        fixed = {k: p.detach().to(dtype) for k, p in frozen.items()}
+        batch = _cast_floats(batch, dtype)
+    else:
+        params = {k: p.detach() for k, p in trainable.items()}
+        fixed = {}
+
+    def fresh(b: Tensor | None) -> Tensor | None:
+        if b is None:
+            return None
+        return b.detach().to(dtype) if upcast and b.is_floating_point() else b.detach().clone()
+
+    if loss_fn is None:
+        wrapper = _Call(module, lambda m, b, i: m.training_step(b, i))
+    else:
+        wrapper = _Call(module, lambda m, b, i: loss_fn(m, b))
+    device_type = next(iter(params.values())).device.type if params else "cpu"
+
+    def loss_of(p: dict[str, Tensor]) -> Tensor:
+        state: dict[str, Tensor | None] = {f"module.{k}": fresh(b) for k, b in buffers.items()}
+        state.update({f"module.{k}": v for k, v in fixed.items()})
+        state.update({f"module.{k}": v for k, v in p.items()})
+        with logging_suppressed(module), torch.autocast(device_type, enabled=False):
+            out = functional_call(wrapper, state, (batch, batch_idx), strict=False)
+        return _as_loss(out)
+
+    return params, loss_of
+
+
+def _rng_restored(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Fork the global RNG streams (CPU, and ``device``'s) and restore them on exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if device.type == "cuda" else 0
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
+def probe_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The probes' source for one measurement: a function of (seed, rank, step) only.
+
+    Ranks draw independent probes (so averaging them shrinks the error), each step new ones, and
+    a resumed run draws exactly the probes the uninterrupted run would have, with no generator
+    state to checkpoint.
+    """
+    mixed = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def _synchronize(device: torch.device) -> None:
+    # Only at measurement steps: makes the clock see the device work it is charged for.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# The callback
+# --------------------------------------------------------------------------------------------
+
+
+class HessianMonitor(Monitor):
+    """Hessian trace, sharpness λ_max and their ratios to the optimizer's stability thresholds.
+
+    At measurement steps, *before* the training step runs (so at the parameters θ_t and the
+    learning rate η_t that step uses), the monitor recomputes the training loss on the current
+    batch — or on a fixed ``probe_batch`` (Cohen et al. 2021 use a fixed 5k-example subset) —
+    through the LightningModule's own ``training_step`` with ``self.log`` silenced, or through
+    ``loss_fn(pl_module, batch)``, and measures with :mod:`dynlens.curvature`:
+
+    * ``trace`` tr(H) by Hutchinson (default; ``frobenius`` ‖H‖_F comes free with it) or Hutch++
+      with ``num_probes`` products, with its standard error;
+    * ``lambda_max`` λ_max(H) by Lanczos, warm-started from the previous eigenvector with a cold
+      start every ``cold_start_every`` measurements (a warm start can miss an eigenvalue that
+      overtakes the tracked one);
+    * for Adam-family optimizers (those with ``exp_avg_sq`` state, i.e. from their first step on)
+      ``precond_lambda_max`` λ_max(P^{-1/2} H P^{-1/2}) with P = diag(√v̂ + ε) (Cohen et al. 2022).
+
+    and compares them with thresholds read live from the optimizer (η may follow a scheduler):
+
+    * ``eos_ratio`` = λ_max / ``eos_threshold``; 1 is the edge of stability. The threshold is
+      2/η for SGD without momentum (with full batches: gradient descent, Cohen et al. 2021), so
+      ``eos_ratio`` = η·λ_max/2; 2(1+β)/(η(1−dampening)) for heavy-ball momentum β;
+      (2+2β)/((1+2β)η) for Nesterov. For Adam-family and other optimizers it stays η·λ_max/2,
+      a gradient-descent reference only: Adam's own edge is ``precond_ratio``.
+    * ``trace_ratio`` = η·tr(H)/2: tr(H) against 2/η, the bound that linearly stable minima of
+      SGD satisfy (Wu & Su 2023), whatever the momentum.
+    * ``precond_ratio`` = λ_max(P⁻¹H)·(1−β₁)η/(2+2β₁): preconditioned sharpness against Adam's
+      threshold, 38/η at β₁ = 0.9 (Cohen et al. 2022).
+
+    η is the largest ``lr`` among the parameter groups of optimizer ``optimizer_index`` that
+    hold measured parameters, β (or β₁) that group's. With ``lr`` 0 the ratios and thresholds
+    are not logged.
+
+    Logged under ``<prefix>/hessian/``: ``loss``, ``trace``, ``trace_stderr``, ``trace_lower``
+    and ``trace_upper`` (trace ∓ one standard error), ``frobenius`` (Hutchinson only),
+    ``lambda_max``, ``lr``, ``eos_threshold``, ``eos_ratio``, ``trace_threshold``,
+    ``trace_ratio``, ``precond_lambda_max``, ``precond_threshold``, ``precond_ratio`` (Adam
+    family), ``one`` (the constant 1, the reference line of the ratio chart) and ``overhead``
+    (measurement time ÷ training time so far). The first time ``eos_ratio`` (not for Adam) or
+    ``precond_ratio`` reaches 1 is a text event.
+
+    Cadence: ``every_n_steps``, or a compute ``budget`` (default 0.05): the monitor times itself
+    and the training between measurements with ``clock`` and measures again once the training
+    time can pay for the measurements so far and the next one, so that after every measurement
+    but the first (step 0, before any training) measuring has taken at most ``budget`` ×
+    training time, as long as measurements cost about what they have cost so far (see
+    :func:`budget_schedule`; the first gap is decided one step after the first measurement, once
+    a training step has been timed). Between measurements a step costs one integer comparison:
+    no host sync, no collective.
+
+    No observer effect: parameters, gradients (``.grad`` is never written), buffers, module
+    modes, optimizer state and the global RNG streams are untouched, so the trained weights are
+    bit-identical to a run without the monitor. Dropout draws the same masks in every evaluation
+    of one measurement, so all its products are of one function. ``training_step`` must have no
+    side effects other than ``self.log``; otherwise pass ``loss_fn``.
+
+    Precision: under ``"bf16-mixed"``/``"16-mixed"`` the loss is recomputed outside autocast, so
+    curvature is measured in float32; modules held in 16-bit (``"bf16-true"``) are measured on
+    float32 copies.
+
+    DDP: each rank measures its local batch on the unwrapped module (``pl_module``; the DDP
+    wrapper cannot be differentiated twice), and the results are averaged with
+    ``trainer.strategy.reduce``. The trace is linear in H, so the averaged estimate is one of the
+    global batch's trace (for a mean loss over equal local batches, whose Hessian is the mean of
+    the local ones), with the ranks' independent errors combined; λ_max and ‖H‖_F are convex in
+    H, so their mean over ranks bounds the global batch's from above. SyncBatchNorm (a
+    collective inside the forward) is refused at ``setup`` under DDP.
+    Rank 0 decides the budget schedule and broadcasts it; every collective runs on every rank
+    at measurement steps only. FSDP and DeepSpeed shard the parameters and are refused at
+    ``setup``.
+
+    Failing soft: a non-finite loss, or a loss with an op that has no second derivative (e.g. a
+    custom ``autograd.Function`` whose backward is ``@once_differentiable``), gives one warning
+    and the monitor switches itself off on every rank; training goes on.
+
+    State (``state_dict``): the schedule, timing totals, the last values and a
+    history of every measurement. The Lanczos eigenvectors used for warm starts are as large
+    as the model and stay in memory only: the first measurement after a resume cold-starts.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (exclusive with ``budget``).
+        budget: fraction of training time to spend measuring, in (0, 1); 0.05 when neither
+            ``every_n_steps`` nor ``budget`` is given.
+        probe_batch: a fixed batch to measure on (moved to the module's device with its
+            ``transfer_batch_to_device``), passed to ``training_step`` with ``batch_idx`` 0;
+            ``None`` uses each measured step's own batch.
+        loss_fn: ``loss_fn(pl_module, batch) -> loss`` instead of ``training_step`` (required
+            with manual optimization).
+        estimator: ``"hutchinson"`` (also gives ‖H‖_F) or ``"hutchpp"`` (Meyer et al. 2021).
+            Hutchinson is the default because it was the more precise of the two at equal budget
+            on every network Hessian benchmarked (about half Hutch++'s spread at 30 products, see
+            ``benchmarks/hessian.py``): Rademacher probes are exact on the diagonal, which
+            carries much of a network Hessian's trace, and Hutch++'s projected probes lose that.
+            Hutch++ wins when a few eigenvalues dominate the trace itself.
+        num_probes: Hessian-vector products for the trace (≥ 3 for Hutch++).
+        trace: measure the trace.
+        sharpness: measure λ_max (and, for Adam, the preconditioned λ_max).
+        preconditioned: measure the preconditioned sharpness under Adam-family optimizers.
+        max_iter: Lanczos steps (products) at most per eigenvalue.
+        tol: Lanczos relative residual at which to stop.
+        cold_start_every: start Lanczos from a random vector every this many measurements
+            (1: always cold).
+        optimizer_index: which of ``trainer.optimizers`` η and the Adam state come from.
+        route: Hessian-vector-product route, see :class:`dynlens.curvature.HessianOperator`.
+        seed: seed of the probes, drawn per (seed, rank, step) from an own generator (see
+            :func:`probe_generator`); the global RNG is never used.
+        clock: a ``() -> seconds`` function; inject a fake one for deterministic tests.
+        prefix: first part of the metric keys.
+        verbose: print event lines to the console (rank 0).
+
+    Example::
+
+        monitor = HessianMonitor(every_n_steps=50)
+        trainer = Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs"))
+        trainer.fit(model, datamodule)
+        print(monitor.last["eos_ratio"])   # η·λ_max/2 at the last measurement
+    """
+
+    name = "hessian"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        budget: float | None = None,
+        probe_batch: Any = None,
+        loss_fn: UserLossFn | None = None,
+        estimator: Estimator = "hutchinson",
+        num_probes: int = 30,
+        trace: bool = True,
+        sharpness: bool = True,
+        preconditioned: bool = True,
+        max_iter: int = 20,
+        tol: float = 1e-3,
+        cold_start_every: int = 10,
+        optimizer_index: int = 0,
+        route: curvature.Route = "auto",
+        seed: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+        prefix: str = "dynlens",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(prefix=prefix, verbose=verbose)
+        if every_n_steps is not None and budget is not None:
+            raise ConfigurationError(
+                f"Pass either `every_n_steps` or `budget`, not both (got every_n_steps="
+                f"{every_n_steps!r}, budget={budget!r}): `every_n_steps` fixes the cadence, "
+                "`budget` lets the monitor choose it."
+            )
+        if every_n_steps is not None:
+            check_positive_int("every_n_steps", every_n_steps)
+        elif budget is None:
+            budget = 0.05
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or not 0.0 < budget < 1.0
+        ):
+            raise ConfigurationError(
+                f"Expected `budget` to be a fraction of training time in (0, 1), e.g. 0.05, "
+                f"got {budget!r}."
+            )
+        if estimator not in ESTIMATORS:
+            raise ConfigurationError(
+                f"Expected `estimator` to be one of {ESTIMATORS}, got {estimator!r}."
+            )
+        check_positive_int("num_probes", num_probes)
+        if estimator == "hutchpp" and num_probes < 3:
+            raise ConfigurationError(
+                f"Hutch++ needs `num_probes` >= 3 (a third each for its sketch, the sketch's exact "
+                f"trace and the deflated rest), got {num_probes}: raise it or pass "
+                "estimator='hutchinson'."
+            )
+        if not (trace or sharpness):
+            raise ConfigurationError(
+                "Nothing to measure: `trace` and `sharpness` are both False; enable at least one."
+            )
+        check_positive_int("max_iter", max_iter)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ConfigurationError(f"Expected `tol` to be a positive float, got {tol!r}.")
+        check_positive_int("cold_start_every", cold_start_every)
+        if (
+            isinstance(optimizer_index, bool)
+            or not isinstance(optimizer_index, int)
+            or (optimizer_index < 0)
+        ):
+            raise ConfigurationError(
+                f"Expected `optimizer_index` to be a non-negative int, got {optimizer_index!r}."
+            )
+        if route != "auto" and route not in curvature.ROUTES:
+            raise ConfigurationError(
+                f"Expected `route` to be 'auto' or one of {curvature.ROUTES}, got {route!r}."
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigurationError(
+                f"Expected `loss_fn` to be a callable (pl_module, batch) -> loss, got {loss_fn!r}."
+            )
+        if not callable(clock):
+            raise ConfigurationError(f"Expected `clock` to be a callable, got {clock!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigurationError(f"Expected `seed` to be an int, got {seed!r}.")
+
+        self.every_n_steps: int | None = every_n_steps  # type: ignore[assignment]
+        self.budget = None if budget is None else float(budget)
+        self.probe_batch = probe_batch
+        self.loss_fn = loss_fn
+        self.estimator = estimator
+        self.num_probes = num_probes
+        self.trace = trace
+        self.sharpness = sharpness
+        self.preconditioned = preconditioned
+        self.max_iter = max_iter
+        self.tol = float(tol)
+        self.cold_start_every = cold_start_every
+        self.optimizer_index = optimizer_index
+        self.route = route
+        self.seed = seed
+        self.clock = clock
+
+        #: The values logged at the last measurement, by quantity (without the prefix).
+        self.last: dict[str, float] = {}
+        #: One dict per measurement: ``step``, the logged values, ``cold`` (Lanczos cold start)
+        #: and ``iterations`` (Lanczos products spent on λ_max).
+        self.history: list[dict[str, float]] = []
+        self.num_measurements = 0
+        # schedule (budget mode) and timing totals
+        self._next_step = 0
+        self._calibrating = False
+        self._last_step: int | None = None
+        self._train_time = 0.0
+        self._train_steps = 0
+        self._measure_time = 0.0
+        self._measure_count = 0
+        self._since_cold = 0
+        # in memory only
+        self._mark: float | None = None
+        self._mark_step = 0
+        self._route: str = route
+        self._eigvec: dict[str, Tensor] | None = None
+        self._precond_eigvec: dict[str, Tensor] | None = None
+        self._probe_on_device: Any = None
+        self._precond_refused = False
+        self._trainer: weakref.ref[Any] | None = None
+
+    # ----------------------------------------------------------------------------- identity
+    def state_key_fields(self) -> dict[str, Any]:
+        return {
+            **super().state_key_fields(),
+            "every_n_steps": self.every_n_steps,
+            "budget": self.budget,
+            "estimator": self.estimator,
+            "num_probes": self.num_probes,
+            "probe_batch": self.probe_batch is not None,
+            "loss_fn": getattr(self.loss_fn, "__qualname__", None),
+        }
+
+    def panel(self) -> dict[str, Chart]:
+        charts: dict[str, Chart] = {}
+        if self.sharpness:
+            charts["sharpness λ_max and its stability threshold"] = self.multiline(
+                "lambda_max", "eos_threshold"
+            )
+            if self.preconditioned:
+                charts["Adam: preconditioned sharpness λ_max(P⁻¹H) and (2+2β₁)/((1−β₁)η)"] = (
+                    self.multiline("precond_lambda_max", "precond_threshold")
+                )
+        if self.trace:
+            charts["trace tr(H) ± standard error"] = self.margin(
+                "trace", "trace_lower", "trace_upper"
+            )
+            charts["trace tr(H) and the SGD linear-stability bound 2/η"] = self.multiline(
+                "trace", "trace_threshold"
+            )
+        ratios = [
+            *(["eos_ratio"] if self.sharpness else []),
+            *(["trace_ratio"] if self.trace else []),
+            *(["precond_ratio"] if self.sharpness and self.preconditioned else []),
+        ]
+        charts["stability ratios (1 = at the threshold)"] = self.multiline(*ratios, "one")
+        if self.trace and self.estimator == "hutchinson":
+            charts["Frobenius norm ‖H‖_F"] = self.multiline("frobenius")
+        charts["loss at the measured batch"] = self.multiline("loss")
+        charts["measurement time ÷ training time"] = self.multiline("overhead")
+        return charts
+
+    # ----------------------------------------------------------------------------- set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._trainer = weakref.ref(trainer)
+        sharded = next(
+            (
+                c.__name__
+                for c in type(trainer.strategy).__mro__
+                if c.__name__ in SHARDED_STRATEGIES
+            ),
+            None,
+        )
+        if sharded is not None:
+            raise ConfigurationError(
+                f"HessianMonitor needs the full parameters on each rank, but {sharded} shards "
+                "them. Measure with strategy='ddp' (or a single device), e.g. on a smaller "
+                "replica of the model, or remove HessianMonitor from this run."
+            )
+        if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
+            raise ConfigurationError(
+                "With manual optimization, training_step steps the optimizer itself and cannot "
+                "be replayed for a measurement: pass HessianMonitor(loss_fn=lambda module, batch: "
+                "...) returning the training loss."
+            )
+        if getattr(trainer, "world_size", 1) > 1 and any(
+            isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()
+        ):
+            raise ConfigurationError(
+                "HessianMonitor cannot replay SyncBatchNorm: its forward is a collective across "
+                "ranks and has no second derivative. Train with plain (per-rank) BatchNorm while "
+                "measuring, or pass a loss_fn that avoids SyncBatchNorm."
+            )
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise ConfigurationError(
+                "HessianMonitor found no trainable parameters (requires_grad=True) in the module."
+            )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.optimizer_index >= max(len(trainer.optimizers), 1):
+            raise ConfigurationError(
+                f"HessianMonitor(optimizer_index={self.optimizer_index}) but the run has "
+                f"{len(trainer.optimizers)} optimizer(s): pass an index below that."
+            )
+        step = trainer.global_step
+        if self._last_step is not None and step <= self._last_step:
+            # A new Trainer restarted the step counter (a resume never lands at or before the last
+            # measured step): start a fresh schedule and budget.
+            self._last_step, self._next_step, self._calibrating = None, step, False
+            self._train_time = self._measure_time = 0.0
+            self._train_steps = self._measure_count = 0
+        self._mark, self._mark_step = self.clock(), step
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._mark is not None:  # the steps since the last measurement count too
+            self._tick(trainer.global_step)
+            self._mark = None
+
+    # ----------------------------------------------------------------------------- cadence
+    def _due(self, trainer: Any) -> bool:
+        if trainer.sanity_checking or not trainer.training:
+            return False
+        step = trainer.global_step
+        if step == self._last_step:  # a later micro-batch of an already measured step
+            return False
+        if self.every_n_steps is not None:
+            return step % self.every_n_steps == 0
+        if self._calibrating and step >= self._next_step:
+            # One training step has run since the first measurement: its time sets the first gap.
+            now = self._tick(step)
+            self._mark, self._mark_step = now, step
+            self._schedule(trainer, step, measured=False)
+        return step >= self._next_step
+
+    def _tick(self, step: int) -> float:
+        """Clock reading now; charges the time since the last mark to training."""
+        now = self.clock()
+        if self._mark is not None:
+            self._train_time += now - self._mark
+            self._train_steps += step - self._mark_step
+        return now
+
+    def _schedule(self, trainer: Any, step: int, *, measured: bool) -> None:
+        nxt = None
+        if trainer.is_global_zero:
+            nxt = budget_schedule(
+                step,
+                train_time=self._train_time,
+                train_steps=self._train_steps,
+                measure_time=self._measure_time,
+                measure_count=self._measure_count,
+                budget=self.budget,  # type: ignore[arg-type]
+                measured=measured,
+            )
+        # Every rank, at this same step: rank 0's clock decides for all.
+        nxt = trainer.strategy.broadcast(nxt, src=0)
+        if nxt is None:
+            self._next_step, self._calibrating = step + 1, True
+        else:
+            self._next_step, self._calibrating = int(nxt), False
+
+    # ----------------------------------------------------------------------------- measuring
+    @fail_soft
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._due(trainer):
+            return
+        step = trainer.global_step
+        self._last_step = step
+        device = pl_module.device
+        _synchronize(device)
+        start = self._tick(step)
+        local, failure = self._measure_locally(trainer, pl_module, batch, batch_idx)
+        values = self._reduce(trainer, local, device)
+        _synchronize(device)
+        end = self.clock()
+        self._measure_time += end - start
+        self._measure_count += 1
+        self._mark, self._mark_step = end, step
+        if self.budget is not None:
+            self._schedule(trainer, step, measured=True)
+        if values["failed"] > 0:
+            self.disable(failure or "the measurement failed on another rank")
+            return
+        self._publish(trainer, pl_module, step, values)
+
+    def _measure_locally(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> tuple[dict[str, float], str | None]:
+        try:
+            return self._measure(trainer, pl_module, batch, batch_idx), None
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            # Reported after the reduction, so every rank switches off at the same step.
+            return {"failed": 1.0}, f"{type(exc).__name__}: {exc}"
+
+    def _measure(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> dict[str, float]:
+        if self.probe_batch is not None:
+            if self._probe_on_device is None:
+                self._probe_on_device = pl_module.transfer_batch_to_device(
+                    self.probe_batch, pl_module.device, 0
+                )
+            batch, batch_idx = self._probe_on_device, 0
+        params, loss_of = loss_closure(pl_module, batch, batch_idx, self.loss_fn)
+        device = next(iter(params.values())).device
+        # Grad stays enabled: a training_step may differentiate inside (e.g. a gradient penalty).
+        with _rng_restored(device):
+            loss = float(loss_of(params).detach())
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is {loss} at step {trainer.global_step}: curvature is undefined there"
+            )
+        out = {"failed": 0.0, "loss": loss}
+        generator = probe_generator(self.seed, trainer.global_rank, trainer.global_step)
+        if self.trace:
+            estimate = (
+                curvature.hutchpp_trace
+                if self.estimator == "hutchpp"
+                else curvature.hutchinson_trace
+            )(loss_of, params, num_probes=self.num_probes, generator=generator, route=self._route)
+            self._route = estimate.route or self._route  # skip a failed route next time
+            out["trace"] = estimate.value
+            out["trace_var"] = estimate.stderr**2
+            if estimate.frobenius is not None:
+                out["frobenius"] = estimate.frobenius
+        if self.sharpness:
+            cold = self._eigvec is None or self._since_cold + 1 >= self.cold_start_every
+            self._since_cold = 0 if cold else self._since_cold + 1
+            eig = curvature.top_eigenvalue(
+                loss_of,
+                params,
+                init=None if cold else self._eigvec,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                generator=generator,
+                route=self._route,  # type: ignore[arg-type]
+            )
+            self._eigvec, self._route = eig.vector, eig.route or self._route
+            out["lambda_max"] = eig.value
+            out["cold"], out["iterations"] = float(cold), float(eig.iterations)
+            preconditioner = self._adam_preconditioner(trainer, pl_module, params)
+            if preconditioner is not None:
+                peig = curvature.top_eigenvalue(
+                    loss_of,
+                    params,
+                    init=None if cold or self._precond_eigvec is None else self._precond_eigvec,
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    generator=generator,
+                    preconditioner=preconditioner,
+                    route=self._route,  # type: ignore[arg-type]
+                )
+                self._precond_eigvec = peig.vector
+                out["precond_lambda_max"] = peig.value
+        return out
+
+    def _optimizer(self, trainer: Any) -> torch.optim.Optimizer | None:
+        optimizers = trainer.optimizers
+        return optimizers[self.optimizer_index] if self.optimizer_index < len(optimizers) else None
+
+    def _adam_preconditioner(
+        self, trainer: Any, pl_module: Any, params: Mapping[str, Tensor]
+    ) -> dict[str, Tensor] | None:
+        optimizer = self._optimizer(trainer)
+        if not self.preconditioned or self._precond_refused or optimizer is None:
+            return None
+        named = {k: p for k, p in pl_module.named_parameters() if k in params}
+        states = [optimizer.state.get(p, {}) for p in named.values()]
+        if not any("exp_avg_sq" in s for s in states):
+            return None  # not Adam-like, or before its first step
+        try:
+            return curvature.adam_preconditioner(optimizer, named)
+        except (ValueError, KeyError) as exc:
+            # Some measured parameters are outside the optimizer: P is not defined on all of θ.
+            self._precond_refused = True
+            self.log_event(
+                trainer,
+                trainer.global_step,
+                "no_preconditioned_sharpness",
+                f"preconditioned sharpness not measured: {exc}",
+            )
+            return None
+
+    def _reduce(
+        self, trainer: Any, local: dict[str, float], device: torch.device
+    ) -> dict[str, float]:
+        vector = torch.tensor(
+            [local.get(k, math.nan) for k in _REDUCED], dtype=torch.float64, device=device
+        )
+        vector = self.reduce(trainer, vector, "mean")
+        values = dict(zip(_REDUCED, vector.tolist(), strict=True))
+        for key in ("cold", "iterations"):
+            if key in local:
+                values[key] = local[key]
+        return values
+
+    # ----------------------------------------------------------------------------- logging
+    def _publish(self, trainer: Any, pl_module: Any, step: int, values: dict[str, float]) -> None:
+        world = max(int(getattr(trainer, "world_size", 1)), 1)
+        logged: dict[str, float] = {"loss": values["loss"], "one": 1.0}
+        if self.trace:
+            # Ranks' estimates are independent: Var(mean) = mean(Var) / ranks.
+            stderr = math.sqrt(values["trace_var"] / world)
+            logged.update(
+                trace=values["trace"],
+                trace_stderr=stderr,
+                trace_lower=values["trace"] - stderr,
+                trace_upper=values["trace"] + stderr,
+            )
+            if not math.isnan(values["frobenius"]):
+                logged["frobenius"] = values["frobenius"]
+        if self.sharpness:
+            logged["lambda_max"] = values["lambda_max"]
+            if not math.isnan(values["precond_lambda_max"]):
+                logged["precond_lambda_max"] = values["precond_lambda_max"]
+        optimizer = self._optimizer(trainer)
+        measured = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
+        rule = stability(optimizer, measured) if optimizer is not None else None
+        if rule is not None:
+            logged["lr"] = rule.lr
+            if self.sharpness:
+                logged["eos_threshold"] = rule.eos_threshold
+                logged["eos_ratio"] = logged["lambda_max"] / rule.eos_threshold
+            if self.trace:
+                logged["trace_threshold"] = rule.trace_threshold
+                logged["trace_ratio"] = logged["trace"] / rule.trace_threshold
+            if rule.precond_threshold is not None and "precond_lambda_max" in logged:
+                logged["precond_threshold"] = rule.precond_threshold
+                logged["precond_ratio"] = logged["precond_lambda_max"] / rule.precond_threshold
+        if self._train_steps > 0 and self._train_time > 0:
+            logged["overhead"] = self._measure_time / self._train_time
+        self.log_metrics(trainer, logged, step=step)
+        self.num_measurements += 1
+        self.last = dict(logged)
+        extra = {k: values[k] for k in ("cold", "iterations") if k in values}
+        self.history.append({"step": float(step), **logged, **extra})
+        self._announce(trainer, step, logged, rule)
+
+    def _announce(
+        self, trainer: Any, step: int, logged: dict[str, float], rule: Stability | None
+    ) -> None:
+        seen = {e["reason"] for e in self.events}
+        if (
+            rule is not None
+            and not rule.adaptive
+            and logged.get("eos_ratio", 0.0) >= 1.0
+            and "edge_of_stability" not in seen
+        ):
+            self.log_event(
+                trainer,
+                step,
+                "edge_of_stability",
+                f"edge of stability: λ_max = {logged['lambda_max']:.4g} reached the threshold "
+                f"{rule.rule} = {rule.eos_threshold:.4g} (eos_ratio {logged['eos_ratio']:.3f})",
+            )
+        if logged.get("precond_ratio", 0.0) >= 1.0 and "adaptive_edge_of_stability" not in seen:
+            self.log_event(
+                trainer,
+                step,
+                "adaptive_edge_of_stability",
+                f"adaptive edge of stability: λ_max(P⁻¹H) = {logged['precond_lambda_max']:.4g} "
+                f"reached (2+2β₁)/((1−β₁)η) = {logged['precond_threshold']:.4g}",
+            )
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None and self._mark is not None:
+            # A checkpoint mid-run: charge the training since the last measurement now, or a
+            # resumed run would never count it and measure too seldom.
+            self._mark, self._mark_step = self._tick(trainer.global_step), trainer.global_step
+        return {
+            **super().state_dict(),
+            "next_step": self._next_step,
+            "calibrating": self._calibrating,
+            "last_step": self._last_step,
+            "train_time": self._train_time,
+            "train_steps": self._train_steps,
+            "measure_time": self._measure_time,
+            "measure_count": self._measure_count,
+            "since_cold": self._since_cold,
+            "num_measurements": self.num_measurements,
+            "route": self._route,
+            "last": dict(self.last),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._next_step = int(state_dict.get("next_step", 0))
+        self._calibrating = bool(state_dict.get("calibrating", False))
+        last_step = state_dict.get("last_step")
+        self._last_step = None if last_step is None else int(last_step)
+        self._train_time = float(state_dict.get("train_time", 0.0))
+        self._train_steps = int(state_dict.get("train_steps", 0))
+        self._measure_time = float(state_dict.get("measure_time", 0.0))
+        self._measure_count = int(state_dict.get("measure_count", 0))
+        self._since_cold = int(state_dict.get("since_cold", 0))
+        self.num_measurements = int(state_dict.get("num_measurements", 0))
+        self._route = str(state_dict.get("route", self.route))
+        self.last = {k: float(v) for k, v in state_dict.get("last", {}).items()}
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        # The warm-start vectors are not checkpointed: the next measurement starts cold.
+        self._eigvec = self._precond_eigvec = None
