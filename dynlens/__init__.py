@@ -2,12 +2,13 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import collapse, continual, curvature, data, grokking
+from . import collapse, continual, curvature, data, grokking, logits
 from .callbacks import (
     ConfigurationError,
     ContinualEvaluation,
     GrokkingMonitor,
     HessianMonitor,
+    LogitGrowthMonitor,
     Monitor,
     PerpGrad,
     SoftmaxCollapseMonitor,
@@ -33,6 +34,7 @@ __all__ = [
     "CrossEntropyLoss",
     "GrokkingMonitor",
     "HessianMonitor",
+    "LogitGrowthMonitor",
     "Monitor",
     "OrthoGrad",
     "PerpGrad",
@@ -45,6 +47,7 @@ __all__ = [
     "data",
     "grokking",
     "log_stablemax",
+    "logits",
     "project_out_weights_",
     "stablemax",
     "stablemax_cross_entropy",

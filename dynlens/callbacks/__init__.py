@@ -5,6 +5,7 @@ from .collapse import SoftmaxCollapseMonitor
 from .continual import ContinualEvaluation
 from .grokking import GrokkingMonitor
 from .hessian import HessianMonitor
+from .logits import LogitGrowthMonitor
 from .perpgrad import PerpGrad
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "ContinualEvaluation",
     "GrokkingMonitor",
     "HessianMonitor",
+    "LogitGrowthMonitor",
     "Monitor",
     "PerpGrad",
     "SoftmaxCollapseMonitor",

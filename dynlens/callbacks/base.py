@@ -209,7 +209,7 @@ class Monitor(Callback):
     # ----------------------------------------------------------------------------- DDP
     @staticmethod
     def reduce(trainer: Any, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
-        """All-reduce across ranks (``"mean"`` or ``"sum"``). Call it on every rank."""
+        """All-reduce across ranks (``"mean"``, ``"sum"`` or ``"max"``). Call it on every rank."""
         return trainer.strategy.reduce(tensor, reduce_op=op)
 
     # ----------------------------------------------------------------------------- failing soft

@@ -1,0 +1,210 @@
+"""Seeing a model's attention logits without changing the model.
+
+:class:`AttentionCapture` intercepts, while it is armed, every call of
+:func:`torch.nn.functional.scaled_dot_product_attention` (SDPA) and of
+:func:`torch.nn.functional.multi_head_attention_forward` (what :class:`torch.nn.MultiheadAttention`
+runs; it may or may not call SDPA inside) through a :class:`torch.overrides.TorchFunctionMode`, and
+measures each call's logits with the pure functions of :mod:`dynlens.logits`. It sees attention
+however the model imported SDPA (``F.scaled_dot_product_attention``, ``from torch.nn.functional
+import scaled_dot_product_attention``), without hooks on the attention modules.
+
+* **Each call once.** Inside a mode's handler the mode is off, so the SDPA call that
+  ``multi_head_attention_forward`` makes internally is not seen a second time.
+* **No observer effect.** The attention runs first, exactly as it would without the capture;
+  the measurement then reads detached ``q`` and ``k`` under ``no_grad`` with autocast off, uses no
+  randomness, and never raises into the model: an error is kept and re-raised by :meth:`take`,
+  where the monitor's ``fail_soft`` turns it into one warning.
+* **Only gradient-recording calls.** Calls under ``no_grad`` or inference mode (evaluation, a
+  frozen teacher, validation) are not measured.
+* **Named by module.** While armed, global module forward pre-hooks/hooks keep the stack of
+  running modules; a call is named after the innermost module of the model that is running
+  (``"blocks.0.attn"``, ``"encoder.layers.1.self_attn"``), else ``"call_<i>"`` by its index among
+  the step's attention calls. Repeated calls under one name pool (max of maxima, sums of squares).
+
+The mode and the global hooks exist only between :meth:`arm` and :meth:`pause`, so steps that
+are not measured pay nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
+from torch.overrides import TorchFunctionMode
+
+from ..logits import (
+    DEFAULT_CHUNK_ELEMENTS,
+    AttentionLogitSums,
+    attention_logit_sums,
+    multi_head_attention_logit_sums,
+)
+
+_SDPA = F.scaled_dot_product_attention
+_MHA = F.multi_head_attention_forward
+_MHA_SIGNATURE = inspect.signature(_MHA)
+# the arguments of multi_head_attention_forward that shape q·k (value, dropout, out_proj do not)
+_MHA_QK_ARGS = (
+    "query",
+    "key",
+    "num_heads",
+    "in_proj_weight",
+    "in_proj_bias",
+    "bias_k",
+    "add_zero_attn",
+    "key_padding_mask",
+    "attn_mask",
+    "use_separate_proj_weight",
+    "q_proj_weight",
+    "k_proj_weight",
+    "static_k",
+)
+
+
+def _sdpa_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> dict[str, Any]:
+    # binds SDPA's arguments the way SDPA does (scale and enable_gqa are keyword-only there)
+    return {
+        "query": query,
+        "key": key,
+        "attn_mask": attn_mask,
+        "is_causal": is_causal,
+        "scale": scale,
+        "enable_gqa": enable_gqa,
+    }
+
+
+class _Interceptor(TorchFunctionMode):
+    def __init__(self, capture: AttentionCapture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+        result = func(*args, **(kwargs or {}))
+        if func is _SDPA or func is _MHA:
+            self.capture._record(func, args, kwargs or {})
+        return result
+
+
+class AttentionCapture:
+    """Measures attention logits of a model's training steps; see the module docstring.
+
+    Args:
+        chunk_elements: most attention logits one chunk of a measurement holds.
+    """
+
+    def __init__(self, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+        self.chunk_elements = chunk_elements
+        self._mode = _Interceptor(self)
+        self._names: dict[nn.Module, str] = {}
+        self._stack: list[nn.Module] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._sums: dict[str, AttentionLogitSums] = {}
+        self._calls = 0
+        self._error: Exception | None = None
+        #: Attention calls seen (measured or not) since the last :meth:`take`.
+        self.calls_seen = 0
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, model: nn.Module) -> None:
+        """Learn the names of ``model``'s submodules (the model itself names nothing)."""
+        self.detach()
+        self._names = {module: name for name, module in model.named_modules() if name}
+
+    def detach(self) -> None:
+        self.pause()
+        self._names = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums, self._error, self.calls_seen = {}, None, 0
+
+    def arm(self) -> None:
+        """Start intercepting (a measured micro-batch begins); statistics of earlier micro-batches
+        of the same optimizer step are kept until :meth:`take`."""
+        if self.armed:
+            return
+        self._stack, self._calls = [], 0
+        self._handles = [
+            register_module_forward_pre_hook(self._enter_module),
+            register_module_forward_hook(self._leave_module, always_call=True),
+        ]
+        self._mode.__enter__()
+
+    def pause(self) -> None:
+        """Stop intercepting (before the backward pass, and at the end of the micro-batch)."""
+        if not self.armed:
+            return
+        self._mode.__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._stack = [], []
+
+    def take(self) -> dict[str, AttentionLogitSums]:
+        """The statistics since the last ``take``, per name in call order; stops intercepting.
+
+        Raises the first error a measurement met (so that the caller can fail soft)."""
+        self.pause()
+        sums, error = self._sums, self._error
+        self._reset()
+        if error is not None:
+            raise error
+        return sums
+
+    # -------------------------------------------------------------------------- interception
+    def _enter_module(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(module)
+
+    def _leave_module(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack and self._stack[-1] is module:
+            self._stack.pop()
+        elif module in self._stack:  # a forward left by an exception elsewhere
+            del self._stack[len(self._stack) - 1 - self._stack[::-1].index(module) :]
+
+    def _name(self) -> str:
+        for module in reversed(self._stack):
+            name = self._names.get(module)
+            if name is not None:
+                return name
+        return f"call_{self._calls}"
+
+    def _record(self, func: Any, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return
+        self.calls_seen += 1
+        name = self._name()
+        self._calls += 1
+        if self._error is not None:
+            return
+        try:
+            if func is _SDPA:
+                sums = attention_logit_sums(
+                    **_sdpa_arguments(*args, **kwargs), chunk_elements=self.chunk_elements
+                )
+            else:
+                bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+                bound.apply_defaults()
+                qk = {k: bound.arguments[k] for k in _MHA_QK_ARGS}
+                sums = multi_head_attention_logit_sums(**qk, chunk_elements=self.chunk_elements)
+        except Exception as exc:  # never into the model's forward: re-raised by take()
+            self._error = exc
+            return
+        previous = self._sums.get(name)
+        self._sums[name] = sums if previous is None else previous.merge(sums)

@@ -1,0 +1,403 @@
+"""LogitGrowthMonitor: output-logit growth, log Z drift and attention logits per layer."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections import deque
+from typing import Any
+
+import torch
+
+from ..logits import (
+    DEFAULT_CHUNK_ELEMENTS,
+    AttentionLogitSums,
+    OutputLogitSums,
+    log_growth_rate,
+    output_logit_sums,
+)
+from ._attention import AttentionCapture
+from ._capture import LogitsCapture
+from ._logits import StepWindow, take_logits
+from .base import Chart, ConfigurationError, Monitor, check_positive_int, fail_soft, logging_step
+
+
+def _stack(sums: Any, names: tuple[str, ...]) -> torch.Tensor:
+    return torch.stack([getattr(sums, name) for name in names]).double()
+
+
+NO_ATTENTION_WARNING = (
+    "LogitGrowthMonitor saw no attention call in a measured training step: the model calls "
+    "neither torch.nn.functional.scaled_dot_product_attention nor nn.MultiheadAttention (or "
+    "only under no_grad). Attention logits are not measured; pass attention=False to silence this."
+)
+
+
+def _threshold(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"Expected `{name}` a positive number or None, got {value!r}.")
+    return float(value)
+
+
+class LogitGrowthMonitor(Monitor):
+    """Watch the logit growth behind Transformer training instabilities (Wortsman et al. 2023).
+
+    Wortsman et al. 2023, *Small-scale proxies for large-scale Transformer training instabilities*
+    (arXiv:2309.14322): at high learning rates attention logits ``z_ij = q_i·k_j/sqrt(d_h)`` grow
+    until attention is one-hot (their runs whose max attention logit passed ~1e4 diverged;
+    qk-layernorm prevents it), and output logits drift until ``log Z = logsumexp(z)`` is far from
+    0 (z-loss ``1e-4·(log Z)²``, :func:`dynlens.z_loss`, prevents it). Every number comes from a
+    pure function of :mod:`dynlens.logits`.
+
+    Logged under ``<prefix>/logits/`` — output logits (shape ``(..., C)``, every leading position a
+    sample) at steps on ``every_n_steps``:
+
+    * ``rms``: root mean square of all logits; ``max_abs``: the largest ``|z|``;
+    * ``logz_mean``, ``logz_max``: mean and max over samples of ``log Z = logsumexp_c z_c``;
+    * ``spread``: mean over samples of the (population) std over classes — the part of the logits'
+      size the loss sees, where ``logz_mean`` is the shift it does not see;
+    * ``growth_rate``: least-squares slope of ``ln(max_abs)`` over the last ``window`` measured
+      steps, in e-folds per 1000 steps (:func:`dynlens.logits.log_growth_rate`; 0.69 doubles
+      every 1000 steps); from the second measurement on.
+
+    Attention logits, at steps on ``attention_every_n_steps``, from every call of
+    ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` during the training step's
+    forward (not under ``no_grad``, not in validation; masks, ``is_causal`` and grouped-query
+    heads honoured; see :mod:`dynlens.callbacks._attention`):
+
+    * ``attn_max``, ``attn_rms``: max and RMS of ``q·kᵀ·scale`` over every call;
+    * ``attn_max/<layer>``, ``attn_rms/<layer>``: the same per layer, named by the module that
+      called attention (``blocks.0.attn``), else ``call_<i>`` in call order.
+
+    Events (each once per run, kept in the checkpoint): ``attention_warning`` when ``attn_max``
+    first passes ``attention_warning`` (default 1e3, a tenth of the divergence level: a softmax
+    row with a logit 1e3 above the rest is exactly one-hot in any precision),
+    ``attention_divergence`` past ``attention_divergence`` (default 1e4: divergence likely), and
+    ``logz_drift`` when ``|logz_mean|`` first exceeds ``logz_threshold``. The default 20 is
+    above ``log C`` of any vocabulary up to e²⁰ ≈ 5·10⁸ classes (``log Z ≈ log C`` at
+    initialisation: 10.8 for GPT-2's 50,257, so 10 would fire at step 0) yet flags the drift early:
+    the loss ``log Z − z_y`` is then a difference of numbers of size 20, whose bfloat16 rounding
+    (8 significant bits: spacing 0.125 between 16 and 32) is already ±0.06 nats.
+
+    Args:
+        logits_module: name of the submodule producing the output logits (a forward hook records
+            them during measured steps); ``None`` reads ``outputs["logits"]`` of ``training_step``.
+        output_logits: measure output logits (``False``: attention only).
+        attention: measure attention logits (``False``: output logits only).
+        attention_every_n_steps: attention cadence, in optimizer steps. Capturing attention
+            costs about as much as the attention forward itself plus a little per torch call of
+            the forward (the interception), so every step is too often for a default: on the
+            example Transformer (``benchmarks/logits.py``, a busy shared 2-core CPU) output
+            logits at every step cost 1.01×, attention at every step 1.06×, and the default 10
+            about 0.6% more than output logits alone.
+        window: measurements in the growth-rate fit (≥ 2).
+        attention_warning, attention_divergence: max-attention-logit event thresholds (``None``
+            for no event).
+        logz_threshold: ``|logz_mean|`` event threshold (``None`` for no event).
+        attention_chunk_elements: most attention logits one piece of a measurement holds
+            (default 2²² = 16 MiB in float32): memory stays bounded for any attention size.
+        every_n_steps, prefix, verbose: as for every monitor.
+
+    Under DDP maxima reduce with ``"max"`` and sums (of squares, of ``log Z``, counts) with
+    ``"sum"``, so the logged means are exact over all ranks' samples; every rank must see the same
+    attention layers at a measured step (true unless the forward's control flow depends on the
+    data). Attention is measured in the forward passes of a micro-batch before its backward
+    (``on_before_backward`` ends the capture, so activation checkpointing's recomputation is not
+    counted twice).
+    """
+
+    name = "logits"
+
+    def __init__(
+        self,
+        *,
+        logits_module: str | None = None,
+        output_logits: bool = True,
+        attention: bool = True,
+        attention_every_n_steps: int = 10,
+        window: int = 10,
+        attention_warning: float | None = 1e3,
+        attention_divergence: float | None = 1e4,
+        logz_threshold: float | None = 20.0,
+        attention_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        every_n_steps: int = 1,
+        prefix: str = "dynlens",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix, verbose=verbose)
+        if not isinstance(output_logits, bool) or not isinstance(attention, bool):
+            raise ConfigurationError(
+                f"Expected `output_logits` and `attention` to be bools, got {output_logits!r} and "
+                f"{attention!r}."
+            )
+        if not (output_logits or attention):
+            raise ConfigurationError(
+                "LogitGrowthMonitor(output_logits=False, attention=False) measures nothing: "
+                "set at least one of them to True."
+            )
+        if logits_module is not None and not output_logits:
+            raise ConfigurationError(
+                f"`logits_module={logits_module!r}` names the output-logit module, but "
+                "output_logits=False: drop `logits_module` or set output_logits=True."
+            )
+        self.attention_every_n_steps = check_positive_int(
+            "attention_every_n_steps", attention_every_n_steps
+        )
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ConfigurationError(
+                f"Expected `window` an int >= 2 (a slope needs two points), got {window!r}."
+            )
+        self.attention_warning = _threshold("attention_warning", attention_warning)
+        self.attention_divergence = _threshold("attention_divergence", attention_divergence)
+        if (
+            self.attention_warning is not None
+            and self.attention_divergence is not None
+            and self.attention_warning >= self.attention_divergence
+        ):
+            raise ConfigurationError(
+                f"Expected `attention_warning` < `attention_divergence`, got {attention_warning!r}"
+                f" and {attention_divergence!r}; e.g. 1e3 and 1e4."
+            )
+        self.logz_threshold = _threshold("logz_threshold", logz_threshold)
+        check_positive_int("attention_chunk_elements", attention_chunk_elements)
+        self.capture = LogitsCapture(logits_module)
+        self.output_logits = output_logits
+        self.attention = attention
+        self.window = window
+        self.attention_capture = AttentionCapture(attention_chunk_elements)
+        #: The latest logged value of each quantity (``"max_abs"``, ``"attn_max/blocks.0.attn"``).
+        self.latest: dict[str, float] = {}
+        #: Layers whose attention was measured at the latest attention step, in call order.
+        self.layers: list[str] = []
+        #: Largest ``attn_max`` logged so far (``None`` before the first attention measurement).
+        self.peak_attention_logit: float | None = None
+        # (step, max |z|) of the last `window` output-logit measurements: the growth-rate fit
+        self._history: deque[tuple[int, float]] = deque(maxlen=window)
+        self._window = StepWindow()
+        self._output: OutputLogitSums | None = None
+        self._output_armed = False
+        self._attention_armed = False
+        self._warned_no_attention = False
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {
+            **super().state_key_fields(),
+            "logits_module": self.capture.logits_module,
+            "every_n_steps": self.every_n_steps,
+            "attention_every_n_steps": self.attention_every_n_steps,
+        }
+
+    def panel(self) -> dict[str, Chart]:
+        per_layer = ["Multiline", [f"^{self.key('attn_max')}$", f"^{self.key('attn_max')}/.*$"]]
+        rms_layer = ["Multiline", [f"^{self.key('attn_rms')}$", f"^{self.key('attn_rms')}/.*$"]]
+        return {
+            "max attention logit per layer": per_layer,
+            "attention logit RMS per layer": rms_layer,
+            "output logits": self.multiline("max_abs", "rms", "spread"),
+            "log Z = logsumexp(output logits)": self.multiline("logz_mean", "logz_max"),
+            "output-logit growth (e-folds per 1000 steps)": self.multiline("growth_rate"),
+        }
+
+    # ------------------------------------------------------------------------------ set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.output_logits:
+            self.capture.attach(pl_module, type(self).__name__)
+        if self.attention:
+            self.attention_capture.attach(pl_module)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.capture.detach()
+        self.attention_capture.detach()
+        self._window.close()
+        self._output, self._output_armed, self._attention_armed = None, False, False
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # never leave the interception mode or the global module hooks behind
+        self.attention_capture.detach()
+        self._attention_armed = False
+
+    def disable(self, reason: str) -> None:
+        self.attention_capture.pause()
+        self.capture.disarm()
+        self._output_armed = self._attention_armed = False
+        super().disable(reason)
+
+    # ------------------------------------------------------------------------------ cadence
+    def _attention_due(self, trainer: Any) -> bool:
+        if not self.attention or trainer.sanity_checking or not trainer.training:
+            return False
+        return logging_step(trainer) % self.attention_every_n_steps == 0
+
+    # ------------------------------------------------------------------------------ measuring
+    @fail_soft
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        output_due = self.output_logits and self.is_due(trainer)
+        attention_due = self._attention_due(trainer)
+        if output_due:
+            self.capture.arm()
+            self._output_armed = True
+        if attention_due:
+            self.attention_capture.arm()
+            self._attention_armed = True
+        if output_due or attention_due:
+            self._window.open(trainer)
+
+    @fail_soft
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        # the forward is done: no interception during backward (where activation checkpointing
+        # would run the attention a second time) or the optimizer step
+        self.attention_capture.pause()
+        if self._output_armed and self.capture.logits_module is not None:
+            # hooked logits are measured now, while they are still in the CPU's caches: after
+            # the backward and the optimizer step the same work takes twice as long
+            self._take_output(None)
+
+    @fail_soft
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._window.is_open:
+            return
+        self.attention_capture.pause()
+        if self._output_armed:
+            self._take_output(outputs)
+        if self._window.close_if_stepped(trainer):
+            self._flush(trainer)
+
+    def _take_output(self, outputs: Any) -> None:
+        self._output_armed = False
+        for logits in take_logits(self.capture, outputs, type(self).__name__):
+            sums = output_logit_sums(logits)
+            self._output = sums if self._output is None else self._output.merge(sums)
+
+    def _flush(self, trainer: Any) -> None:
+        output, self._output = self._output, None
+        layers: dict[str, AttentionLogitSums] = {}
+        if self._attention_armed:
+            self._attention_armed = False
+            layers = self.attention_capture.take()
+            if not layers and not self._warned_no_attention and trainer.is_global_zero:
+                self._warned_no_attention = True
+                warnings.warn(NO_ATTENTION_WARNING, UserWarning, stacklevel=2)
+        if output is None and not layers:
+            return
+        # Reduce across ranks (every rank, same steps): sums with "sum", maxima with "max", each
+        # kind in one collective; then one host transfer for everything, at log time.
+        parts: list[torch.Tensor] = []
+        if output is not None:
+            # samples and entries are host floats; the other sums and the maxima device tensors
+            on_device = [f for f in output.SUMS if f not in ("samples", "entries")]
+            measured = _stack(output, (*on_device, *output.MAXIMA))
+            counts = measured.new_tensor([output.samples, output.entries])
+            added = torch.cat([counts, measured[: len(on_device)]])
+            parts.append(self.reduce(trainer, added, "sum"))
+            parts.append(self.reduce(trainer, measured[len(on_device) :], "max"))
+        if layers:
+            every = list(layers.values())
+            layer_maxima = torch.cat([_stack(s, s.MAXIMA) for s in every])
+            parts.append(self.reduce(trainer, layer_maxima, "max"))
+            parts.append(self.reduce(trainer, torch.cat([_stack(s, s.SUMS) for s in every]), "sum"))
+        host = iter(torch.cat(parts).cpu().tolist())
+        step = logging_step(trainer)
+        metrics: dict[str, float] = {}
+        if output is not None:
+            names = ("samples", "entries", *on_device, *output.MAXIMA)
+            pooled = OutputLogitSums(**{name: next(host) for name in names})
+            metrics.update(pooled.compute())
+            self._grow(metrics, step)
+        maxima = {name: {f: next(host) for f in s.MAXIMA} for name, s in layers.items()}
+        per_layer = {}
+        for name, s in layers.items():
+            pooled = AttentionLogitSums(**maxima[name], **{f: next(host) for f in s.SUMS})
+            if pooled.count > 0:  # a layer whose every position was masked reports nothing
+                per_layer[name] = pooled
+        if per_layer:
+            metrics.update(self._attention_metrics(per_layer))
+        self.log_metrics(trainer, metrics, step=step)
+        self.latest.update(metrics)
+        self._check_events(trainer, step, metrics)
+
+    def _grow(self, metrics: dict[str, float], step: int) -> None:
+        """Add the growth rate of max |z| over the window (from the second measurement on)."""
+        value = metrics["max_abs"]
+        if math.isfinite(value) and value > 0:
+            self._history.append((step, value))
+        if len(self._history) >= 2:
+            steps, values = zip(*self._history, strict=True)
+            metrics["growth_rate"] = log_growth_rate(steps, values)
+
+    def _attention_metrics(self, per_layer: dict[str, AttentionLogitSums]) -> dict[str, float]:
+        """Overall and per-layer attention statistics from host floats."""
+        total = functools.reduce(AttentionLogitSums.merge, per_layer.values())
+        metrics = {f"attn_{k}": v for k, v in total.compute().items()}
+        for name, sums in per_layer.items():
+            metrics.update({f"attn_{k}/{name}": v for k, v in sums.compute().items()})
+        self.layers = list(per_layer)
+        peak = self.peak_attention_logit
+        self.peak_attention_logit = max(metrics["attn_max"], -math.inf if peak is None else peak)
+        return metrics
+
+    # ------------------------------------------------------------------------------ events
+    def _check_events(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        fired = {e["reason"] for e in self.events}
+        attn = metrics.get("attn_max")
+        if attn is not None:
+            worst = max(self.layers, key=lambda n: metrics[f"attn_max/{n}"], default=None)
+            where = f" (layer {worst})" if worst is not None else ""
+            checks = (
+                (
+                    "attention_warning",
+                    self.attention_warning,
+                    "attention is turning one-hot; qk-layernorm or a lower learning rate keeps "
+                    "it bounded (Wortsman et al. 2023)",
+                ),
+                (
+                    "attention_divergence",
+                    self.attention_divergence,
+                    "divergence likely (Wortsman et al. 2023: runs past 1e4 diverged)",
+                ),
+            )
+            for reason, threshold, advice in checks:
+                if threshold is not None and reason not in fired and attn > threshold:
+                    self.log_event(
+                        trainer,
+                        step,
+                        reason,
+                        f"max attention logit {attn:.4g}{where} passed {threshold:g}: {advice}",
+                    )
+        logz = metrics.get("logz_mean")
+        threshold = self.logz_threshold
+        if (
+            logz is not None
+            and threshold is not None
+            and "logz_drift" not in fired
+            and abs(logz) > threshold
+        ):
+            self.log_event(
+                trainer,
+                step,
+                "logz_drift",
+                f"mean log Z {logz:.4g} drifted past ±{threshold:g}: the output logits are "
+                "diverging; z-loss 1e-4·(log Z)² (dynlens.z_loss) keeps log Z near 0",
+            )
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "history": [list(p) for p in self._history],
+            "peak_attention_logit": self.peak_attention_logit,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._history = deque(
+            ((int(s), float(v)) for s, v in state_dict.get("history", [])), maxlen=self.window
+        )
+        self.peak_attention_logit = state_dict.get("peak_attention_logit")
