@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_FLAGS ?=
 STAMP := $(BIN)/.dynlens-installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo screenshot clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,14 +22,18 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check dynlens tests examples benchmarks
-	$(BIN)/ruff format --check dynlens tests examples benchmarks
+	$(BIN)/ruff check dynlens tests examples benchmarks scripts
+	$(BIN)/ruff format --check dynlens tests examples benchmarks scripts
 
 test: lint
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
 	$(BIN)/dynlens demo
+
+# A picture of the live panels of runs/demo (run `make demo` first; needs Debian's chromium)
+screenshot: $(STAMP)
+	$(BIN)/python scripts/screenshot.py runs/demo --out docs/tensorboard_panels.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
