@@ -53,6 +53,9 @@ PATTERNS: dict[str, Callable[[Any], set[str]]] = {
     },
     r"^dynlens/continual/gap_task_\d+$": lambda model: {"dynlens/continual/gap_task_0"},
     r"^dynlens/continual/recovery_task_\d+$": lambda model: {"dynlens/continual/recovery_task_0"},
+    # one attention layer, the classifier's `attn`
+    "^dynlens/logits/attn_max/.*$": lambda model: {"dynlens/logits/attn_max/attn"},
+    "^dynlens/logits/attn_rms/.*$": lambda model: {"dynlens/logits/attn_rms/attn"},
 }
 
 

@@ -33,12 +33,23 @@ def val_acc_at(step: int) -> float:
     return 0.1 if step < 15 else min(1.0, 0.1 + 0.2 * (step - 14))
 
 
+class WeightAttention(torch.nn.Module):
+    """Parameter-free self-attention over the rows of a matrix through
+    ``F.scaled_dot_product_attention``, so LogitGrowthMonitor has a layer to measure; the
+    classifier does not use its output, so training is unchanged."""
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        q = rows[None, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
 class CollapsingClassifier(pl.LightningModule):
     """Linear 8 → 4 classifier on a fixed random batch; logits × (1 + 20·max(0, step − 11))."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(8, 4)
+        self.attn = WeightAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -47,6 +58,7 @@ class CollapsingClassifier(pl.LightningModule):
         x, y = batch
         scale = 1.0 + 20.0 * max(0, self.global_step - 11)
         logits = self(x) * scale
+        self.attn(self.layer.weight * scale)  # measured, not used
         self.log("train_acc", train_acc_at(self.global_step), batch_size=len(x))
         loss = torch.nn.functional.cross_entropy(logits, y)
         return {"loss": loss, "logits": logits.detach()}
@@ -94,6 +106,12 @@ MONITORS: list[tuple[str, Callable[[], dynlens.Monitor]]] = [
         "hessian",
         lambda: dynlens.HessianMonitor(
             every_n_steps=5, estimator="hutchinson", num_probes=4, max_iter=8, verbose=False
+        ),
+    ),
+    (
+        "logits",
+        lambda: dynlens.LogitGrowthMonitor(
+            every_n_steps=2, attention_every_n_steps=2, verbose=False
         ),
     ),
     (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
@@ -33,22 +34,24 @@ def test_overview_then_one_table_per_family_then_problems(monitored_run, tmp_pat
         "Grokking (detect_grokking on the logged accuracies)",
         "Softmax Collapse",
         "Curvature (ratios to the stability thresholds; 1 = at the threshold)",
+        "Logit growth (Wortsman et al. 2023)",
         "Continual evaluation (ContinualMetrics replayed on the logged accuracies)",
         "1 problem",
     ]
     positions = [text.index(t) for t in titles]
     assert positions == sorted(positions)
-    assert "Logit growth" not in text  # no run logged it: no table
     name = f"{logdir.name}/run"
-    overview, grokking, collapse, hessian, continual = rows(text, name)
+    overview, grokking, collapse, hessian, logits, continual = rows(text, name)
     points = sum(len(p) for p in recorder.logged.values())
     assert overview[1:] == [
         "0–29",
         str(len(recorder.logged)),
         str(points),
-        *["grokking,", "collapse,", "hessian,", "continual"],
+        *["grokking,", "collapse,", "hessian,", "logits,", "continual"],
     ]
     assert hessian[1] == str(monitors["hessian"].num_measurements)
+    peak_attention = max(v for _, v in recorder.logged["dynlens/logits/attn_max"])
+    assert float(logits[1]) == pytest.approx(peak_attention, rel=1e-4) and logits[2] == "attn"
     assert continual[1:5] == [
         "2",
         *(
