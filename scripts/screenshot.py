@@ -16,98 +16,32 @@ e.g. ``--category grokking``; ``--run`` only runs matching a regex.
 from __future__ import annotations
 
 import argparse
-import json
-import queue
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from dynlens.report.server import TensorBoardServer
+
 ROOT = Path(__file__).resolve().parents[1]
-TENSORBOARD = Path(sys.executable).with_name("tensorboard")
 
 
-class TensorBoard:
-    """``tensorboard --logdir LOGDIR`` on 127.0.0.1:<free port>, stopped on exit."""
-
-    def __init__(self, logdir: Path, timeout: float = 60.0) -> None:
-        if not TENSORBOARD.is_file():
-            raise SystemExit(f"no tensorboard binary next to {sys.executable}: pip install -e .")
-        self.process = subprocess.Popen(
-            [
-                str(TENSORBOARD),
-                "--logdir",
-                str(logdir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--reload_interval",
-                "1",
-                # 0 would serve no scalar at all in TensorBoard 2.21; ask for every point instead
-                "--samples_per_plugin=scalars=1000000",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        self.url = self._wait_for_url(timeout)
-
-    def _drain(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    def _wait_for_url(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        seen: list[str] = []
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            seen.append(line)
-            m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-            if m:
-                return m.group(1)
-        self.stop()
-        raise SystemExit("tensorboard did not start:\n" + "".join(seen))
-
-    def get(self, route: str, **params: str) -> object:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with self.opener.open(f"{self.url}{route}{query}", timeout=10) as response:
-            return json.loads(response.read())
-
-    def wait_for_data(self, timeout: float = 60.0) -> list[str]:
-        """Wait until the layout and some dynlens scalars are served; return the runs."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            layout = self.get("/data/plugin/custom_scalars/layout")
-            tags = self.get("/data/plugin/scalars/tags")
-            if layout and isinstance(tags, dict) and tags:
-                run, names = next(iter(tags.items()))
-                dynlens = [t for t in names if t.startswith("dynlens/")]
-                if dynlens and self.get("/data/plugin/scalars/scalars", run=run, tag=dynlens[0]):
-                    return list(tags)
-            time.sleep(0.5)
-        raise SystemExit(f"no dynlens panels served within {timeout:.0f} s: is it a dynlens log?")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+def wait_for_data(server: TensorBoardServer, timeout: float = 60.0) -> list[str]:
+    """Wait until the layout and some dynlens scalars are served; return the runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        layout = server.get("/data/plugin/custom_scalars/layout")
+        tags = server.get("/data/plugin/scalars/tags")
+        if layout and isinstance(tags, dict) and tags:
+            run, names = next(iter(tags.items()))
+            dynlens = [t for t in names if t.startswith("dynlens/")]
+            if dynlens and server.get("/data/plugin/scalars/scalars", run=run, tag=dynlens[0]):
+                return list(tags)
+        time.sleep(0.5)
+    raise SystemExit(f"no dynlens panels served within {timeout:.0f} s: is it a dynlens log?")
 
 
 def find_chromium(given: str | None) -> str:
@@ -157,9 +91,12 @@ def main() -> int:
         return 2
     chromium = find_chromium(args.chromium)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    server = TensorBoard(args.logdir)
     try:
-        runs = server.wait_for_data()
+        server = TensorBoardServer(args.logdir)
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
+    try:
+        runs = wait_for_data(server)
         params = {"darkMode": "false"}
         if args.category:
             params["tagFilter"] = args.category

@@ -14,15 +14,8 @@ to the data provider as "down-sample to 0 points"), so the test asks for a large
 from __future__ import annotations
 
 import html
-import json
-import queue
 import re
-import subprocess
-import sys
-import threading
 import time
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,9 +25,9 @@ import numpy as np
 import pytest
 
 from dynlens.callbacks.base import layout
+from dynlens.report.server import TensorBoardServer
 from tests.report.lightning_run import MONITORS, CollapsingClassifier, train
 
-TENSORBOARD = Path(sys.executable).with_name("tensorboard")
 STARTUP_TIMEOUT = 45.0
 DATA_TIMEOUT = 30.0
 RUN = "run"
@@ -68,81 +61,12 @@ def exact_tag(regex: str) -> str | None:
     return literal if re.escape(literal) == m.group(1) else None
 
 
-class Server:
-    """A TensorBoard subprocess on 127.0.0.1 and a proxy-free HTTP client for it."""
-
-    def __init__(self, logdir: Path) -> None:
-        assert TENSORBOARD.is_file(), (
-            f"the venv's tensorboard binary is missing at {TENSORBOARD}: tensorboard is a "
-            "dynlens dependency, reinstall with pip install -e ."
-        )
-        self.process = subprocess.Popen(
-            [
-                str(TENSORBOARD),
-                "--logdir",
-                str(logdir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--reload_interval",
-                "1",
-                "--samples_per_plugin=scalars=100000,text=1000",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        self.url = self._wait_for_url()
-
-    def _drain(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:  # keep reading so the pipe never fills up
-            self.lines.put(line)
-
-    def _wait_for_url(self) -> str:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                assert self.process.poll() is None, "tensorboard exited:\n" + "".join(self.output)
-                continue
-            self.output.append(line)
-            m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-            if m:
-                return m.group(1)
-        raise AssertionError(
-            f"tensorboard printed no URL within {STARTUP_TIMEOUT} s:\n" + "".join(self.output)
-        )
-
-    def get(self, route: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with self.opener.open(f"{self.url}{route}{query}", timeout=10) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+def server(tmp_path: Path) -> Iterator[tuple[TensorBoardServer, Path]]:
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    tensorboard = Server(logdir)
-    try:
+    with TensorBoardServer(logdir, timeout=STARTUP_TIMEOUT) as tensorboard:
         yield tensorboard, logdir
-    finally:
-        tensorboard.stop()
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
