@@ -1,0 +1,149 @@
+"""Monitor-contract checks over every exported monitor at once (DESIGN.md, "monitor contract").
+
+Each monitor in ``dynlens.callbacks`` joins automatically: ``FACTORIES`` must name every exported
+``Monitor`` subclass, or ``test_every_monitor_is_covered`` fails.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dynlens
+import dynlens.callbacks
+
+STEPS = 12
+
+
+def data(seed: int = 0, n: int = 64) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 6, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+class Block(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention, with dropout."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.dropout = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)
+        return x + self.dropout(out.transpose(1, 2).flatten(-2))
+
+
+class Model(pl.LightningModule):
+    """Attention, BatchNorm and Dropout: every kind of state a monitor could disturb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.norm = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.norm(self.block(x).mean(1))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("train_acc", (logits.argmax(-1) == y).float().mean())
+        return F.cross_entropy(logits, y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+FACTORIES = {
+    dynlens.GrokkingMonitor: lambda: dynlens.GrokkingMonitor(verbose=False),
+    dynlens.SoftmaxCollapseMonitor: lambda: dynlens.SoftmaxCollapseMonitor(
+        logits_module="head", per_layer=True, verbose=False
+    ),
+    dynlens.HessianMonitor: lambda: dynlens.HessianMonitor(
+        every_n_steps=1, num_probes=2, max_iter=3, verbose=False
+    ),
+    dynlens.LogitGrowthMonitor: lambda: dynlens.LogitGrowthMonitor(
+        logits_module="head", attention_every_n_steps=1, verbose=False
+    ),
+    dynlens.ContinualEvaluation: lambda: dynlens.ContinualEvaluation(
+        {0: data(1, 32)}, subset_size=16, verbose=False
+    ),
+}
+
+
+def train(callbacks: list) -> tuple[list[torch.Tensor], dict, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Model()
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        check_val_every_n_epoch=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(
+        data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    trainer.fit(model, loader, DataLoader(data(2, 32), batch_size=32))
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    return params, trainer.optimizers[0].state_dict(), buffers
+
+
+def same_optimizer_state(a: dict, b: dict) -> bool:
+    return all(
+        torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k]
+        for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True)
+        for k in sa
+    )
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train([])
+
+
+def exported_monitors() -> list[type]:
+    return [
+        obj
+        for name in dynlens.callbacks.__all__
+        if inspect.isclass(obj := getattr(dynlens.callbacks, name))
+        and issubclass(obj, dynlens.Monitor)
+        and obj is not dynlens.Monitor
+    ]
+
+
+def test_every_monitor_is_covered():
+    assert set(exported_monitors()) == set(FACTORIES)
+
+
+@pytest.mark.parametrize("monitor", [*FACTORIES, "all"], ids=lambda m: getattr(m, "__name__", m))
+def test_no_observer_effect(monitor, reference):
+    callbacks = [f() for f in FACTORIES.values()] if monitor == "all" else [FACTORIES[monitor]()]
+    params, optimizer, buffers = train(callbacks)
+    ref_params, ref_optimizer, ref_buffers = reference
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, ref_buffers, strict=True))
+    assert same_optimizer_state(optimizer, ref_optimizer)
+
+
+def test_perpgrad_is_the_exception_and_changes_training(reference):
+    params, _, _ = train([dynlens.PerpGrad()])
+    assert not all(torch.equal(a, b) for a, b in zip(params, reference[0], strict=True))
