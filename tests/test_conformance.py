@@ -33,10 +33,13 @@ class Block(nn.Module):
         super().__init__()
         self.qkv = nn.Linear(d, 3 * d)
         self.dropout = nn.Dropout(0.2)
+        self.attention_dropout = 0.1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attention_dropout if self.training else 0.0
+        )
         return x + self.dropout(out.transpose(1, 2).flatten(-2))
 
 
@@ -147,3 +150,68 @@ def test_no_observer_effect(monitor, reference):
 def test_perpgrad_is_the_exception_and_changes_training(reference):
     params, _, _ = train([dynlens.PerpGrad()])
     assert not all(torch.equal(a, b) for a, b in zip(params, reference[0], strict=True))
+
+
+class Recorder(pl.Callback):
+    """Keeps every dynlens value each monitor logged, by step (no logger needed)."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, dict[int, float]] = {}
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._take(trainer)
+
+    def on_validation_end(self, trainer, *args) -> None:
+        self._take(trainer)
+
+    def _take(self, trainer) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("dynlens/"):
+                self.points.setdefault(key, {})[step] = float(value)
+
+
+def fit_resumable(max_steps: int, ckpt_path=None, checkpoint_dir=None):
+    torch.manual_seed(0)
+    model = Model()
+    model.drop.p = 0.0  # Lightning does not restore the global RNG on resume: no dropout here
+    model.block.dropout.p = 0.0
+    model.block.attention_dropout = 0.0
+    monitors = [f() for f in FACTORIES.values()]
+    recorder = Recorder()
+    extra = []
+    if checkpoint_dir is not None:  # a mid-run checkpoint, as a long job would write
+        extra.append(
+            pl.callbacks.ModelCheckpoint(
+                dirpath=checkpoint_dir, every_n_train_steps=STEPS // 2, save_top_k=-1
+            )
+        )
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[*monitors, recorder, *extra],
+        check_val_every_n_epoch=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=checkpoint_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    full_batch = DataLoader(data(), batch_size=64)
+    trainer.fit(model, full_batch, DataLoader(data(2, 32), batch_size=32), ckpt_path=ckpt_path)
+    return monitors, recorder
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path):
+    whole, whole_points = fit_resumable(STEPS, checkpoint_dir=tmp_path)
+    (half,) = tmp_path.glob(f"*step={STEPS // 2}.ckpt")
+    resumed, resumed_points = fit_resumable(STEPS, ckpt_path=half)
+    timing = {"dynlens/hessian/overhead"}  # wall-clock ratios differ from run to run
+    for key, points in whole_points.points.items():
+        if key in timing:
+            continue
+        later = {s: v for s, v in points.items() if s >= STEPS // 2}
+        got = {s: v for s, v in resumed_points.points.get(key, {}).items() if s >= STEPS // 2}
+        assert got == pytest.approx(later, rel=1e-6, abs=1e-9), key
+    for a, b in zip(whole, resumed, strict=True):
+        assert [e["reason"] for e in a.events] == [e["reason"] for e in b.events], type(a)

@@ -118,7 +118,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self._stats: dict[str, Any] = {}
         self._cosines: dict[str, torch.Tensor] = {}
         self._step_at_start: int | None = None
-        self._announced_precision: tuple[str, torch.dtype] | None = None
+        self._announced_precision: tuple[str, str] | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
         return {
@@ -252,8 +252,9 @@ class SoftmaxCollapseMonitor(Monitor):
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
         step = logging_step(trainer)
-        if self._announced_precision != (activation, dtype):
-            self._announced_precision = (activation, dtype)
+        precision = (activation, str(dtype).removeprefix("torch."))
+        if self._announced_precision != precision:
+            self._announced_precision = precision
             self.log_event(
                 trainer,
                 step,
@@ -299,10 +300,13 @@ class SoftmaxCollapseMonitor(Monitor):
             "onset_step": self.onset_step,
             "peak_sc_fraction": self.peak_sc_fraction,
             "remedy_applied": self.remedy_applied,
+            "announced_precision": self._announced_precision,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.onset_step = state_dict.get("onset_step")
         self.peak_sc_fraction = state_dict.get("peak_sc_fraction")
+        announced = state_dict.get("announced_precision")
+        self._announced_precision = None if announced is None else tuple(announced)
         self.remedy_applied = bool(state_dict.get("remedy_applied", False))

@@ -406,9 +406,10 @@ class HessianMonitor(Monitor):
     custom ``autograd.Function`` whose backward is ``@once_differentiable``), gives one warning
     and the monitor switches itself off on every rank; training goes on.
 
-    State (``state_dict``): the schedule, timing totals, the last values and a
-    history of every measurement. The Lanczos eigenvectors used for warm starts are as large
-    as the model and stay in memory only: the first measurement after a resume cold-starts.
+    State (``state_dict``): the schedule, timing totals, the last values, a history of every
+    measurement and the Lanczos eigenvectors used for warm starts (one vector the size of the
+    measured parameters, two for Adam), so a resumed run measures exactly as an uninterrupted
+    one would.
 
     Args:
         every_n_steps: measure every this many optimizer steps (exclusive with ``budget``).
@@ -947,6 +948,9 @@ class HessianMonitor(Monitor):
             "route": self._route,
             "last": dict(self.last),
             "history": [dict(h) for h in self.history],
+            # the warm starts, so a resumed run measures exactly as an uninterrupted one would
+            "eigvec": _detached(self._eigvec),
+            "precond_eigvec": _detached(self._precond_eigvec),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -964,5 +968,10 @@ class HessianMonitor(Monitor):
         self._route = str(state_dict.get("route", self.route))
         self.last = {k: float(v) for k, v in state_dict.get("last", {}).items()}
         self.history = [dict(h) for h in state_dict.get("history", [])]
-        # The warm-start vectors are not checkpointed: the next measurement starts cold.
-        self._eigvec = self._precond_eigvec = None
+        # Older checkpoints have no warm-start vectors: the next measurement then starts cold.
+        self._eigvec = _detached(state_dict.get("eigvec"))
+        self._precond_eigvec = _detached(state_dict.get("precond_eigvec"))
+
+
+def _detached(vector: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if vector is None else {k: v.detach() for k, v in vector.items()}
