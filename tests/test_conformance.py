@@ -7,6 +7,7 @@ Each monitor in ``dynlens.callbacks`` joins automatically: ``FACTORIES`` must na
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -215,3 +216,57 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path):
         assert got == pytest.approx(later, rel=1e-6, abs=1e-9), key
     for a, b in zip(whole, resumed, strict=True):
         assert [e["reason"] for e in a.events] == [e["reason"] for e in b.events], type(a)
+
+
+class NaNAtStep(Model):
+    """The loss turns NaN at step 3, and the parameters with it; training must go on."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 3 else loss
+
+
+def fit_with(model: pl.LightningModule, callbacks: list, **kwargs) -> pl.Trainer:
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        check_val_every_n_epoch=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+    trainer.fit(model, DataLoader(data(), batch_size=32), DataLoader(data(2, 32), batch_size=32))
+    return trainer
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_nan_loss_mid_run_training_goes_on(monitor):
+    instance = FACTORIES[monitor]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit_with(NaNAtStep(), [instance])
+    assert trainer.global_step == 8  # the run finished
+    disabled = [w for w in caught if "disabled itself" in str(w.message)]
+    assert len(disabled) <= 1  # at most one warning, then quiet
+    assert (instance.disabled_reason is None) == (not disabled)
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_bf16_mixed_precision(monitor):
+    instance = FACTORIES[monitor]()
+    trainer = fit_with(Model(), [instance], precision="bf16-mixed")
+    assert trainer.global_step == 8 and instance.disabled_reason is None
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dynlens/")}
+    assert logged, "nothing logged"
+    if monitor is dynlens.SoftmaxCollapseMonitor:
+        # measured in the logits' own dtype under autocast, and that dtype is reported
+        assert logged["dynlens/collapse/threshold"] == pytest.approx(
+            dynlens.collapse.collapse_threshold(torch.bfloat16)
+        )
+    if monitor is dynlens.HessianMonitor:
+        assert torch.isfinite(torch.tensor(logged["dynlens/hessian/lambda_max"]))
