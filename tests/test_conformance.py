@@ -270,3 +270,27 @@ def test_bf16_mixed_precision(monitor):
         )
     if monitor is dynlens.HessianMonitor:
         assert torch.isfinite(torch.tensor(logged["dynlens/hessian/lambda_max"]))
+
+
+class WithTest(Model):
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_fast_dev_run_validate_and_test_only(monitor):
+    instance = FACTORIES[monitor]()
+    torch.manual_seed(0)
+    loader = DataLoader(data(), batch_size=32)
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=True, callbacks=[instance], **quiet)
+    trainer.fit(WithTest(), loader, DataLoader(data(2, 32), batch_size=32))
+    assert trainer.global_step == 1 and instance.disabled_reason is None
+    # evaluation-only runs measure nothing and do not fail
+    for run in ("validate", "test"):
+        fresh = FACTORIES[monitor]()
+        evaluator = pl.Trainer(accelerator="cpu", callbacks=[fresh], **quiet)
+        getattr(evaluator, run)(WithTest(), loader, verbose=False)
+        assert fresh.disabled_reason is None
+        assert not [k for k in evaluator.callback_metrics if k.startswith("dynlens/")], run
