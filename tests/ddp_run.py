@@ -42,6 +42,15 @@ def main(out: Path) -> None:
     trainer.fit(Model(), DataLoader(data(), batch_size=16), DataLoader(data(2, 32), batch_size=16))
     values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dynlens/")}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(values, sort_keys=True))
+    # Both ranks have written their values; then tear the gloo process group down and leave
+    # without the interpreter's exit-time destruction, in which gloo's threads sometimes abort
+    # the process ("terminate called without an active exception") after all the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
