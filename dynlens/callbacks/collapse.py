@@ -135,6 +135,9 @@ class SoftmaxCollapseMonitor(Monitor):
             "headroom to the collapse threshold (logits)": self.multiline(
                 "headroom_median", "headroom_min"
             ),
+            "collapse threshold ln(2/eps) of the precision measured in": self.multiline(
+                "threshold"
+            ),
             "alignment with naive loss minimisation, cos(−∇L, θ)": [
                 "Multiline",
                 [f"^{self.key('nlm_cosine')}$", f"^{self.key('nlm_cosine')}/.*$"],

@@ -602,6 +602,7 @@ class HessianMonitor(Monitor):
             charts["trace tr(H) ± standard error"] = self.margin(
                 "trace", "trace_lower", "trace_upper"
             )
+            charts["standard error of the trace estimate"] = self.multiline("trace_stderr")
             charts["trace tr(H) and the SGD linear-stability bound 2/η"] = self.multiline(
                 "trace", "trace_threshold"
             )
@@ -614,6 +615,7 @@ class HessianMonitor(Monitor):
         if self.trace and self.estimator == "hutchinson":
             charts["Frobenius norm ‖H‖_F"] = self.multiline("frobenius")
         charts["loss at the measured batch"] = self.multiline("loss")
+        charts["learning rate η the thresholds use"] = self.multiline("lr")
         charts["measurement time ÷ training time"] = self.multiline("overhead")
         return charts
 
