@@ -9,6 +9,7 @@ import torch
 from ..collapse import collapse_stats, collapse_threshold, nlm_cosine, nlm_cosine_per_tensor
 from ..nn import CrossEntropyLoss
 from ._capture import LogitsCapture, TargetsArg, batch_targets
+from ._logits import StepWindow, take_logits
 from .base import Chart, ConfigurationError, Monitor, fail_soft, logging_step
 
 Remedy = Literal["stablemax", "float64"]
@@ -117,7 +118,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self.remedy_applied = False
         self._stats: dict[str, Any] = {}
         self._cosines: dict[str, torch.Tensor] = {}
-        self._step_at_start: int | None = None
+        self._window = StepWindow()
         self._announced_precision: tuple[str, str] | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
@@ -160,6 +161,7 @@ class SoftmaxCollapseMonitor(Monitor):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.capture.detach()
+        self._window.close()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
@@ -180,7 +182,7 @@ class SoftmaxCollapseMonitor(Monitor):
     @fail_soft
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         if self.is_due(trainer):
-            self._step_at_start = trainer.global_step
+            self._window.open(trainer)
             self.capture.arm()
 
     @fail_soft
@@ -203,15 +205,11 @@ class SoftmaxCollapseMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._step_at_start is None:
+        if not self._window.is_open:
             return
-        logits_list = self.capture.take(outputs)
-        if not logits_list:
-            raise ConfigurationError(self.capture.advice(type(self).__name__))
-        for logits in logits_list:
+        for logits in take_logits(self.capture, outputs, type(self).__name__):
             self._accumulate(pl_module, logits, batch_targets(batch, self.targets, logits))
-        if trainer.global_step > self._step_at_start:  # the optimizer stepped: log the step
-            self._step_at_start = None
+        if self._window.close_if_stepped(trainer):  # the optimizer stepped: log the step
             self._flush(trainer, pl_module)
 
     def _accumulate(self, pl_module: Any, logits: torch.Tensor, targets: Any) -> None:
