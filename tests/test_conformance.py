@@ -18,8 +18,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
 import dynlens.callbacks
+from tests.helpers import trainer as make_trainer
 
 STEPS = 12
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """The suite's Trainer: validation after every epoch, nothing printed or checkpointed."""
+    return make_trainer(check_val_every_n_epoch=1, **kwargs)
 
 
 def data(seed: int = 0, n: int = 64) -> TensorDataset:
@@ -91,17 +97,7 @@ FACTORIES = {
 def train(callbacks: list) -> tuple[list[torch.Tensor], dict, list[torch.Tensor]]:
     torch.manual_seed(0)
     model = Model()
-    trainer = pl.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        logger=False,
-        callbacks=callbacks,
-        check_val_every_n_epoch=1,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=STEPS, logger=False, callbacks=callbacks)
     loader = DataLoader(
         data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
@@ -187,16 +183,11 @@ def fit_resumable(max_steps: int, ckpt_path=None, checkpoint_dir=None):
                 dirpath=checkpoint_dir, every_n_train_steps=STEPS // 2, save_top_k=-1
             )
         )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=max_steps,
-        accelerator="cpu",
         logger=False,
         callbacks=[*monitors, recorder, *extra],
-        check_val_every_n_epoch=1,
-        num_sanity_val_steps=0,
         enable_checkpointing=checkpoint_dir is not None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     full_batch = DataLoader(data(), batch_size=64)
     trainer.fit(model, full_batch, DataLoader(data(2, 32), batch_size=32), ckpt_path=ckpt_path)
@@ -228,18 +219,7 @@ class NaNAtStep(Model):
 
 def fit_with(model: pl.LightningModule, callbacks: list, **kwargs) -> pl.Trainer:
     torch.manual_seed(0)
-    trainer = pl.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        logger=False,
-        callbacks=callbacks,
-        check_val_every_n_epoch=1,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = quiet_trainer(max_steps=8, logger=False, callbacks=callbacks, **kwargs)
     trainer.fit(model, DataLoader(data(), batch_size=32), DataLoader(data(2, 32), batch_size=32))
     return trainer
 
