@@ -83,14 +83,25 @@ def _s(z: Tensor) -> Tensor:
     return torch.where(z >= 0, z + 1, 1 / (1 - z))
 
 
+def _softmax_collapsed(z: Tensor, log_probs: Tensor | None = None) -> Tensor:
+    # PyTorch's log_softmax (the kernel F.cross_entropy uses) returns (z - max z) - log S, so its
+    # largest entry is -log S: exactly 0 iff S rounds to 1, and never 0 otherwise (log(1 + eps)
+    # is a normal float). NaN rows compare unequal and never count.
+    if log_probs is None:
+        log_probs = F.log_softmax(z, dim=-1)
+    return log_probs.amax(dim=-1) == 0
+
+
 def collapsed_mask(
     logits: Tensor, *, activation: Activation = "softmax", dtype: torch.dtype | None = None
 ) -> Tensor:
     """Per-sample Softmax Collapse indicator, shape ``logits.shape[:-1]``.
 
-    Softmax: ``sum_j exp(z_j - max z) == 1`` exactly, with every ``exp`` rounded to ``dtype`` and
-    the sum rounded to ``dtype`` (PyTorch accumulates float16/bfloat16 sums in float32 and rounds
-    once, as its softmax kernels do). StableMax: ``sum_j s(z_j) == s(max z)`` exactly in
+    Softmax: the normaliser ``S = sum_j exp(z_j - max z)`` rounds to exactly 1 in ``dtype``, as
+    computed by ``F.log_softmax`` — the kernel ``F.cross_entropy`` runs, so the mask says exactly
+    which samples have a zero loss (when correctly classified) and a zero correct-class gradient
+    in that precision on that device. On the CPU the float16/bfloat16 kernels accumulate ``S`` in
+    float32 and round it once to ``dtype``. StableMax: ``sum_j s(z_j) == s(max z)`` exactly in
     ``dtype``, i.e. the other terms are absorbed by the top one. Rows with non-finite logits
     never count as collapsed.
 
@@ -103,7 +114,7 @@ def collapsed_mask(
     dtype = _resolve_dtype(logits, dtype)
     z = _rows(logits).to(dtype)
     if activation == "softmax":
-        collapsed = torch.exp(z - z.amax(dim=-1, keepdim=True)).sum(dim=-1) == 1
+        collapsed = _softmax_collapsed(z)
     else:
         s = _s(z)
         collapsed = s.sum(dim=-1) == s.amax(dim=-1)
@@ -238,7 +249,8 @@ def collapse_stats(
 
     Args:
         logits: ``(..., C)``, classes last.
-        targets: class indices of shape ``logits.shape[:-1]``, or ``None``.
+        targets: class indices of shape ``logits.shape[:-1]``, or ``None``; entries outside
+            ``[0, C)`` (such as the ``ignore_index`` -100 of padding) never count as zero-loss.
         activation: ``"softmax"`` or ``"stablemax"``.
         dtype: precision the loss is computed in; default the logits' dtype.
 
@@ -252,29 +264,43 @@ def collapse_stats(
     _check_activation(activation)
     dtype = _resolve_dtype(logits, dtype)
     rows = _rows(logits)
-    num_classes = rows.shape[-1]
-    collapsed = collapsed_mask(rows, activation=activation, dtype=dtype)
-
-    num_zero_loss = None
+    z = rows.to(dtype)
+    flat_targets = None
     if targets is not None:
         if targets.shape != logits.shape[:-1] or targets.is_floating_point():
             raise ValueError(
                 f"Expected targets as class indices of shape {tuple(logits.shape[:-1])}, got "
                 f"{targets.dtype} of shape {tuple(targets.shape)}"
             )
-        flat_targets = targets.reshape(-1)
-        if activation == "softmax":
-            loss = F.cross_entropy(rows.to(dtype), flat_targets, reduction="none")
-        else:
-            loss = stablemax_cross_entropy(rows, flat_targets, reduction="none", dtype=dtype)
-        num_zero_loss = (loss == 0).sum()
+        flat_targets = targets.reshape(-1, 1).to(device=rows.device, dtype=torch.long)
+        # targets outside [0, C) (e.g. F.cross_entropy's ignore_index -100 for padding) are not
+        # samples with a loss: never counted as zero-loss
+        ignored = (flat_targets < 0) | (flat_targets >= rows.shape[-1])
+        flat_targets = flat_targets.masked_fill(ignored, 0)
+
+    num_zero_loss = None
+    if activation == "softmax":
+        # One log_softmax pass serves both counts: F.cross_entropy's per-sample loss is exactly
+        # -log_probs[target] (the same kernel), so it is 0 exactly where that entry is 0.
+        log_probs = F.log_softmax(z, dim=-1)
+        collapsed = _softmax_collapsed(z, log_probs)
+        if flat_targets is not None:
+            num_zero_loss = ((log_probs.gather(-1, flat_targets) == 0) & ~ignored).sum()
+    else:
+        collapsed = collapsed_mask(z, activation=activation)
+        if flat_targets is not None:
+            loss = stablemax_cross_entropy(
+                z, flat_targets.squeeze(-1), reduction="none", dtype=dtype
+            )
+            num_zero_loss = ((loss == 0) & ~ignored.squeeze(-1)).sum()
 
     # Gap of the values actually fed to the loss (rounded to dtype), measured in >= float32.
     wide = torch.promote_types(dtype, torch.float32)
-    z = rows.to(dtype).to(wide)
-    scores = z if activation == "softmax" else _log_s(z)
-    if num_classes == 1:
-        gap = torch.full((rows.shape[0],), math.inf, dtype=wide, device=rows.device)
+    scores = z.to(wide)
+    if activation == "stablemax":
+        scores = _log_s(scores)
+    if scores.shape[-1] == 1:
+        gap = torch.full(scores.shape[:-1], math.inf, dtype=wide, device=scores.device)
     else:
         # top minus runner-up; max + scatter + amax is several times faster than topk(2) on CPUs
         top, where = scores.max(dim=-1, keepdim=True)

@@ -228,6 +228,41 @@ def test_collapse_stats_dtype_and_stablemax_units():
     assert half.gap.item() == torch.tensor(3.3).half().item() - 1 != torch.tensor(2.3).item()
 
 
+@pytest.mark.parametrize("num_classes", [2, 3, 5, 8, 113])
+def test_gap_is_top_minus_runner_up_by_sorting(num_classes):
+    gen = torch.Generator().manual_seed(num_classes)
+    logits = torch.randint(-4, 5, (500, num_classes), generator=gen).float()  # many ties
+    logits[:7] = torch.randn(7, num_classes, generator=gen) * 30
+    logits[7, 0] = -math.inf  # masked classes never win
+    ordered = logits.sort(dim=-1, descending=True).values
+    expected = ordered[:, 0] - ordered[:, 1]
+    gap = collapse_stats(logits).gap
+    assert torch.equal(gap, expected)
+    assert (gap == 0).any()  # tied leaders: no margin at all
+
+
+def test_zero_loss_count_equals_f_cross_entropy_and_skips_ignored_targets():
+    gen = torch.Generator().manual_seed(3)
+    num_classes = 113
+    logits = torch.randn(4000, num_classes, generator=gen) * 3
+    logits[:, 0] += 10 + 15 * torch.rand(4000, generator=gen)  # across the float32 threshold
+    targets = torch.where(torch.rand(4000, generator=gen) < 0.8, 0, 5)
+    loss = F.cross_entropy(logits, targets, reduction="none")
+    stats = collapse_stats(logits, targets)
+    assert 0 < int(stats.num_zero_loss) == int((loss == 0).sum()) < 4000
+    # correctly classified samples: zero loss exactly where the softmax collapsed
+    right = targets == 0
+    assert torch.equal(collapsed_mask(logits)[right], loss[right] == 0)
+    # padding (ignore_index -100) has no loss to be zero
+    padded = targets.masked_fill(torch.arange(4000) % 2 == 0, -100)
+    kept = padded != -100
+    expected = int(((loss == 0) & kept).sum())
+    assert int(collapse_stats(logits, padded).num_zero_loss) == expected
+    smx = collapse_stats(logits, padded, activation="stablemax")
+    smx_loss = stablemax_cross_entropy(logits, targets, reduction="none", dtype=torch.float32)
+    assert int(smx.num_zero_loss) == int(((smx_loss == 0) & kept).sum())
+
+
 def test_collapse_stats_single_class_and_validation():
     stats = collapse_stats(torch.zeros(3, 1))
     assert int(stats.num_collapsed) == 3 and torch.isinf(stats.gap).all()

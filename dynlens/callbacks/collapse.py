@@ -217,14 +217,12 @@ class SoftmaxCollapseMonitor(Monitor):
         stats = collapse_stats(logits, targets, activation=activation, dtype=dtype)
         acc = self._stats
         if not acc:
-            acc.update(counts=torch.zeros(3, device=logits.device), gaps=[], has_targets=True)
+            acc.update(counts=[], gaps=[], has_targets=True)
         acc["precision"] = (activation, dtype)
         zero_loss = stats.num_zero_loss
         if zero_loss is None:
             zero_loss = stats.num_collapsed.new_zeros(())
-        acc["counts"] += torch.stack([stats.num_samples, stats.num_collapsed, zero_loss]).to(
-            acc["counts"]
-        )
+        acc["counts"].append(torch.stack([stats.num_samples, stats.num_collapsed, zero_loss]))
         acc["has_targets"] &= stats.num_zero_loss is not None
         acc["gaps"].append(stats.gap.float())
 
@@ -233,22 +231,29 @@ class SoftmaxCollapseMonitor(Monitor):
         if not acc:
             return
         activation, dtype = acc["precision"]
-        gaps = torch.cat(acc["gaps"])
-        counts = self.reduce(trainer, acc["counts"], "sum")
+        gaps = torch.cat(acc["gaps"]) if len(acc["gaps"]) > 1 else acc["gaps"][0]
+        counts = torch.stack(acc["counts"]).sum(0) if len(acc["counts"]) > 1 else acc["counts"][0]
+        counts = self.reduce(trainer, counts, "sum")
         worst_gap = self.reduce(trainer, gaps.max(), "max")
         median_gap = self.reduce(trainer, gaps.median(), "mean")
+        cosines, self._cosines = self._cosines, {}
+        # everything to the host in one copy (float64 holds the counts exactly; MPS lacks it)
+        wide = torch.float32 if counts.device.type == "mps" else torch.float64
+        values = torch.cat(
+            [t.reshape(-1).to(wide) for t in (counts, worst_gap, median_gap, *cosines.values())]
+        ).tolist()
+        samples, collapsed, zero_loss, worst, median = values[:5]
+        samples = max(samples, 1.0)
         threshold = collapse_threshold(dtype, activation)
-        samples = counts[0].clamp_min(1)
-        scalars: dict[str, Any] = {
-            "sc_fraction": counts[1] / samples,
-            "headroom_median": threshold - median_gap,
-            "headroom_min": threshold - worst_gap,
+        scalars: dict[str, float] = {
+            "sc_fraction": collapsed / samples,
+            "headroom_median": threshold - median,
+            "headroom_min": threshold - worst,
             "threshold": threshold,
         }
         if acc["has_targets"]:
-            scalars["zero_loss_fraction"] = counts[2] / samples
-        scalars.update(self._cosines)
-        self._cosines = {}
+            scalars["zero_loss_fraction"] = zero_loss / samples
+        scalars.update(zip(cosines, values[5:], strict=True))
         logged = self.log_metrics(trainer, scalars)
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 

@@ -1,0 +1,75 @@
+"""Timing shared by the training-overhead benchmarks: alternate configurations, robust step cost.
+
+Each benchmark trains the same model under several configurations (no monitor, monitor A, ...),
+alternating them round by round in one process so that a slow phase of a shared machine hits all
+of them alike. A run's cost is its step time measured by :class:`StepTimer` from one
+``on_train_batch_start`` to the next (every hook of the step counts, the monitor's logging at the
+end included): the median over blocks of ``block`` consecutive steps of the block's mean step
+time, robust to the spikes a plain mean is not. Ratios are reported against the first
+configuration's median.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+
+
+def quiet() -> None:
+    """Silence Lightning's info lines and warnings (they would be timed too)."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step: from its batch start to the next one's."""
+
+    def __init__(self, block: int = 10) -> None:
+        self.block = block
+        self.times: dict[int, float] = {}
+        self._last: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times[trainer.global_step - 1] = now - self._last
+        self._last = now
+
+    def cost(self, warmup: int) -> float:
+        """Median over whole blocks of ``block`` steps (aligned to multiples of ``block``, after
+        ``warmup``) of the block's mean step time, in seconds."""
+        first = -(-warmup // self.block) * self.block
+        blocks = []
+        for start in range(first, max(self.times) + 1, self.block):
+            steps = [self.times.get(s) for s in range(start, start + self.block)]
+            if None not in steps:
+                blocks.append(sum(steps) / self.block)
+        if not blocks:
+            raise ValueError(f"no whole block of {self.block} steps after warm-up {warmup}")
+        return statistics.median(blocks)
+
+
+def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Call every run once per round for ``repeats`` rounds; the median cost of each."""
+    costs: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            costs[name].append(run())
+    return {name: statistics.median(values) for name, values in costs.items()}
+
+
+def report(costs: dict[str, float], *, steps: int, repeats: int) -> None:
+    """Print each configuration's step time and its ratio to the first one."""
+    names = list(costs)
+    base = costs[names[0]]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps per run")
+    print(f"{names[0]}: {1e3 * base:.2f} ms per step (median of {repeats} alternating runs)")
+    for name in names[1:]:
+        print(f"{name}: {costs[name] / base:.3f}x  ({1e3 * costs[name]:.2f} ms per step)")
