@@ -219,7 +219,7 @@ class NaNAtStep(Model):
 
 def fit_with(model: pl.LightningModule, callbacks: list, **kwargs) -> pl.Trainer:
     torch.manual_seed(0)
-    trainer = quiet_trainer(max_steps=8, logger=False, callbacks=callbacks, **kwargs)
+    trainer = quiet_trainer(**{"max_steps": 8, "logger": False, "callbacks": callbacks, **kwargs})
     trainer.fit(model, DataLoader(data(), batch_size=32), DataLoader(data(2, 32), batch_size=32))
     return trainer
 
@@ -274,3 +274,152 @@ def test_fast_dev_run_validate_and_test_only(monitor):
         getattr(evaluator, run)(WithTest(), loader, verbose=False)
         assert fresh.disabled_reason is None
         assert not [k for k in evaluator.callback_metrics if k.startswith("dynlens/")], run
+
+
+# ------------------------------------------------------ accumulation, optimizers, reuse, twice
+class MemoryLogger(pl.loggers.Logger):
+    """Every ``log_metrics`` call, in memory: which key was logged at which step, how often."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def steps(self) -> dict[str, list[int]]:
+        """The steps at which each dynlens key was logged, in order (duplicates kept)."""
+        found: dict[str, list[int]] = {}
+        for step, metrics in self.calls:
+            for key in metrics:
+                if key.startswith("dynlens/"):
+                    found.setdefault(key, []).append(step)
+        return found
+
+
+def assert_logged_once_per_step(logger: MemoryLogger, allowed: set[int]) -> None:
+    steps = logger.steps()
+    assert steps, "nothing logged"
+    for key, at in steps.items():
+        assert len(at) == len(set(at)), f"{key} logged twice at one step: {at}"
+        assert set(at) <= allowed, f"{key} logged at {sorted(set(at) - allowed)}"
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_gradient_accumulation_measures_optimizer_steps(monitor):
+    # 8 micro-batches of 8 per epoch, 2 per optimizer step: one epoch of 4 optimizer steps
+    instance, logger = FACTORIES[monitor](), MemoryLogger()
+    torch.manual_seed(0)
+    trainer = quiet_trainer(
+        max_steps=4, logger=logger, callbacks=[instance], accumulate_grad_batches=2
+    )
+    trainer.fit(Model(), DataLoader(data(), batch_size=8), DataLoader(data(2, 32), batch_size=32))
+    assert trainer.global_step == 4 and instance.disabled_reason is None
+    # logged per optimizer step (Lightning's logging step counts those), never per micro-batch
+    assert_logged_once_per_step(logger, allowed={0, 1, 2, 3, 4})
+
+
+class TwoOptimizers(Model):
+    """Manual optimisation with two optimizers (the way Lightning 2 runs several of them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        body, head = self.optimizers()
+        x, y = batch
+        logits = self(x)
+        self.log("train_acc", (logits.argmax(-1) == y).float().mean())
+        loss = F.cross_entropy(logits, y)
+        body.zero_grad()
+        head.zero_grad()
+        self.manual_backward(loss)
+        body.step()
+        head.step()
+        return {"loss": loss.detach(), "logits": logits.detach()}
+
+    def configure_optimizers(self):
+        head = list(self.head.parameters())
+        body = [p for name, p in self.named_parameters() if not name.startswith("head.")]
+        return torch.optim.Adam(body, lr=0.01), torch.optim.SGD(head, lr=0.1)
+
+
+def manual_loss(module, batch):
+    x, y = batch
+    return F.cross_entropy(module(x), y)
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_manual_optimization_with_two_optimizers(monitor):
+    if monitor is dynlens.HessianMonitor:
+        # it replays training_step, which steps the optimizers itself: refused with the fix
+        with pytest.raises(dynlens.ConfigurationError, match=r"manual optimization.*loss_fn="):
+            fit_with(TwoOptimizers(), [FACTORIES[monitor]()])
+        instance = dynlens.HessianMonitor(
+            every_n_steps=1, num_probes=2, max_iter=3, loss_fn=manual_loss, verbose=False
+        )
+    else:
+        instance = FACTORIES[monitor]()
+    logger = MemoryLogger()
+    trainer = fit_with(TwoOptimizers(), [instance], logger=logger)
+    # each batch steps both optimizers: global_step counts optimizer steps, the logging step
+    # (and the monitors' cadence) counts batches
+    batches = trainer.fit_loop.epoch_loop._batches_that_stepped
+    assert trainer.global_step == 8 and batches == 4
+    assert instance.disabled_reason is None
+    assert_logged_once_per_step(logger, allowed=set(range(batches + 1)))
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_a_trainer_reused_across_fit_calls(monitor):
+    if monitor is dynlens.ContinualEvaluation:  # each fit trains the next task of eval_sets
+        instance = dynlens.ContinualEvaluation(
+            {0: data(1, 32), 1: data(3, 32)}, subset_size=16, verbose=False
+        )
+    else:
+        instance = FACTORIES[monitor]()
+    logger = MemoryLogger()
+    torch.manual_seed(0)
+    model = Model()
+    trainer = quiet_trainer(max_steps=4, logger=logger, callbacks=[instance])
+    train_loader = DataLoader(data(), batch_size=32)
+    val_loader = DataLoader(data(2, 32), batch_size=32)
+    trainer.fit(model, train_loader, val_loader)
+    first = {key: list(at) for key, at in logger.steps().items()}
+    trainer.fit_loop.epoch_loop.max_steps = 8  # the same Trainer, training on
+    trainer.fit(model, train_loader, val_loader)
+    assert trainer.global_step == 8 and instance.disabled_reason is None
+    assert_logged_once_per_step(logger, allowed=set(range(9)))
+    later = logger.steps()
+    assert any(max(at) > max(first.get(key, [-1])) for key, at in later.items()), (
+        "nothing logged by the second fit"
+    )
+    reasons = [event["reason"] for event in instance.events]
+    assert len(reasons) == len({(e["step"], e["reason"]) for e in instance.events}), reasons
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_a_monitor_added_twice(monitor):
+    # the same configuration twice would write every key twice: Lightning refuses it by state_key
+    with pytest.raises(RuntimeError, match="state_key"):
+        fit_with(Model(), [FACTORIES[monitor](), FACTORIES[monitor]()], max_steps=1)
+    # two configurations that differ (here the prefix) run side by side, each under its own keys
+    twin = FACTORIES[monitor]()
+    twin.prefix = "twin"
+    trainer = fit_with(Model(), [FACTORIES[monitor](), twin], max_steps=2)
+    keys = set(trainer.callback_metrics)
+    family = f"/{twin.name}/"
+    assert any(k.startswith("dynlens" + family) for k in keys)
+    assert any(k.startswith("twin" + family) for k in keys)

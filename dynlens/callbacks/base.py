@@ -92,8 +92,10 @@ class Monitor(Callback):
     """Base class of dynlens callbacks. Subclasses set :attr:`name` and implement hooks.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (where the monitor measures on
-            training steps).
+        every_n_steps: measure every this many training steps (where the monitor measures on
+            training steps). A step is a batch after which the optimizer stepped, counted as
+            Lightning's logging step counts them: ``trainer.global_step`` with one optimizer,
+            one per batch when manual optimisation steps several optimizers per batch.
         prefix: first part of every metric key, ``<prefix>/<monitor>/<quantity>``.
         verbose: print event lines (rank 0) to the console.
     """

@@ -325,10 +325,12 @@ class ContinualEvaluation(Monitor):
         self._gap_announced: set[int] = set()
         self._recovery_announced: set[int] = set()
         self._restored = False
-        # trainer.global_step and total_steps when this fit's training began: optimizer steps
-        # are counted from global_step's progress, which restarts with every new Trainer.
-        self._fit_base = 0
+        # total_steps when this fit's training began, and trainer.global_step at the last batch:
+        # a batch after which global_step moved is one step, however many optimizers stepped
+        # (Lightning's logging step counts the same way), and global_step restarts with every
+        # new Trainer.
         self._fit_base_total = 0
+        self._seen_global_step = 0
 
     # ----------------------------------------------------------------------------- identity
     def state_key_fields(self) -> dict[str, Any]:
@@ -409,7 +411,7 @@ class ContinualEvaluation(Monitor):
     @fail_soft
     def _fit_start(self, trainer: Any) -> None:
         # After any checkpoint restore, so global_step and this callback's state are current.
-        self._fit_base, self._fit_base_total = trainer.global_step, self.total_steps
+        self._fit_base_total, self._seen_global_step = self.total_steps, trainer.global_step
         restored, self._restored = self._restored, False
         pending, self._pending_task = self._pending_task, None
         dm_task = self._datamodule_current_task(trainer)
@@ -450,10 +452,10 @@ class ContinualEvaluation(Monitor):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        steps = self._fit_base_total + (trainer.global_step - self._fit_base)
-        if steps == self.total_steps:
+        if trainer.global_step == self._seen_global_step:
             return  # gradient accumulation: no optimizer step on this batch
-        self.total_steps = steps
+        self._seen_global_step = trainer.global_step
+        self.total_steps += 1
         if self.is_due(trainer):
             self._evaluate_and_log(trainer, pl_module)
 

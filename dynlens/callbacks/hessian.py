@@ -20,7 +20,14 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import curvature
-from .base import Chart, ConfigurationError, Monitor, check_positive_int, fail_soft
+from .base import (
+    Chart,
+    ConfigurationError,
+    Monitor,
+    check_positive_int,
+    fail_soft,
+    logging_step,
+)
 
 Estimator = Literal["hutchinson", "hutchpp"]
 UserLossFn = Callable[[Any, Any], Any]  # (pl_module, batch) -> loss tensor (or {"loss": ...})
@@ -412,7 +419,8 @@ class HessianMonitor(Monitor):
     one would.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (exclusive with ``budget``).
+        every_n_steps: measure every this many training steps (exclusive with ``budget``),
+            counted as :class:`~dynlens.Monitor` counts them.
         budget: fraction of training time to spend measuring, in (0, 1); 0.05 when neither
             ``every_n_steps`` nor ``budget`` is given.
         probe_batch: a fixed batch to measure on (moved to the module's device with its
@@ -665,7 +673,7 @@ class HessianMonitor(Monitor):
                 f"HessianMonitor(optimizer_index={self.optimizer_index}) but the run has "
                 f"{len(trainer.optimizers)} optimizer(s): pass an index below that."
             )
-        step = trainer.global_step
+        step = logging_step(trainer)
         if self._last_step is not None and step <= self._last_step:
             # A new Trainer restarted the step counter (a resume never lands at or before the last
             # measured step): start a fresh schedule and budget.
@@ -676,14 +684,14 @@ class HessianMonitor(Monitor):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._mark is not None:  # the steps since the last measurement count too
-            self._tick(trainer.global_step)
+            self._tick(logging_step(trainer))
             self._mark = None
 
     # ----------------------------------------------------------------------------- cadence
     def _due(self, trainer: Any) -> bool:
         if trainer.sanity_checking or not trainer.training:
             return False
-        step = trainer.global_step
+        step = logging_step(trainer)
         if step == self._last_step:  # a later micro-batch of an already measured step
             return False
         if self.every_n_steps is not None:
@@ -729,7 +737,7 @@ class HessianMonitor(Monitor):
     ) -> None:
         if not self._due(trainer):
             return
-        step = trainer.global_step
+        step = logging_step(trainer)
         self._last_step = step
         device = pl_module.device
         _synchronize(device)
@@ -775,10 +783,10 @@ class HessianMonitor(Monitor):
             loss = float(loss_of(params).detach())
         if not math.isfinite(loss):
             raise FloatingPointError(
-                f"the loss is {loss} at step {trainer.global_step}: curvature is undefined there"
+                f"the loss is {loss} at step {logging_step(trainer)}: curvature is undefined there"
             )
         out = {"failed": 0.0, "loss": loss}
-        generator = probe_generator(self.seed, trainer.global_rank, trainer.global_step)
+        generator = probe_generator(self.seed, trainer.global_rank, logging_step(trainer))
         if self.trace:
             estimate = (
                 curvature.hutchpp_trace
@@ -842,7 +850,7 @@ class HessianMonitor(Monitor):
             self._precond_refused = True
             self.log_event(
                 trainer,
-                trainer.global_step,
+                logging_step(trainer),
                 "no_preconditioned_sharpness",
                 f"preconditioned sharpness not measured: {exc}",
             )
@@ -935,7 +943,7 @@ class HessianMonitor(Monitor):
         if trainer is not None and self._mark is not None:
             # A checkpoint mid-run: charge the training since the last measurement now, or a
             # resumed run would never count it and measure too seldom.
-            self._mark, self._mark_step = self._tick(trainer.global_step), trainer.global_step
+            self._mark, self._mark_step = self._tick(logging_step(trainer)), logging_step(trainer)
         return {
             **super().state_dict(),
             "next_step": self._next_step,
