@@ -423,3 +423,26 @@ def test_a_monitor_added_twice(monitor):
     family = f"/{twin.name}/"
     assert any(k.startswith("dynlens" + family) for k in keys)
     assert any(k.startswith("twin" + family) for k in keys)
+
+
+class BrokenLogger(MemoryLogger):
+    """A logger backend that rejects the monitors' writes (as some reject unusual key names)."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if any(key.startswith("dynlens/") for key in metrics):
+            raise ValueError("invalid metric name")
+        super().log_metrics(metrics, step)
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_a_failing_logger_does_not_stop_the_monitor(monitor):
+    # Logging happens on rank 0 only: a monitor disabled by it there would leave the other ranks
+    # of a DDP job waiting in its next collective. It warns once and keeps measuring.
+    instance = FACTORIES[monitor]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit_with(Model(), [instance], logger=BrokenLogger(), max_steps=4)
+    assert instance.disabled_reason is None
+    assert any(k.startswith(f"dynlens/{instance.name}/") for k in trainer.callback_metrics)
+    failed = [w for w in caught if "BrokenLogger.log_metrics failed" in str(w.message)]
+    assert len(failed) == 1 and "ValueError: invalid metric name" in str(failed[0].message)

@@ -113,6 +113,7 @@ class Monitor(Callback):
         self.events: list[dict[str, Any]] = []
         #: Why the monitor switched itself off mid-run, or ``None`` while it is active.
         self.disabled_reason: str | None = None
+        self._failed_side_effects: set[str] = set()
 
     # ----------------------------------------------------------------------------- identity
     def state_key_fields(self) -> dict[str, Any]:
@@ -175,8 +176,29 @@ class Monitor(Callback):
         if trainer.is_global_zero:
             step = logging_step(trainer) if step is None else step
             for logger in trainer.loggers:
-                logger.log_metrics(logged, step=step)
+                self._rank_zero_side_effect(
+                    f"{type(logger).__name__}.log_metrics", logger.log_metrics, logged, step=step
+                )
         return logged
+
+    def _rank_zero_side_effect(
+        self, what: str, action: Callable[..., Any], *args, **kwargs
+    ) -> None:
+        """Run a rank-0-only side effect (a logger, a writer, the console); if it fails, warn once
+        per kind and keep measuring. Disabling the monitor here, on rank 0 alone, would leave the
+        other ranks waiting in its next collective."""
+        try:
+            action(*args, **kwargs)
+        except Exception as exc:
+            if what not in self._failed_side_effects:
+                self._failed_side_effects.add(what)
+                warnings.warn(
+                    f"dynlens {type(self).__name__}: {what} failed ({type(exc).__name__}: {exc}); "
+                    "the monitor keeps measuring and its values still reach "
+                    "trainer.callback_metrics.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def log_event(self, trainer: Any, step: int, reason: str, message: str) -> None:
         """Record a discrete event: kept in state, written as TensorBoard text, printed (rank 0).
@@ -187,10 +209,18 @@ class Monitor(Callback):
         if not trainer.is_global_zero:
             return
         for writer in tensorboard_writers(trainer):
-            writer.add_text(f"{self.prefix}/{self.name}/events", f"step {step}: {message}", step)
+            self._rank_zero_side_effect(
+                "SummaryWriter.add_text",
+                writer.add_text,
+                f"{self.prefix}/{self.name}/events",
+                f"step {step}: {message}",
+                step,
+            )
         if self.verbose:
             # rich's shared console, so lines print cleanly above a live progress display.
-            get_console().print(
+            self._rank_zero_side_effect(
+                "printing to the console",
+                get_console().print,
                 f"[bold cyan]dynlens[/] {self.name} · step {step}: {message}",
                 highlight=False,
                 soft_wrap=True,
