@@ -446,3 +446,27 @@ def test_a_failing_logger_does_not_stop_the_monitor(monitor):
     assert any(k.startswith(f"dynlens/{instance.name}/") for k in trainer.callback_metrics)
     failed = [w for w in caught if "BrokenLogger.log_metrics failed" in str(w.message)]
     assert len(failed) == 1 and "ValueError: invalid metric name" in str(failed[0].message)
+
+
+def test_monitors_do_not_capture_each_others_forward_passes():
+    # HessianMonitor replays training_step and ContinualEvaluation runs evaluations, both inside
+    # training hooks. Listed so that the replays fall inside the capturing monitors' windows
+    # (after their batch start) and the evaluations too (before their batch end), those forward
+    # passes must still not count as training logits or attention layers.
+    def capturing():
+        return [
+            FACTORIES[dynlens.SoftmaxCollapseMonitor](),
+            FACTORIES[dynlens.LogitGrowthMonitor](),
+        ]
+
+    alone = Recorder()
+    torch.manual_seed(0)
+    fit_with(Model(), [*capturing(), alone], max_steps=4)
+    together = Recorder()
+    others = [FACTORIES[dynlens.ContinualEvaluation](), FACTORIES[dynlens.HessianMonitor]()]
+    torch.manual_seed(0)
+    fit_with(Model(), [others[0], *capturing(), others[1], together], max_steps=4)
+    for key, points in alone.points.items():
+        assert together.points[key] == pytest.approx(points, rel=1e-6), key
+    layers = {k for k in together.points if k.startswith("dynlens/logits/attn_max/")}
+    assert layers == {"dynlens/logits/attn_max/block"}

@@ -45,6 +45,7 @@ from ..logits import (
     attention_logit_sums,
     multi_head_attention_logit_sums,
 )
+from .base import in_own_forward
 
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
@@ -186,8 +187,8 @@ class AttentionCapture:
         return f"call_{self._calls}"
 
     def _record(self, func: Any, args: tuple, kwargs: dict) -> None:
-        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-            return
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled() or in_own_forward():
+            return  # evaluation, or another monitor's replay of the step
         self.calls_seen += 1
         name = self._name()
         self._calls += 1

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .base import ConfigurationError
+from .base import ConfigurationError, in_own_forward
 
 TargetsArg = Literal["auto"] | Callable[[Any], torch.Tensor] | None
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
@@ -86,7 +86,7 @@ class LogitsCapture:
         self.disarm()
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._armed:
+        if self._armed and not in_own_forward():  # not another monitor's replay or evaluation
             logits = _logits_of(output)
             if logits is not None:
                 self._captured.append(logits.detach())

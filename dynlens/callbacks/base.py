@@ -19,11 +19,13 @@ describes its TensorBoard panel in :meth:`Monitor.panel`, and in its hooks measu
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -43,6 +45,28 @@ NO_LOGGER_WARNING = (
 
 Chart = list  # ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper]]
 Hook = TypeVar("Hook", bound=Callable[..., Any])
+
+
+# Set while a monitor runs forward passes of its own inside a training step (a Hessian replay,
+# an evaluation), so the monitors that capture the training step's logits skip them.
+_OWN_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dynlens_own_forward", default=False
+)
+
+
+@contextlib.contextmanager
+def own_forward() -> Iterator[None]:
+    """Mark the forward passes run inside this block as a monitor's own, not training's."""
+    token = _OWN_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _OWN_FORWARD.reset(token)
+
+
+def in_own_forward() -> bool:
+    """True inside :func:`own_forward`: what runs now is not the training step's forward."""
+    return _OWN_FORWARD.get()
 
 
 class ConfigurationError(ValueError):

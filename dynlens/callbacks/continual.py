@@ -27,7 +27,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 from ..continual import ContinualMetrics, ContinualSummary
-from .base import Chart, ConfigurationError, Monitor, check_positive_int, fail_soft
+from .base import (
+    Chart,
+    ConfigurationError,
+    Monitor,
+    check_positive_int,
+    fail_soft,
+    own_forward,
+)
 
 __all__ = ["ContinualEvaluation", "accuracy_counts"]
 
@@ -508,7 +515,7 @@ class ContinualEvaluation(Monitor):
         context = precision.val_step_context() if precision else contextlib.nullcontext()
         try:
             pl_module.eval()
-            with torch.inference_mode(), context:
+            with torch.inference_mode(), context, own_forward():
                 for i, task in enumerate(tasks):
                     indices = self._subset_indices(task, world_size, rank)
                     for column, value in self._task_values(pl_module, task, indices, device):

@@ -27,6 +27,7 @@ from .base import (
     check_positive_int,
     fail_soft,
     logging_step,
+    own_forward,
 )
 
 Estimator = Literal["hutchinson", "hutchpp"]
@@ -299,7 +300,11 @@ def loss_closure(
         state: dict[str, Tensor | None] = {f"module.{k}": fresh(b) for k, b in buffers.items()}
         state.update({f"module.{k}": v for k, v in fixed.items()})
         state.update({f"module.{k}": v for k, v in p.items()})
-        with logging_suppressed(module), torch.autocast(device_type, enabled=False):
+        with (
+            logging_suppressed(module),
+            torch.autocast(device_type, enabled=False),
+            own_forward(),  # other monitors' captures must not count the replay
+        ):
             out = functional_call(wrapper, state, (batch, batch_idx), strict=False)
         return _as_loss(out)
 
