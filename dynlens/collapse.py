@@ -45,7 +45,9 @@ __all__ = [
     "collapse_threshold",
     "collapsed_mask",
     "nlm_cosine",
+    "nlm_cosine_from_sums",
     "nlm_cosine_per_tensor",
+    "nlm_sums",
     "softmax_collapse_fraction",
     "stablemax_collapse_fraction",
 ]
@@ -371,10 +373,29 @@ def nlm_cosine(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         >>> nlm_cosine([torch.tensor([-6.0, -8.0])], w), nlm_cosine([torch.tensor([4.0, -3.0])], w)
         (tensor(1.), tensor(0.))
     """
+    return nlm_cosine_from_sums(nlm_sums(grads, params))
+
+
+def nlm_sums(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """The sums behind :func:`nlm_cosine`: ``[<g, θ>, ||g||², ||θ||²]`` over all tensors.
+
+    They add over disjoint sets of parameters, so ranks that each hold a shard of θ (FSDP) sum
+    theirs across ranks and take :func:`nlm_cosine_from_sums` of the total. Shape ``(3,)``, in
+    float32 (float64 when any tensor is), no host sync.
+
+    Example:
+        >>> nlm_sums([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
+        tensor([11.,  5., 25.])
+    """
     _check_pairs(grads, params)
     terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
     acc = _common_dtype(terms)
-    dot, gg, ww = (torch.stack([t[k].to(acc) for t in terms]).sum() for k in range(3))
+    return torch.stack([torch.stack([t[k].to(acc) for t in terms]).sum() for k in range(3)])
+
+
+def nlm_cosine_from_sums(sums: Tensor) -> Tensor:
+    """``cos(-∇L, θ)`` from :func:`nlm_sums` (summed over shards where θ is sharded)."""
+    dot, gg, ww = sums.unbind(-1)
     return _descent_cosine(dot, gg, ww)
 
 

@@ -18,7 +18,9 @@ from dynlens.collapse import (
     collapse_threshold,
     collapsed_mask,
     nlm_cosine,
+    nlm_cosine_from_sums,
     nlm_cosine_per_tensor,
+    nlm_sums,
     softmax_collapse_fraction,
     stablemax_collapse_fraction,
 )
@@ -342,3 +344,17 @@ def test_nlm_cosine_validation():
         nlm_cosine([torch.ones(2)], [torch.ones(3)])
     with pytest.raises(ValueError, match="None"):
         nlm_cosine_per_tensor([None], [torch.ones(3)])
+
+
+def test_nlm_sums_add_over_shards_of_the_parameters():
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    grads = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    whole = nlm_cosine(grads, params)
+    # FSDP-like shards: flat pieces of every tensor, split across two "ranks"
+    flat_p = torch.cat([p.reshape(-1) for p in params])
+    flat_g = torch.cat([g.reshape(-1) for g in grads])
+    pieces = [(flat_g[:6], flat_p[:6]), (flat_g[6:], flat_p[6:])]
+    total = sum(nlm_sums([g], [p]) for g, p in pieces)
+    torch.testing.assert_close(nlm_cosine_from_sums(total), whole)
+    torch.testing.assert_close(nlm_sums(grads, params), total)

@@ -470,3 +470,57 @@ def test_monitors_do_not_capture_each_others_forward_passes():
         assert together.points[key] == pytest.approx(points, rel=1e-6), key
     layers = {k for k in together.points if k.startswith("dynlens/logits/attn_max/")}
     assert layers == {"dynlens/logits/attn_max/block"}
+
+
+# ------------------------------------------------------------------------------- sharding
+class FSDPStrategy(pl.strategies.SingleDeviceStrategy):
+    """Stands in for Lightning's FSDPStrategy (which needs a GPU): the monitors take their
+    sharded-parameter paths, with one rank holding the only shard."""
+
+
+def sharding() -> dict:
+    return {"strategy": FSDPStrategy(torch.device("cpu")), "accelerator": "auto"}
+
+
+@pytest.mark.parametrize(
+    "monitor",
+    [m for m in FACTORIES if m is not dynlens.HessianMonitor],
+    ids=lambda m: m.__name__,
+)
+def test_cheap_monitors_under_a_parameter_sharding_strategy(monitor):
+    def make():
+        if monitor is dynlens.SoftmaxCollapseMonitor:  # per-layer cosines need whole tensors
+            return dynlens.SoftmaxCollapseMonitor(logits_module="head", verbose=False)
+        return FACTORIES[monitor]()
+
+    plain, sharded = Recorder(), Recorder()
+    torch.manual_seed(0)
+    fit_with(Model(), [make(), plain], max_steps=4)
+    torch.manual_seed(0)
+    instance = make()
+    fit_with(Model(), [instance, sharded], max_steps=4, **sharding())
+    assert instance.disabled_reason is None and sharded.points
+    for key, points in plain.points.items():  # the shards' sums of one shard: the same values
+        assert sharded.points[key] == pytest.approx(points, rel=1e-6), key
+
+
+def test_sharded_parameters_refuse_what_needs_whole_tensors():
+    with pytest.raises(dynlens.ConfigurationError, match=r"per_layer=True.*FSDPStrategy shards"):
+        fit_with(Model(), [FACTORIES[dynlens.SoftmaxCollapseMonitor]()], **sharding())
+    with pytest.raises(dynlens.ConfigurationError, match=r"FSDPStrategy shards them"):
+        fit_with(Model(), [FACTORIES[dynlens.HessianMonitor]()], **sharding())
+
+
+@pytest.mark.parametrize("subset_size", [None, 7])
+def test_sharded_evaluation_gives_every_rank_as_many_samples(subset_size):
+    # under FSDP each forward pass is a collective: every rank must run as many batches
+    evaluation = dynlens.ContinualEvaluation(
+        {0: data(1, 33)}, subset_size=subset_size, subset="fixed"
+    )
+    evaluation.metrics.start_task(0)
+    shards = [evaluation._subset_indices(0, 2, rank, sharded=True) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == (33 if subset_size is None else 7) // 2
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    # replicated parameters (DDP): every sample counts, strides may differ by one
+    whole = [evaluation._subset_indices(0, 2, rank) for rank in (0, 1)]
+    assert sum(len(s) for s in whole) == (33 if subset_size is None else 7)

@@ -293,6 +293,21 @@ def tag_regex(tag: str) -> str:
     return "^" + re.escape(tag) + "$"
 
 
+#: Strategies that shard parameters across ranks: no rank holds the whole of θ.
+SHARDED_STRATEGIES = frozenset(
+    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
+)
+
+
+def sharding_strategy(trainer: Any) -> str | None:
+    """The name of the trainer's strategy when it shards the parameters (FSDP, DeepSpeed, ...),
+    else ``None``: then every rank holds every parameter whole."""
+    return next(
+        (c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in SHARDED_STRATEGIES),
+        None,
+    )
+
+
 def tensorboard_writers(trainer: Any) -> list[Any]:
     """The ``SummaryWriter`` of every TensorBoard logger of the trainer (rank 0 only)."""
     if not trainer.is_global_zero:

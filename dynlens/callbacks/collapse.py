@@ -6,11 +6,25 @@ from typing import Any, Literal
 
 import torch
 
-from ..collapse import collapse_stats, collapse_threshold, nlm_cosine, nlm_cosine_per_tensor
+from ..collapse import (
+    collapse_stats,
+    collapse_threshold,
+    nlm_cosine,
+    nlm_cosine_from_sums,
+    nlm_cosine_per_tensor,
+    nlm_sums,
+)
 from ..nn import CrossEntropyLoss
 from ._capture import LogitsCapture, TargetsArg, batch_targets
 from ._logits import StepWindow, take_logits
-from .base import Chart, ConfigurationError, Monitor, fail_soft, logging_step
+from .base import (
+    Chart,
+    ConfigurationError,
+    Monitor,
+    fail_soft,
+    logging_step,
+    sharding_strategy,
+)
 
 Remedy = Literal["stablemax", "float64"]
 
@@ -119,6 +133,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self._stats: dict[str, Any] = {}
         self._cosines: dict[str, torch.Tensor] = {}
         self._window = StepWindow()
+        self._sharded = False
         self._announced_precision: tuple[str, str] | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
@@ -157,6 +172,13 @@ class SoftmaxCollapseMonitor(Monitor):
                 "`self.loss_fn = dynlens.CrossEntropyLoss()` in __init__ and "
                 "`loss = self.loss_fn(logits, y)` in training_step, or drop `remedy`."
             )
+        self._sharded = sharding_strategy(trainer) is not None
+        if self.per_layer and self._sharded:
+            raise ConfigurationError(
+                f"SoftmaxCollapseMonitor(per_layer=True) needs whole parameter tensors, but "
+                f"{sharding_strategy(trainer)} shards them across ranks. Use per_layer=False "
+                "(the global nlm_cosine is summed over the shards), or strategy='ddp'."
+            )
         self.capture.attach(pl_module, type(self).__name__)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -190,10 +212,16 @@ class SoftmaxCollapseMonitor(Monitor):
         if not self.is_due(trainer):
             return
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
-            return
         grads = [p.grad for _, p in named]
         params = [p for _, p in named]
+        if self._sharded:
+            # each rank holds a shard of θ and of its gradient (maybe none): sum the shards'
+            # sums on every rank, then take the cosine of the whole
+            sums = nlm_sums(grads, params) if named else torch.zeros(3, device=pl_module.device)
+            self._cosines = {"nlm_cosine": nlm_cosine_from_sums(self.reduce(trainer, sums, "sum"))}
+            return
+        if not named:
+            return
         self._cosines = {"nlm_cosine": nlm_cosine(grads, params)}
         if self.per_layer:
             per_tensor = nlm_cosine_per_tensor(grads, params)

@@ -34,6 +34,7 @@ from .base import (
     check_positive_int,
     fail_soft,
     own_forward,
+    sharding_strategy,
 )
 
 __all__ = ["ContinualEvaluation", "accuracy_counts"]
@@ -477,8 +478,15 @@ class ContinualEvaluation(Monitor):
         self._summarise(trainer)
 
     # ----------------------------------------------------------------------------- measuring
-    def _subset_indices(self, task: int, world_size: int, rank: int) -> torch.Tensor | None:
-        """This rank's sample indices of ``task`` for one evaluation (``None``: the whole set)."""
+    def _subset_indices(
+        self, task: int, world_size: int, rank: int, sharded: bool = False
+    ) -> torch.Tensor | None:
+        """This rank's sample indices of ``task`` for one evaluation (``None``: the whole set).
+
+        With ``sharded`` parameters (FSDP) every forward pass is a collective, so every rank must
+        run as many batches: the subset is cut to a multiple of ``world_size`` (at most
+        ``world_size - 1`` samples fewer) so that the ranks' strides are equally long.
+        """
         n = len(self._sources[task])
         if self.subset_size is None or self.subset_size >= n:
             indices = None if world_size == 1 else torch.arange(n)
@@ -492,7 +500,11 @@ class ContinualEvaluation(Monitor):
         else:
             indices = torch.randperm(n, generator=self.generator)[: self.subset_size]
         # Every rank drew the same subset (same generator state); each evaluates a stride.
-        return indices if indices is None or world_size == 1 else indices[rank::world_size]
+        if indices is None or world_size == 1:
+            return indices
+        if sharded:
+            indices = indices[: len(indices) - len(indices) % world_size]
+        return indices[rank::world_size]
 
     def measure(self, trainer: Any, pl_module: Any) -> dict[int, float]:
         """Evaluate every seen task once; ``{task: accuracy}`` (identical on every rank).
@@ -504,6 +516,7 @@ class ContinualEvaluation(Monitor):
         tasks = list(self.metrics.tasks)
         device = pl_module.device
         world_size, rank = int(trainer.world_size), int(trainer.global_rank)
+        sharded = sharding_strategy(trainer) is not None
         # Sufficient statistics per task: correct, total, labels outside the outputs. Tensors a
         # metric returns stay on the device (with their flat position task·3 + column); numbers
         # it returns (the default metric's totals) are known on the host and stay there.
@@ -517,7 +530,7 @@ class ContinualEvaluation(Monitor):
             pl_module.eval()
             with torch.inference_mode(), context, own_forward():
                 for i, task in enumerate(tasks):
-                    indices = self._subset_indices(task, world_size, rank)
+                    indices = self._subset_indices(task, world_size, rank, sharded)
                     for column, value in self._task_values(pl_module, task, indices, device):
                         if isinstance(value, torch.Tensor):
                             values.append(value.reshape(()).to(device))

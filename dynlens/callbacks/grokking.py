@@ -8,7 +8,15 @@ from typing import Any
 import torch
 
 from ..grokking import GrokkingReport, detect_grokking, weight_norm
-from .base import Chart, ConfigurationError, Monitor, check_positive_int, fail_soft, logging_step
+from .base import (
+    Chart,
+    ConfigurationError,
+    Monitor,
+    check_positive_int,
+    fail_soft,
+    logging_step,
+    sharding_strategy,
+)
 
 #: Metric names tried, in order, when no key is given. ``_step``/``_epoch`` variants count too.
 TRAIN_ACC_KEYS = (
@@ -169,6 +177,8 @@ class GrokkingMonitor(Monitor):
         accuracies = torch.stack([metrics[train_key].float(), metrics[val_key].float()])
         accuracies = self.reduce(trainer, accuracies, "mean")  # every rank, same step
         norm = weight_norm(pl_module.parameters()).to(accuracies.device)
+        if sharding_strategy(trainer) is not None:  # each rank holds a shard of θ: add them up
+            norm = self.reduce(trainer, norm.square(), "sum").sqrt()
         train_acc, val_acc, norm_value = torch.cat([accuracies, norm[None]]).tolist()
 
         step = logging_step(trainer)

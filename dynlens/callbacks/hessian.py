@@ -28,6 +28,7 @@ from .base import (
     fail_soft,
     logging_step,
     own_forward,
+    sharding_strategy,
 )
 
 Estimator = Literal["hutchinson", "hutchpp"]
@@ -35,10 +36,6 @@ UserLossFn = Callable[[Any, Any], Any]  # (pl_module, batch) -> loss tensor (or 
 
 ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
 
-#: Strategies that shard parameters across ranks: no rank holds the full θ that H acts on.
-SHARDED_STRATEGIES = frozenset(
-    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
-)
 
 #: BatchNorm buffers replaced by ``None`` during a train-mode measurement: BatchNorm then uses
 #: the batch statistics, exactly as the training step does, and updates nothing (also under vmap).
@@ -638,14 +635,7 @@ class HessianMonitor(Monitor):
         if stage != "fit":
             return
         self._trainer = weakref.ref(trainer)
-        sharded = next(
-            (
-                c.__name__
-                for c in type(trainer.strategy).__mro__
-                if c.__name__ in SHARDED_STRATEGIES
-            ),
-            None,
-        )
+        sharded = sharding_strategy(trainer)
         if sharded is not None:
             raise ConfigurationError(
                 f"HessianMonitor needs the full parameters on each rank, but {sharded} shards "
