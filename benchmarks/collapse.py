@@ -54,7 +54,10 @@ def main() -> None:
         {
             "no monitor": lambda: train(datamodule, args.steps, [], args.warmup),
             "SoftmaxCollapseMonitor(every_n_steps=1)": lambda: train(
-                datamodule, args.steps, [SoftmaxCollapseMonitor(verbose=False)], args.warmup
+                datamodule,
+                args.steps,
+                [SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)],
+                args.warmup,
             ),
         },
         args.repeats,

@@ -80,7 +80,7 @@ class Model(pl.LightningModule):
 FACTORIES = {
     dynlens.GrokkingMonitor: lambda: dynlens.GrokkingMonitor(verbose=False),
     dynlens.SoftmaxCollapseMonitor: lambda: dynlens.SoftmaxCollapseMonitor(
-        logits_module="head", per_layer=True, verbose=False
+        every_n_steps=1, logits_module="head", per_layer=True, verbose=False
     ),
     dynlens.HessianMonitor: lambda: dynlens.HessianMonitor(
         every_n_steps=1, num_probes=2, max_iter=3, verbose=False
@@ -490,7 +490,9 @@ def sharding() -> dict:
 def test_cheap_monitors_under_a_parameter_sharding_strategy(monitor):
     def make():
         if monitor is dynlens.SoftmaxCollapseMonitor:  # per-layer cosines need whole tensors
-            return dynlens.SoftmaxCollapseMonitor(logits_module="head", verbose=False)
+            return dynlens.SoftmaxCollapseMonitor(
+                every_n_steps=1, logits_module="head", verbose=False
+            )
         return FACTORIES[monitor]()
 
     plain, sharded = Recorder(), Recorder()

@@ -72,7 +72,9 @@ class SoftmaxCollapseMonitor(Monitor):
         onset_threshold: ``sc_fraction`` above which SC onset is declared (default 0.5).
         remedy: ``None``, ``"stablemax"`` or ``"float64"``.
         per_layer: also log the NLM cosine of every parameter tensor.
-        every_n_steps, prefix, verbose: as for every monitor.
+        every_n_steps: measure every this many steps (default 10; every step costs 7–9% of a
+            step of the demo's MLP on a 2-core CPU, see ``benchmarks/collapse.py``).
+        prefix, verbose: as for every monitor.
 
     Under DDP the counts are summed over ranks; ``headroom_min`` is exact (max over ranks of the
     largest gap), ``headroom_median`` is the mean of the per-rank medians.
@@ -90,7 +92,7 @@ class SoftmaxCollapseMonitor(Monitor):
         onset_threshold: float = 0.5,
         remedy: Remedy | None = None,
         per_layer: bool = False,
-        every_n_steps: int = 1,
+        every_n_steps: int = 10,
         prefix: str = "dynlens",
         verbose: bool = True,
     ) -> None:

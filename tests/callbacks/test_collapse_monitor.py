@@ -53,7 +53,7 @@ def batch_with(targets, n=4):
 
 
 def test_logged_values_equal_hand_computed_ones(tmp_path):
-    monitor = SoftmaxCollapseMonitor(verbose=False)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)
     fit(scripted_logits(lambda s: FIXED), [monitor], tmp_path, batch=batch_with(FIXED_TARGETS))
     logged = scalars(tmp_path)
     # float32: gaps 17 and 40 collapse, 16 and 1 do not
@@ -69,7 +69,7 @@ def test_logged_values_equal_hand_computed_ones(tmp_path):
 
 
 def test_dtype_argument_changes_the_threshold(tmp_path):
-    monitor = SoftmaxCollapseMonitor(dtype=torch.float64, verbose=False)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, dtype=torch.float64, verbose=False)
     fit(scripted_logits(lambda s: FIXED), [monitor], tmp_path, max_steps=1)
     logged = scalars(tmp_path)
     assert logged["dynlens/collapse/sc_fraction"] == [(0, 0.25)]  # only the gap of 40 (≥ 37)
@@ -82,7 +82,7 @@ def test_dtype_argument_changes_the_threshold(tmp_path):
 def test_activation_and_dtype_follow_a_dynlens_loss(tmp_path):
     loss_fn = dynlens.CrossEntropyLoss(activation="stablemax")
     module = scripted_logits(lambda s: FIXED, FIXED_TARGETS, loss_fn=loss_fn)
-    monitor = SoftmaxCollapseMonitor(verbose=False)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)
     fit(module, [monitor], tmp_path, max_steps=1, batch=batch_with(FIXED_TARGETS))
     logged = scalars(tmp_path)
     assert logged["dynlens/collapse/sc_fraction"] == [(0, 0.0)]  # StableMax does not collapse
@@ -94,7 +94,7 @@ def test_onset_event_and_stablemax_remedy(tmp_path, capsys):
     targets = torch.zeros(4, dtype=torch.long)
     # every row's gap grows by 5 a step: collapsed from step 4 (gap 20 ≥ 17) in float32
     module = scripted_logits(lambda s: torch.tensor([[5.0 * s, 0.0]] * 4), targets, loss_fn=loss_fn)
-    monitor = SoftmaxCollapseMonitor(remedy="stablemax")
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, remedy="stablemax")
     fit(module, [monitor], tmp_path, max_steps=7, batch=batch_with(targets))
     logged = dict(scalars(tmp_path)["dynlens/collapse/sc_fraction"])
     assert [logged[s] for s in range(4)] == [0.0] * 4
@@ -108,7 +108,7 @@ def test_onset_event_and_stablemax_remedy(tmp_path, capsys):
 
 def test_remedy_is_reapplied_on_resume(tmp_path):
     loss_fn = dynlens.CrossEntropyLoss()
-    monitor = SoftmaxCollapseMonitor(remedy="float64", verbose=False)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, remedy="float64", verbose=False)
     targets = torch.zeros(4, dtype=torch.long)
     module = scripted_logits(lambda s: torch.tensor([[40.0, 0.0]] * 4), targets, loss_fn=loss_fn)
     t = fit(module, [monitor], max_steps=2, batch=batch_with(targets))
@@ -119,7 +119,7 @@ def test_remedy_is_reapplied_on_resume(tmp_path):
     module2 = scripted_logits(
         lambda s: torch.tensor([[40.0, 0.0]] * 4), targets, loss_fn=fresh_loss
     )
-    resumed = SoftmaxCollapseMonitor(remedy="float64", verbose=False)
+    resumed = SoftmaxCollapseMonitor(every_n_steps=1, remedy="float64", verbose=False)
     t2 = trainer(max_steps=3, logger=False, callbacks=[resumed])
     t2.fit(module2, batch_with(targets), ckpt_path=tmp_path / "c.ckpt")
     assert resumed.onset_step == 0 and resumed.remedy_applied
@@ -128,7 +128,10 @@ def test_remedy_is_reapplied_on_resume(tmp_path):
 
 def test_remedy_without_a_dynlens_loss_fails_at_setup():
     with pytest.raises(ConfigurationError, match=r"dynlens.CrossEntropyLoss\(\)"):
-        fit(scripted_logits(lambda s: FIXED), [SoftmaxCollapseMonitor(remedy="stablemax")])
+        fit(
+            scripted_logits(lambda s: FIXED),
+            [SoftmaxCollapseMonitor(every_n_steps=1, remedy="stablemax")],
+        )
 
 
 def test_missing_logits_error_shows_both_options():
@@ -146,14 +149,17 @@ def test_missing_logits_error_shows_both_options():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     with pytest.raises(ConfigurationError) as info:
-        fit(NoLogits(), [SoftmaxCollapseMonitor()])
+        fit(NoLogits(), [SoftmaxCollapseMonitor(every_n_steps=1)])
     assert "'logits': logits.detach()" in str(info.value)
     assert "logits_module='head'" in str(info.value)
 
 
 def test_unknown_logits_module_lists_the_modules():
     with pytest.raises(ConfigurationError, match="no such submodule"):
-        fit(scripted_logits(lambda s: FIXED), [SoftmaxCollapseMonitor(logits_module="head")])
+        fit(
+            scripted_logits(lambda s: FIXED),
+            [SoftmaxCollapseMonitor(every_n_steps=1, logits_module="head")],
+        )
 
 
 class Classifier(lightning().LightningModule):
@@ -190,7 +196,7 @@ def classification_loader(n=64, batch_size=64):
 
 def test_hooked_module_matches_brute_force_on_a_real_model(tmp_path):
     model = Classifier(scale=60.0)
-    monitor = SoftmaxCollapseMonitor(logits_module="head", verbose=False)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, logits_module="head", verbose=False)
     t = trainer(max_steps=4, logger=tb_logger(tmp_path), callbacks=[monitor])
     t.fit(model, classification_loader(), classification_loader())
     logged = scalars(tmp_path)
@@ -214,7 +220,7 @@ def test_outputs_path_matches_brute_force_and_skips_validation(tmp_path):
             return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits.detach()}
 
     model = Returning(scale=25.0)
-    monitor = SoftmaxCollapseMonitor(verbose=False)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)
     t = trainer(
         max_steps=6, logger=tb_logger(tmp_path), callbacks=[monitor], check_val_every_n_epoch=1
     )
@@ -263,7 +269,7 @@ def test_nlm_cosine_against_hand_computation(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)  # parameters stay put
 
-    monitor = SoftmaxCollapseMonitor(per_layer=True, verbose=False)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, per_layer=True, verbose=False)
     fit(Linear(), [monitor], tmp_path, max_steps=2)
     logged = scalars(tmp_path)
     w, v = torch.tensor([1.0, 2.0]), torch.tensor([-1.0])
@@ -280,7 +286,11 @@ def test_nlm_cosine_against_hand_computation(tmp_path):
 def test_no_observer_effect_on_weights():
     def train(with_monitor):
         model = Classifier(scale=20.0)
-        callbacks = [SoftmaxCollapseMonitor(logits_module="head", per_layer=True, verbose=False)]
+        callbacks = [
+            SoftmaxCollapseMonitor(
+                every_n_steps=1, logits_module="head", per_layer=True, verbose=False
+            )
+        ]
         t = trainer(max_steps=5, logger=False, callbacks=callbacks if with_monitor else [])
         t.fit(model, classification_loader(batch_size=16))
         return [p.detach().clone() for p in model.parameters()]
@@ -306,9 +316,9 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_state_round_trip():
-    m = SoftmaxCollapseMonitor()
+    m = SoftmaxCollapseMonitor(every_n_steps=1)
     m.onset_step, m.remedy_applied = 12, True
-    other = SoftmaxCollapseMonitor()
+    other = SoftmaxCollapseMonitor(every_n_steps=1)
     other.load_state_dict(m.state_dict())
     assert (other.onset_step, other.remedy_applied) == (12, True)
     other.load_state_dict({})
