@@ -39,9 +39,9 @@ def load_example():
 
 CONFIGS = {
     "no monitor": None,
-    "output logits, every step": dict(attention=False),
-    "output + attention, every step": dict(attention_every_n_steps=1),
-    "defaults (attention every 10)": dict(),
+    "output logits, every step": dict(every_n_steps=1, attention=False),
+    "output + attention, every step": dict(every_n_steps=1, attention_every_n_steps=1),
+    "defaults (output and attention every 10)": dict(),
 }
 
 

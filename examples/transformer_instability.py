@@ -173,7 +173,7 @@ def main(
             lr=lr,
         )
         monitor = LogitGrowthMonitor(
-            logits_module="head", attention_every_n_steps=attention_every_n_steps
+            every_n_steps=1, logits_module="head", attention_every_n_steps=attention_every_n_steps
         )
         logger = TensorBoardLogger(logdir, name="transformer_instability", version=variant)
         trainer = pl.Trainer(

@@ -86,7 +86,7 @@ FACTORIES = {
         every_n_steps=1, num_probes=2, max_iter=3, verbose=False
     ),
     dynlens.LogitGrowthMonitor: lambda: dynlens.LogitGrowthMonitor(
-        logits_module="head", attention_every_n_steps=1, verbose=False
+        every_n_steps=1, logits_module="head", attention_every_n_steps=1, verbose=False
     ),
     dynlens.ContinualEvaluation: lambda: dynlens.ContinualEvaluation(
         {0: data(1, 32)}, subset_size=16, verbose=False

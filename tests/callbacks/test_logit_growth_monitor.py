@@ -69,7 +69,7 @@ FIXED = torch.tensor([[2.0, -1.0, 0.0, 3.0], [0.5, 0.5, 0.5, 0.5], [-4.0, 1.0, 1
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_output_statistics_equal_hand_computation(tmp_path, package):
-    monitor = LogitGrowthMonitor(attention=False, verbose=False)
+    monitor = LogitGrowthMonitor(every_n_steps=1, attention=False, verbose=False)
     fit(scripted(lambda s: FIXED, package=package), [monitor], tmp_path, package=package)
     logged = scalars(tmp_path)
     expected = output_logit_stats(FIXED)
@@ -86,7 +86,7 @@ def test_output_statistics_equal_hand_computation(tmp_path, package):
 
 def test_growth_rate_of_an_exponential_curve(tmp_path):
     # max |z| = 3·exp(0.02·step): 20 e-folds per 1000 steps, whatever the window
-    monitor = LogitGrowthMonitor(attention=False, window=3, verbose=False)
+    monitor = LogitGrowthMonitor(every_n_steps=1, attention=False, window=3, verbose=False)
     module = scripted(lambda s: torch.tensor([[3.0 * math.exp(0.02 * s), 0.0]]))
     fit(module, [monitor], tmp_path, max_steps=6)
     assert scalars(tmp_path)[KEY + "growth_rate"][0][0] == 1
@@ -198,7 +198,9 @@ def expected_per_layer(model, first, last):
 @pytest.mark.parametrize("package", PACKAGES)
 def test_attention_per_layer_equals_brute_force(tmp_path, package):
     model = attention_model(package)  # lr 0: the MHA weights of every step are the final ones
-    monitor = LogitGrowthMonitor(logits_module="head", attention_every_n_steps=1, verbose=False)
+    monitor = LogitGrowthMonitor(
+        every_n_steps=1, logits_module="head", attention_every_n_steps=1, verbose=False
+    )
     fit(model, [monitor], tmp_path, max_steps=3, loader=token_loader(), package=package)
     logged = scalars(tmp_path)
     assert monitor.layers == ["masked", "causal", "mha"]  # call order
@@ -243,7 +245,9 @@ def test_attention_cadence_and_gradient_accumulation(tmp_path):
 
 def test_validation_and_no_grad_attention_are_not_measured(tmp_path):
     model = attention_model(teacher=True)
-    monitor = LogitGrowthMonitor(attention_every_n_steps=1, output_logits=False, verbose=False)
+    monitor = LogitGrowthMonitor(
+        every_n_steps=1, attention_every_n_steps=1, output_logits=False, verbose=False
+    )
     t = trainer(max_steps=3, logger=tb_logger(tmp_path), callbacks=[monitor])
     t.fit(model, token_loader(), token_loader())
     logged = scalars(tmp_path)
@@ -276,7 +280,9 @@ def test_no_observer_effect_with_dropout():
         t.fit(model, token_loader(n=8, batch_size=4))
         return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
 
-    monitor = LogitGrowthMonitor(logits_module="head", attention_every_n_steps=1, verbose=False)
+    monitor = LogitGrowthMonitor(
+        every_n_steps=1, logits_module="head", attention_every_n_steps=1, verbose=False
+    )
     with_monitor, rng_with = train([monitor])
     assert monitor.layers == ["masked", "causal", "mha"] and monitor.disabled_reason is None
     without, rng_without = train([])
@@ -291,7 +297,7 @@ def test_unnamed_calls_events_and_text(tmp_path, capsys):
     attention = lambda s: torch.full((1, 1, 2, 4), math.sqrt(maxima[s] / 2))  # noqa: E731
     shift = [0.0, 5.0, 25.0, 30.0, 0.0]  # log Z = shift + log 3: past 20 from step 2
     logits = lambda s: torch.zeros(2, 3) + shift[s]  # noqa: E731
-    monitor = LogitGrowthMonitor(attention_every_n_steps=1)
+    monitor = LogitGrowthMonitor(every_n_steps=1, attention_every_n_steps=1)
     fit(scripted(logits, attention), [monitor], tmp_path, max_steps=5)
     logged = scalars(tmp_path)
     assert values(logged, "attn_max/call_0") == pytest.approx(maxima)
@@ -307,7 +313,9 @@ def test_unnamed_calls_events_and_text(tmp_path, capsys):
 
 
 def test_panel_charts_are_anchored(tmp_path):
-    monitor = LogitGrowthMonitor(logits_module="head", attention_every_n_steps=1, verbose=False)
+    monitor = LogitGrowthMonitor(
+        every_n_steps=1, logits_module="head", attention_every_n_steps=1, verbose=False
+    )
     fit(attention_model(), [monitor], tmp_path, max_steps=1, loader=token_loader())
     layout = custom_scalars_layout(tmp_path)
     (category,) = [c for c in layout.category if c.title == "dynlens/logits"]
@@ -329,12 +337,14 @@ def test_panel_charts_are_anchored(tmp_path):
 
 def test_state_survives_resume(tmp_path):
     module = lambda: scripted(lambda s: torch.tensor([[math.exp(0.1 * s), 0.0]] * 2))  # noqa: E731
-    first = LogitGrowthMonitor(attention=False, logz_threshold=0.5, verbose=False)
+    first = LogitGrowthMonitor(every_n_steps=1, attention=False, logz_threshold=0.5, verbose=False)
     t = fit(module(), [first], max_steps=3)
     assert [e["reason"] for e in first.events] == ["logz_drift"]
     t.save_checkpoint(tmp_path / "c.ckpt")
 
-    resumed = LogitGrowthMonitor(attention=False, logz_threshold=0.5, verbose=False)
+    resumed = LogitGrowthMonitor(
+        every_n_steps=1, attention=False, logz_threshold=0.5, verbose=False
+    )
     t2 = trainer(max_steps=5, logger=tb_logger(tmp_path / "tb"), callbacks=[resumed])
     t2.fit(module(), one_batch_loader(), ckpt_path=tmp_path / "c.ckpt")
     logged = scalars(tmp_path / "tb")
@@ -344,17 +354,20 @@ def test_state_survives_resume(tmp_path):
 
 
 def test_state_round_trip_and_tolerance():
-    m = LogitGrowthMonitor(window=3)
+    m = LogitGrowthMonitor(every_n_steps=1, window=3)
     m._history.extend([(0, 1.0), (5, 2.0)])
     m.events.append({"step": 5, "reason": "logz_drift", "message": "x"})
     m.peak_attention_logit = 12.5
-    other = LogitGrowthMonitor(window=3)
+    other = LogitGrowthMonitor(every_n_steps=1, window=3)
     other.load_state_dict(m.state_dict())
     assert list(other._history) == [(0, 1.0), (5, 2.0)] and other.peak_attention_logit == 12.5
     assert other.events == m.events
     other.load_state_dict({})
     assert list(other._history) == [] and other.peak_attention_logit is None
-    assert LogitGrowthMonitor().state_key != LogitGrowthMonitor(attention_every_n_steps=5).state_key
+    assert (
+        LogitGrowthMonitor(every_n_steps=1).state_key
+        != LogitGrowthMonitor(every_n_steps=1, attention_every_n_steps=5).state_key
+    )
 
 
 def test_measurement_error_fails_soft(monkeypatch):
@@ -362,7 +375,9 @@ def test_measurement_error_fails_soft(monkeypatch):
         raise RuntimeError("no measurement today")
 
     monkeypatch.setattr(attention_module, "attention_logit_sums", broken)
-    monitor = LogitGrowthMonitor(logits_module="head", attention_every_n_steps=1, verbose=False)
+    monitor = LogitGrowthMonitor(
+        every_n_steps=1, logits_module="head", attention_every_n_steps=1, verbose=False
+    )
     model = attention_model(lr=1e-2)
     with pytest.warns(RuntimeWarning, match="disabled itself.*no measurement today"):
         t = fit(model, [monitor], max_steps=3, loader=token_loader())
@@ -374,10 +389,18 @@ def test_measurement_error_fails_soft(monkeypatch):
 
 def test_missing_logits_and_missing_attention():
     with pytest.raises(ConfigurationError, match="logits_module='head'"):
-        fit(scripted(), [LogitGrowthMonitor(attention_every_n_steps=1)], max_steps=1)
+        fit(
+            scripted(),
+            [LogitGrowthMonitor(every_n_steps=1, attention_every_n_steps=1)],
+            max_steps=1,
+        )
     assert not torch._C._is_torch_function_mode_enabled()  # nothing left armed
     with pytest.warns(UserWarning, match="saw no attention call"):
-        fit(scripted(lambda s: FIXED), [LogitGrowthMonitor(verbose=False)], max_steps=1)
+        fit(
+            scripted(lambda s: FIXED),
+            [LogitGrowthMonitor(every_n_steps=1, verbose=False)],
+            max_steps=1,
+        )
 
 
 @pytest.mark.parametrize(
