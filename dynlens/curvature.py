@@ -63,10 +63,18 @@ __all__ = [
 ]
 
 LossFn = Callable[[dict[str, Tensor]], Tensor]
-Route = Literal["auto", "double_backward", "forward_over_reverse", "vmap_forward_over_reverse"]
+Route = Literal[
+    "auto",
+    "double_backward",
+    "batched_double_backward",
+    "forward_over_reverse",
+    "vmap_forward_over_reverse",
+]
 
 #: The concrete Hessian-vector-product routes, in the order "auto" falls back through on CPU.
 ROUTES: tuple[str, ...] = ("double_backward", "vmap_forward_over_reverse", "forward_over_reverse")
+#: Every route ``route=`` accepts besides "auto": ROUTES and the ones only chosen by name.
+EXPLICIT_ROUTES: tuple[str, ...] = (*ROUTES, "batched_double_backward")
 
 # Reasons already warned about, so a fallback that repeats every measurement warns once per process.
 _WARNED: set[tuple[str, ...]] = set()
@@ -150,6 +158,13 @@ class HessianOperator:
 
     * ``"double_backward"``: Hv = ∇_θ(∇L(θ)·v), one ``torch.autograd.grad`` per probe through the
       shared graph. About 2.1× a gradient per probe on CPU, 2.0-2.25× on an H200.
+    * ``"batched_double_backward"``: the same products, all probes of a batch (``chunk_size``
+      of the estimators) in one backward pass vectorised with ``vmap`` (``is_grads_batched``).
+      It pays off where per-pass overhead dominates and costs where memory traffic does: a tanh
+      MLP with 3,850 parameters, 4× faster than ``"double_backward"``; a small Transformer 1.31×
+      a gradient per probe instead of 1.79×; but the grokking MLP (5,107 × 200 activations)
+      3.67× instead of 1.79×, and activation memory grows with the batch. Chosen by name only;
+      when an op cannot be vectorised it runs one probe at a time, with the same results.
     * ``"forward_over_reverse"``: Hv = ``torch.func.jvp(torch.func.grad(L), θ, v)``, one probe at a
       time; nothing is shared between probes (3.0-3.8× a gradient each).
     * ``"vmap_forward_over_reverse"``: the same, vectorised over the probes with ``torch.func.vmap``
@@ -229,6 +244,7 @@ class HessianOperator:
         self._index = 0
         self._failures: list[tuple[str, BaseException]] = []
         self._graph: tuple[list[Tensor], Tensor] | None = None
+        self._vectorisable = True
         self._checked = False
 
     @property
@@ -299,8 +315,8 @@ class HessianOperator:
             return out[0] if vectors.ndim == 1 else out
 
     def _apply(self, route: str, batch: Tensor) -> Tensor:
-        if route == "double_backward":
-            return self._double_backward(batch)
+        if route in ("double_backward", "batched_double_backward"):
+            return self._double_backward(batch, batched=route == "batched_double_backward")
         if not self._checked:
             self._check_once_differentiable()
         if route == "forward_over_reverse":
@@ -338,7 +354,7 @@ class HessianOperator:
     def _leaves(self) -> list[Tensor]:
         return [p.detach().requires_grad_(True) for p in self._primals.values()]
 
-    def _double_backward(self, batch: Tensor) -> Tensor:
+    def _double_backward(self, batch: Tensor, batched: bool = False) -> Tensor:
         if self._graph is None:
             leaves = self._leaves()
             with self._evaluation():
@@ -359,6 +375,11 @@ class HessianOperator:
         leaves, flat_grad = self._graph
         if not flat_grad.requires_grad:
             return torch.zeros_like(batch)
+        if batched and len(batch) > 1 and self._vectorisable:
+            try:
+                return self._batched_backward(leaves, flat_grad, batch)
+            except RuntimeError:  # an op in the gradient's graph cannot be vectorised
+                self._vectorisable = False
         rows = []
         for v in batch:
             hv = torch.autograd.grad(flat_grad @ v, leaves, retain_graph=True, allow_unused=True)
@@ -371,6 +392,29 @@ class HessianOperator:
                 )
             )
         return torch.stack(rows)
+
+    @staticmethod
+    def _batched_backward(leaves: list[Tensor], flat_grad: Tensor, batch: Tensor) -> Tensor:
+        # every probe of the batch in one backward pass vectorised with vmap
+        with warnings.catch_warnings():  # ops without a batching rule run op by op: still right
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            hv = torch.autograd.grad(
+                flat_grad,
+                leaves,
+                grad_outputs=batch,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        return torch.cat(
+            [
+                h.reshape(len(batch), -1)
+                if h is not None
+                else batch.new_zeros(len(batch), leaf.numel())
+                for h, leaf in zip(hv, leaves, strict=True)
+            ],
+            dim=1,
+        )
 
     def _jvp_of_grad(self, tangents: dict[str, Tensor]) -> Tensor:
         with self._evaluation():
@@ -847,8 +891,10 @@ def _candidate_routes(route: str, device: torch.device) -> list[str]:
     if route == "auto":
         first = "vmap_forward_over_reverse" if device.type == "cuda" else "double_backward"
         return [first, *(r for r in ROUTES if r != first)]
-    if route not in ROUTES:
-        raise ValueError(f"Expected `route` to be 'auto' or one of {ROUTES}, got {route!r}")
+    if route not in EXPLICIT_ROUTES:
+        raise ValueError(
+            f"Expected `route` to be 'auto' or one of {EXPLICIT_ROUTES}, got {route!r}"
+        )
     return [route]
 
 

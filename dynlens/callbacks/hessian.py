@@ -531,9 +531,10 @@ class HessianMonitor(Monitor):
             raise ConfigurationError(
                 f"Expected `optimizer_index` to be a non-negative int, got {optimizer_index!r}."
             )
-        if route != "auto" and route not in curvature.ROUTES:
+        if route != "auto" and route not in curvature.EXPLICIT_ROUTES:
             raise ConfigurationError(
-                f"Expected `route` to be 'auto' or one of {curvature.ROUTES}, got {route!r}."
+                f"Expected `route` to be 'auto' or one of {curvature.EXPLICIT_ROUTES}, got "
+                f"{route!r}."
             )
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigurationError(
