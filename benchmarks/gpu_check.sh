@@ -7,7 +7,8 @@
 #
 # 1. nvidia-smi summary; torch, CUDA and Lightning versions.
 # 2. Smoke check of all five monitors on CUDA: a tiny attention classifier, 20 steps under
-#    precision "bf16-mixed" and "32"; every dynlens metric family must reach
+#    precision "bf16-mixed" and "32", then under strategy "fsdp" (one device) where
+#    HessianMonitor must refuse at set-up; every dynlens metric family must reach
 #    trainer.callback_metrics with finite values, and no monitor may disable itself.
 # 3. The benchmarks that can run on CUDA: overhead.py (--accelerator gpu), hessian_routes.py and
 #    continual.py (--device cuda). hessian.py, collapse.py and logits.py have no device option
@@ -77,6 +78,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dynlens import (
+    ConfigurationError,
     ContinualEvaluation,
     GrokkingMonitor,
     HessianMonitor,
@@ -125,23 +127,37 @@ def dataset(seed: int) -> TensorDataset:
     return TensorDataset(x, x.sum(1) % CLASSES)
 
 
-def check(accelerator: str, precision: str, steps: int) -> list[str]:
-    """Train once; the problems found (empty: all good)."""
+def check(accelerator: str, precision: str, steps: int, strategy: str = "auto") -> list[str]:
+    """Train once; the problems found (empty: all good). Under FSDP, HessianMonitor must refuse
+    at set-up and the other monitors must work."""
     torch.manual_seed(0)
     train, val = dataset(0), dataset(1)
     monitors = [
-        SoftmaxCollapseMonitor(verbose=False),
-        LogitGrowthMonitor(verbose=False),
+        SoftmaxCollapseMonitor(every_n_steps=1, verbose=False),
+        LogitGrowthMonitor(every_n_steps=1, attention_every_n_steps=1, verbose=False),
         GrokkingMonitor(verbose=False),
-        HessianMonitor(every_n_steps=1, num_probes=4, verbose=False),
         ContinualEvaluation({0: val}, verbose=False),
     ]
+    hessian = HessianMonitor(every_n_steps=1, num_probes=4, verbose=False)
+    if strategy == "fsdp":
+        problems = []
+        try:
+            pl.Trainer(accelerator=accelerator, devices=1, strategy=strategy, max_steps=1,
+                       callbacks=[hessian], logger=False, enable_progress_bar=False,
+                       enable_model_summary=False).fit(Tiny(), DataLoader(train, batch_size=64))
+            problems.append("HessianMonitor did not refuse FSDP")
+        except ConfigurationError as err:
+            print(f"  HessianMonitor refused FSDP: {err}")
+    else:
+        problems = []
+        monitors.append(hessian)
     with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = pl.Trainer(
             accelerator=accelerator,
             devices=1,
             precision=precision,
+            strategy=strategy,
             max_steps=steps,
             check_val_every_n_epoch=VAL_EVERY,  # full batch: one epoch is one step
             num_sanity_val_steps=0,
@@ -159,12 +175,13 @@ def check(accelerator: str, precision: str, steps: int) -> list[str]:
     for w in caught:
         if "dynlens" in str(w.message) or type(w.message).__module__.startswith("dynlens"):
             print(f"  warning: {type(w.message).__name__}: {w.message}")
-    problems = []
     for monitor in monitors:
         if monitor.disabled_reason is not None:
             problems.append(f"{type(monitor).__name__} disabled itself: {monitor.disabled_reason}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dynlens/")}
     required = {"logits": "attn_max", "hessian": "lambda_max", "continual": "acc"}
+    if strategy == "fsdp":
+        del required["hessian"]
     for monitor in monitors:
         family = f"dynlens/{monitor.name}/"
         values = {k[len(family) :]: v for k, v in metrics.items() if k.startswith(family)}
@@ -189,9 +206,12 @@ def main() -> None:
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("CUDA is not available (pass --cpu to run this check on the CPU)")
     failed = False
-    for precision in ("bf16-mixed", "32"):
-        print(f"{accelerator}, precision {precision}, {args.steps} steps:")
-        problems = check(accelerator, precision, args.steps)
+    runs = [("bf16-mixed", "auto"), ("32", "auto")]
+    if not args.cpu:  # Lightning's FSDP needs a GPU; one device still runs its wrapping
+        runs.append(("32", "fsdp"))
+    for precision, strategy in runs:
+        print(f"{accelerator}, precision {precision}, strategy {strategy}, {args.steps} steps:")
+        problems = check(accelerator, precision, args.steps, strategy)
         for problem in problems:
             print(f"  FAIL: {problem}")
         print("  ok" if not problems else f"  {len(problems)} problem(s)")
@@ -229,7 +249,8 @@ PY
 
     run_step "monitor smoke check (CUDA)" 120 "$PYTHON" "$SMOKE"
     run_step "benchmarks/overhead.py --accelerator gpu" 150 \
-        "$PYTHON" benchmarks/overhead.py --accelerator gpu
+        "$PYTHON" benchmarks/overhead.py --accelerator gpu --repeats 3 --long-steps 2000 \
+        --long-repeats 1
     run_step "benchmarks/hessian_routes.py --device cuda" 60 \
         "$PYTHON" benchmarks/hessian_routes.py --device cuda
     if "$PYTHON" -c "import sklearn" 2>/dev/null; then
