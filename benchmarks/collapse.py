@@ -4,7 +4,7 @@ Trains the demo's modular-addition MLP (p = 113, 40% split, full batch of 5,107 
 with and without the monitor, alternating the two in one process, and prints the ratio of their
 step times (see ``_harness``). Target: ≤ 1.02×.
 
-    python benchmarks/collapse.py [--steps 200] [--repeats 5] [--threads N]
+    python benchmarks/collapse.py [--steps 200] [--repeats 5] [--threads N] [--accelerator gpu]
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from dynlens.data import ModularArithmetic
 from dynlens.demo import ModularMLP
 
 
-def train(datamodule: ModularArithmetic, steps: int, monitors: list, warmup: int) -> float:
+def train(
+    datamodule: ModularArithmetic, steps: int, monitors: list, warmup: int, accelerator: str
+) -> float:
     torch.manual_seed(0)
     model = ModularMLP(p=datamodule.p, lr=5e-3, weight_decay=0.0)
     timer = StepTimer()
     trainer = pl.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        accelerator=accelerator,
         logger=False,
         callbacks=[timer, *monitors],
         enable_checkpointing=False,
@@ -44,20 +46,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
     datamodule = ModularArithmetic(p=113, train_fraction=0.4)
-    train(datamodule, 30, [], 5)  # warm-up
+    accelerator = args.accelerator
+    train(datamodule, 30, [], 5, accelerator)  # warm-up
     costs = alternate(
         {
-            "no monitor": lambda: train(datamodule, args.steps, [], args.warmup),
+            "no monitor": lambda: train(datamodule, args.steps, [], args.warmup, accelerator),
             "SoftmaxCollapseMonitor(every_n_steps=1)": lambda: train(
                 datamodule,
                 args.steps,
                 [SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)],
                 args.warmup,
+                accelerator,
             ),
         },
         args.repeats,

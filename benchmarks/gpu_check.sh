@@ -10,9 +10,9 @@
 #    precision "bf16-mixed" and "32", then under strategy "fsdp" (one device) where
 #    HessianMonitor must refuse at set-up; every dynlens metric family must reach
 #    trainer.callback_metrics with finite values, and no monitor may disable itself.
-# 3. The benchmarks that can run on CUDA: overhead.py (--accelerator gpu), hessian_routes.py and
-#    continual.py (--device cuda). hessian.py, collapse.py and logits.py have no device option
-#    (CPU only) and report_read.py measures file reading: skipped, with a note.
+# 3. The benchmarks that can run on CUDA: hessian_routes.py (--device cuda), collapse.py,
+#    logits.py and overhead.py (--accelerator gpu), continual.py (--device cuda). hessian.py has no
+#    device option and report_read.py measures file reading: skipped, with a note.
 # 4. The callback and conformance tests (not slow), when pytest is installed.
 #
 # Each step runs under `timeout`, clamped so the whole script ends within GPU_CHECK_SECONDS (470).
@@ -248,20 +248,24 @@ else:
 PY
 
     run_step "monitor smoke check (CUDA)" 120 "$PYTHON" "$SMOKE"
-    run_step "benchmarks/overhead.py --accelerator gpu" 150 \
-        "$PYTHON" benchmarks/overhead.py --accelerator gpu --repeats 3 --long-steps 2000 \
-        --long-repeats 1
     run_step "benchmarks/hessian_routes.py --device cuda" 60 \
         "$PYTHON" benchmarks/hessian_routes.py --device cuda
+    run_step "benchmarks/collapse.py --accelerator gpu" 60 \
+        "$PYTHON" benchmarks/collapse.py --accelerator gpu --repeats 3
+    run_step "benchmarks/logits.py --accelerator gpu" 60 \
+        "$PYTHON" benchmarks/logits.py --accelerator gpu --repeats 3
+    run_step "benchmarks/overhead.py --accelerator gpu" 120 \
+        "$PYTHON" benchmarks/overhead.py --accelerator gpu --repeats 3 --long-steps 2000 \
+        --long-repeats 1
     if "$PYTHON" -c "import sklearn" 2>/dev/null; then
-        run_step "benchmarks/continual.py --device cuda" 100 \
+        run_step "benchmarks/continual.py --device cuda" 60 \
             "$PYTHON" benchmarks/continual.py --device cuda
     else
         echo
         echo "=== benchmarks/continual.py: skipped, scikit-learn is missing (its digits workload needs it)"
     fi
     echo
-    echo "=== not run on CUDA: hessian.py, collapse.py and logits.py have no device option (CPU only);"
+    echo "=== not run on CUDA: hessian.py has no device option (its (a) is hessian_routes.py above);"
     echo "    report_read.py times reading event files, not the GPU"
 
     if "$PYTHON" -c "import pytest" 2>/dev/null; then

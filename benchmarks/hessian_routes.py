@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dynlens.curvature import ROUTES, HessianOperator
+from dynlens.curvature import EXPLICIT_ROUTES, HessianOperator
 
 LossFn = Callable[[dict[str, Tensor]], Tensor]
 
@@ -106,7 +106,7 @@ def measure(
     def products(route: str) -> Callable[[], object]:
         return lambda: HessianOperator(loss_fn, params, route=route) @ vectors
 
-    jobs = {"gradient": gradient, **{route: products(route) for route in ROUTES}}
+    jobs = {"gradient": gradient, **{route: products(route) for route in EXPLICIT_ROUTES}}
     for job in jobs.values():  # warm-up: allocator, lazy imports, forward-AD decompositions
         job()
     times: dict[str, list[float]] = {key: [] for key in jobs}
@@ -114,7 +114,7 @@ def measure(
         for key, job in jobs.items():
             times[key].append(_time(job, device))
     anchor = statistics.median(times["gradient"])
-    ratios = {route: statistics.median(times[route]) / probes / anchor for route in ROUTES}
+    ratios = {route: statistics.median(times[route]) / probes / anchor for route in EXPLICIT_ROUTES}
     cells = "  ".join(f"{route} {ratio:5.2f}x" for route, ratio in ratios.items())
     print(f"{name:<12} n={n:>7,}  k={probes}  per-probe HVP / gradient:  {cells}", flush=True)
     return ratios

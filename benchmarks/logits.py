@@ -12,7 +12,7 @@ process, and prints each one's median step time relative to no monitor:
 Step times as in ``_harness`` (blocks of 10 steps = the default attention cadence, so every
 block holds one attention step); the first ``--warmup`` steps of each run are left out.
 
-    python benchmarks/logits.py [--steps 120] [--repeats 5]
+    python benchmarks/logits.py [--steps 120] [--repeats 5] [--accelerator gpu]
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ CONFIGS = {
 }
 
 
-def run(example, loader, config: dict | None, steps: int, warmup: int) -> float:
+def run(
+    example, loader, config: dict | None, steps: int, warmup: int, accelerator: str = "cpu"
+) -> float:
     torch.manual_seed(0)
     model = example.TransformerLM()
     timer = StepTimer()
@@ -54,7 +56,7 @@ def run(example, loader, config: dict | None, steps: int, warmup: int) -> float:
         callbacks.append(LogitGrowthMonitor(logits_module="head", verbose=False, **config))
     trainer = pl.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        accelerator=accelerator,
         logger=False,
         callbacks=callbacks,
         enable_checkpointing=False,
@@ -70,15 +72,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
     quiet()
     example = load_example()
     loader = example.loader()
-    run(example, loader, None, 30, 5)  # warm-up
+    run(example, loader, None, 30, 5, args.accelerator)  # warm-up
     costs = alternate(
         {
             name if config is None else f"LogitGrowthMonitor, {name}": (
-                lambda config=config: run(example, loader, config, args.steps, args.warmup)
+                lambda config=config: run(
+                    example, loader, config, args.steps, args.warmup, args.accelerator
+                )
             )
             for name, config in CONFIGS.items()
         },
