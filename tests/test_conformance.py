@@ -479,7 +479,9 @@ class FSDPStrategy(pl.strategies.SingleDeviceStrategy):
 
 
 def sharding() -> dict:
-    return {"strategy": FSDPStrategy(torch.device("cpu")), "accelerator": "auto"}
+    # the strategy brings its CPU accelerator, so a machine with a GPU runs this on the CPU too
+    cpu = pl.accelerators.CPUAccelerator()
+    return {"strategy": FSDPStrategy(torch.device("cpu"), accelerator=cpu), "accelerator": "auto"}
 
 
 @pytest.mark.parametrize(
