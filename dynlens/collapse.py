@@ -309,7 +309,8 @@ def collapse_stats(
         gap = top.squeeze(-1) - scores.scatter(-1, where, -math.inf).amax(dim=-1)
 
     return CollapseStats(
-        num_samples=torch.tensor(rows.shape[0], device=rows.device),
+        # a fill, not a copy from the host, which would wait for the GPU to catch up
+        num_samples=torch.full((), rows.shape[0], dtype=torch.int64, device=rows.device),
         num_collapsed=collapsed.sum(),
         num_zero_loss=num_zero_loss,
         gap=gap,

@@ -301,7 +301,7 @@ def _sums_4d(
     device = q.device
     if 0 in (b_size, h_size, rows, cols):
         return AttentionLogitSums(
-            torch.tensor(float("-inf"), dtype=dtype, device=device),
+            torch.full((), -math.inf, dtype=dtype, device=device),
             torch.zeros((), dtype=torch.float64, device=device),
             torch.zeros((), dtype=torch.float64, device=device),
             chunks=0,
@@ -363,7 +363,8 @@ def _sums_4d(
     total = torch.stack(squares).double().square().sum()
     if late:
         best, total = best * scale, total * scale**2
-    count = torch.tensor(float(known), dtype=torch.float64, device=device)
+    # a fill, not a copy from the host: a host-to-device copy would wait for the GPU
+    count = torch.full((), float(known), dtype=torch.float64, device=device)
     if counted:
         count = count + torch.stack(counted).sum()
     return AttentionLogitSums(best, total, count, len(maxima))
@@ -448,7 +449,7 @@ def attention_logit_sums(
                 )
             groups = hq // hk
         total = AttentionLogitSums(
-            torch.tensor(float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device),
+            torch.full((), -math.inf, dtype=_compute_dtype(q.dtype), device=q.device),
             torch.zeros((), dtype=torch.float64, device=q.device),
             torch.zeros((), dtype=torch.float64, device=q.device),
             chunks=0,

@@ -297,7 +297,10 @@ class LogitGrowthMonitor(Monitor):
             # samples and entries are host floats; the other sums and the maxima device tensors
             on_device = [f for f in output.SUMS if f not in ("samples", "entries")]
             measured = _stack(output, (*on_device, *output.MAXIMA))
-            counts = measured.new_tensor([output.samples, output.entries])
+            # fills, not a copy from the host (which would wait for the GPU to catch up)
+            counts = torch.stack(
+                [measured.new_full((), output.samples), measured.new_full((), output.entries)]
+            )
             added = torch.cat([counts, measured[: len(on_device)]])
             parts.append(self.reduce(trainer, added, "sum"))
             parts.append(self.reduce(trainer, measured[len(on_device) :], "max"))
