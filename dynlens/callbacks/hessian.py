@@ -59,6 +59,7 @@ def budget_schedule(
     measure_count: int,
     budget: float,
     measured: bool,
+    last_measure_time: float | None = None,
 ) -> int | None:
     """The next step to measure at so that measuring takes at most ``budget`` × training time.
 
@@ -72,7 +73,11 @@ def budget_schedule(
     So, as long as measurements cost about what they have cost so far, measurement time stays
     within ``budget`` × training time after every measurement but the very first (which has no
     training to amortise it yet). Totals are cumulative: a measurement dearer than predicted is
-    paid back by a longer gap. ``None`` when no training step has been timed yet.
+    paid back by a longer gap. After a measurement that took ``last_measure_time`` L, the gap is
+    also at least ⌈L / (budget · T)⌉, the training that pays for that measurement alone: budget
+    left over while earlier measurements were dearer (the first ones carry warm-up) is spread
+    out rather than spent in a burst of back-to-back measurements. ``None`` when no training step
+    has been timed yet.
 
         >>> budget_schedule(16, train_time=16.0, train_steps=16, measure_time=4.0,
         ...                 measure_count=2, budget=0.25, measured=True)
@@ -85,6 +90,8 @@ def budget_schedule(
     owed = (measure_time + expected) / budget - train_time
     # The small slack keeps an exact multiple (8.0 step times) from rounding up through float error.
     gap = max(0, math.ceil(owed / step_time - 1e-9))
+    if measured and last_measure_time is not None:
+        gap = max(gap, math.ceil(last_measure_time / budget / step_time - 1e-9))
     return step + max(gap, 1 if measured else 0)
 
 
@@ -575,6 +582,7 @@ class HessianMonitor(Monitor):
         self._train_time = 0.0
         self._train_steps = 0
         self._measure_time = 0.0
+        self._last_measure_time = 0.0
         self._measure_count = 0
         self._since_cold = 0
         # in memory only
@@ -718,6 +726,7 @@ class HessianMonitor(Monitor):
                 measure_count=self._measure_count,
                 budget=self.budget,  # type: ignore[arg-type]
                 measured=measured,
+                last_measure_time=self._last_measure_time if measured else None,
             )
         # Every rank, at this same step: rank 0's clock decides for all.
         nxt = trainer.strategy.broadcast(nxt, src=0)
@@ -743,6 +752,7 @@ class HessianMonitor(Monitor):
         _synchronize(device)
         end = self.clock()
         self._measure_time += end - start
+        self._last_measure_time = end - start
         self._measure_count += 1
         self._mark, self._mark_step = end, step
         if self.budget is not None:

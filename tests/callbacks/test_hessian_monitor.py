@@ -495,6 +495,18 @@ def test_budget_schedule_formula():
     assert budget_schedule(0, budget=0.05, measured=True, **{**kw, "train_steps": 0}) is None
 
 
+def test_budget_saved_on_dear_first_measurements_is_not_spent_in_a_burst():
+    # a 5 s first measurement (warm-up), then 0.1 s ones; 1 s steps, 5% budget. After 200 s of
+    # training the cumulative rule alone would measure at the very next step, again and again.
+    kw = {"train_time": 200.0, "train_steps": 200, "measure_time": 5.1, "measure_count": 2}
+    assert budget_schedule(200, budget=0.05, measured=True, **kw) == 201
+    # each measurement also pays for itself: 0.1 s at 5% of 1 s steps is 2 steps of training
+    assert budget_schedule(200, budget=0.05, measured=True, last_measure_time=0.1, **kw) == 202
+    # the cumulative rule still decides when it asks for more
+    kw = {**kw, "train_time": 100.0, "train_steps": 100}
+    assert budget_schedule(100, budget=0.05, measured=True, last_measure_time=0.1, **kw) == 153
+
+
 def _recording_strategy(package="pytorch_lightning"):
     pl = lightning(package)
 
