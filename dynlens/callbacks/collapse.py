@@ -72,7 +72,7 @@ class SoftmaxCollapseMonitor(Monitor):
         onset_threshold: ``sc_fraction`` above which SC onset is declared (default 0.5).
         remedy: ``None``, ``"stablemax"`` or ``"float64"``.
         per_layer: also log the NLM cosine of every parameter tensor.
-        every_n_steps: measure every this many steps (default 10; every step costs 7–9% of a
+        every_n_steps: measure every this many steps (default 10; every step costs 5–9% of a
             step of the demo's MLP on a 2-core CPU, see ``benchmarks/collapse.py``).
         prefix, verbose: as for every monitor.
 
