@@ -11,6 +11,7 @@ configuration's median.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import statistics
 import time
@@ -19,6 +20,24 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+
+
+def arguments(doc: str, *, steps: int) -> argparse.ArgumentParser:
+    """The options every overhead benchmark takes (add its own before parsing)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    return parser
+
+
+def start(args: argparse.Namespace) -> None:
+    """Quiet the run and apply ``--threads``."""
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def quiet() -> None:

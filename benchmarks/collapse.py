@@ -9,11 +9,9 @@ step times (see ``_harness``). Target: ≤ 1.02×.
 
 from __future__ import annotations
 
-import argparse
-
 import pytorch_lightning as pl
 import torch
-from _harness import StepTimer, alternate, quiet, report
+from _harness import StepTimer, alternate, arguments, report, start
 
 from dynlens import SoftmaxCollapseMonitor
 from dynlens.data import ModularArithmetic
@@ -41,16 +39,8 @@ def train(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
-    args = parser.parse_args()
-    quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = arguments(__doc__, steps=200).parse_args()
+    start(args)
     datamodule = ModularArithmetic(p=113, train_fraction=0.4)
     accelerator = args.accelerator
     train(datamodule, 30, [], 5, accelerator)  # warm-up

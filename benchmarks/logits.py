@@ -17,13 +17,12 @@ block holds one attention step); the first ``--warmup`` steps of each run are le
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from _harness import StepTimer, alternate, quiet, report
+from _harness import StepTimer, alternate, arguments, report, start
 
 from dynlens import LogitGrowthMonitor
 
@@ -68,13 +67,8 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
-    args = parser.parse_args()
-    quiet()
+    args = arguments(__doc__, steps=120).parse_args()
+    start(args)
     example = load_example()
     loader = example.loader()
     run(example, loader, None, 30, 5, args.accelerator)  # warm-up

@@ -24,13 +24,12 @@ writes.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-from _harness import StepTimer, alternate, quiet, report
+from _harness import StepTimer, alternate, arguments, report, start
 
 from dynlens import (
     ContinualEvaluation,
@@ -82,18 +81,11 @@ def step_cost(datamodule, monitors: list, steps: int, warmup: int, accelerator: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = arguments(__doc__, steps=300)
     parser.add_argument("--long-steps", type=int, default=3000)
     parser.add_argument("--long-repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
-    quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     datamodule = ModularArithmetic(p=113, train_fraction=0.4)
     datamodule.setup("fit")
     accelerator = args.accelerator

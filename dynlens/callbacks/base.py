@@ -80,6 +80,13 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_non_negative_int(name: str, value: object) -> int:
+    """Validate an index, seed or delay argument (0 allowed), with a message that names the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"Expected `{name}` to be a non-negative int, got {value!r}.")
+    return value
+
+
 def fail_soft(hook: Hook) -> Hook:
     """Run a hook of a :class:`Monitor`; on an unexpected error warn once and disable the monitor.
 

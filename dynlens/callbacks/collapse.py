@@ -136,6 +136,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self._cosines: dict[str, torch.Tensor] = {}
         self._window = StepWindow()
         self._sharded = False
+        self._loss_modules: list[CrossEntropyLoss] = []
         self._announced_precision: tuple[str, str] | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
@@ -167,7 +168,9 @@ class SoftmaxCollapseMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if self.remedy is not None and not _losses(pl_module):
+        # found once: walking every module at each measured step would cost a large model dearly
+        self._loss_modules = _losses(pl_module)
+        if self.remedy is not None and not self._loss_modules:
             raise ConfigurationError(
                 f"SoftmaxCollapseMonitor(remedy={self.remedy!r}) switches the loss at SC onset, "
                 "but the module has no dynlens.CrossEntropyLoss. Compute the loss with one, e.g. "
@@ -190,11 +193,11 @@ class SoftmaxCollapseMonitor(Monitor):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         if self.remedy_applied:  # restored from a checkpoint: the loss modules are not
-            self._switch_losses(pl_module)
+            self._switch_losses()
 
     # ------------------------------------------------------------------------------ measuring
-    def _precision(self, pl_module: Any, logits: torch.Tensor) -> tuple[str, torch.dtype]:
-        loss = next(iter(_losses(pl_module)), None)
+    def _precision(self, logits: torch.Tensor) -> tuple[str, torch.dtype]:
+        loss = next(iter(self._loss_modules), None)
         activation = self.activation
         if activation == "auto":
             activation = loss.activation if loss is not None else "softmax"
@@ -238,12 +241,12 @@ class SoftmaxCollapseMonitor(Monitor):
         if not self._window.is_open:
             return
         for logits in take_logits(self.capture, outputs, type(self).__name__):
-            self._accumulate(pl_module, logits, batch_targets(batch, self.targets, logits))
+            self._accumulate(logits, batch_targets(batch, self.targets, logits))
         if self._window.close_if_stepped(trainer):  # the optimizer stepped: log the step
-            self._flush(trainer, pl_module)
+            self._flush(trainer)
 
-    def _accumulate(self, pl_module: Any, logits: torch.Tensor, targets: Any) -> None:
-        activation, dtype = self._precision(pl_module, logits)
+    def _accumulate(self, logits: torch.Tensor, targets: Any) -> None:
+        activation, dtype = self._precision(logits)
         stats = collapse_stats(logits, targets, activation=activation, dtype=dtype)
         acc = self._stats
         if not acc:
@@ -256,7 +259,7 @@ class SoftmaxCollapseMonitor(Monitor):
         acc["has_targets"] &= stats.num_zero_loss is not None
         acc["gaps"].append(stats.gap.float())
 
-    def _flush(self, trainer: Any, pl_module: Any) -> None:
+    def _flush(self, trainer: Any) -> None:
         acc, self._stats = self._stats, {}
         if not acc:
             return
@@ -311,7 +314,7 @@ class SoftmaxCollapseMonitor(Monitor):
             )
             if self.remedy is not None and not self.remedy_applied:
                 self.remedy_applied = True
-                switched = self._switch_losses(pl_module)
+                switched = self._switch_losses()
                 target = "StableMax" if self.remedy == "stablemax" else "float64"
                 self.log_event(
                     trainer,
@@ -320,8 +323,8 @@ class SoftmaxCollapseMonitor(Monitor):
                     f"switched {switched} dynlens.CrossEntropyLoss to {target} (remedy)",
                 )
 
-    def _switch_losses(self, pl_module: Any) -> int:
-        losses = _losses(pl_module)
+    def _switch_losses(self) -> int:
+        losses = self._loss_modules
         for loss in losses:
             if self.remedy == "stablemax":
                 loss.activation = "stablemax"

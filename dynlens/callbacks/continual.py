@@ -31,6 +31,7 @@ from .base import (
     Chart,
     ConfigurationError,
     Monitor,
+    check_non_negative_int,
     check_positive_int,
     fail_soft,
     own_forward,
@@ -293,8 +294,7 @@ class ContinualEvaluation(Monitor):
             if fn is not None and not callable(fn):
                 raise ConfigurationError(f"Expected `{arg}` to be callable, got {fn!r}.")
         check_positive_int("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigurationError(f"Expected `seed` to be a non-negative int, got {seed!r}.")
+        check_non_negative_int("seed", seed)
         if (
             isinstance(gap_threshold, bool)
             or not isinstance(gap_threshold, numbers.Real)

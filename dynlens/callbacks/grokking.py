@@ -12,6 +12,7 @@ from .base import (
     Chart,
     ConfigurationError,
     Monitor,
+    check_non_negative_int,
     check_positive_int,
     fail_soft,
     logging_step,
@@ -103,14 +104,7 @@ class GrokkingMonitor(Monitor):
                 raise ConfigurationError(f"Expected `{arg}` to be a metric name, got {value!r}.")
         if not 0.0 < threshold <= 1.0:
             raise ConfigurationError(f"Expected `threshold` in (0, 1], got {threshold!r}.")
-        if (
-            isinstance(grokking_delay, bool)
-            or not isinstance(grokking_delay, int)
-            or (grokking_delay < 0)
-        ):
-            raise ConfigurationError(
-                f"Expected `grokking_delay` to be a non-negative int, got {grokking_delay!r}."
-            )
+        check_non_negative_int("grokking_delay", grokking_delay)
         if stop_after_generalization is not None and stop_after_generalization != 0:
             check_positive_int("stop_after_generalization", stop_after_generalization)
         self.train_acc_key = train_acc_key

@@ -24,6 +24,7 @@ from .base import (
     Chart,
     ConfigurationError,
     Monitor,
+    check_non_negative_int,
     check_positive_int,
     fail_soft,
     logging_step,
@@ -530,14 +531,7 @@ class HessianMonitor(Monitor):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
             raise ConfigurationError(f"Expected `tol` to be a positive float, got {tol!r}.")
         check_positive_int("cold_start_every", cold_start_every)
-        if (
-            isinstance(optimizer_index, bool)
-            or not isinstance(optimizer_index, int)
-            or (optimizer_index < 0)
-        ):
-            raise ConfigurationError(
-                f"Expected `optimizer_index` to be a non-negative int, got {optimizer_index!r}."
-            )
+        check_non_negative_int("optimizer_index", optimizer_index)
         if route != "auto" and route not in curvature.EXPLICIT_ROUTES:
             raise ConfigurationError(
                 f"Expected `route` to be 'auto' or one of {curvature.EXPLICIT_ROUTES}, got "
