@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ROUTES",
+    "TUNING_PROBES",
     "CurvatureError",
     "CurvatureFallbackWarning",
     "Eigen",
@@ -73,8 +75,14 @@ Route = Literal[
 
 #: The concrete Hessian-vector-product routes, in the order "auto" falls back through on CPU.
 ROUTES: tuple[str, ...] = ("double_backward", "vmap_forward_over_reverse", "forward_over_reverse")
-#: Every route ``route=`` accepts besides "auto": ROUTES and the ones only chosen by name.
+#: Every route ``route=`` accepts besides "auto": ROUTES and the ones outside the fallback order.
 EXPLICIT_ROUTES: tuple[str, ...] = (*ROUTES, "batched_double_backward")
+
+#: Probes in the first batch from which ``route="auto"`` on CPU times the two double-backward
+#: routes against each other (one product builds the graph, two are timed one at a time, the
+#: rest, up to eight, in one vectorised pass).
+TUNING_PROBES = 5
+_TRIAL_SEQUENTIAL, _TRIAL_BATCHED, _BATCHED_MARGIN = 2, 8, 0.9
 
 # Reasons already warned about, so a fallback that repeats every measurement warns once per process.
 _WARNED: set[tuple[str, ...]] = set()
@@ -160,20 +168,29 @@ class HessianOperator:
       shared graph. About 2.1× a gradient per probe on CPU, 2.0-2.25× on an H200.
     * ``"batched_double_backward"``: the same products, all probes of a batch (``chunk_size``
       of the estimators) in one backward pass vectorised with ``vmap`` (``is_grads_batched``).
-      It pays off where per-pass overhead dominates and costs where memory traffic does: a tanh
-      MLP with 3,850 parameters, 4× faster than ``"double_backward"``; a small Transformer 1.31×
-      a gradient per probe instead of 1.79×; but the grokking MLP (5,107 × 200 activations)
-      3.67× instead of 1.79×, and activation memory grows with the batch. Chosen by name only;
-      when an op cannot be vectorised it runs one probe at a time, with the same results.
+      It pays off where per-pass overhead dominates and costs where memory traffic does: a
+      1,354-parameter tanh MLP on 200 samples, 1.4-3× faster than ``"double_backward"``; a small
+      Transformer 1.24-1.31× a gradient per probe instead of 1.79×; but the grokking MLP
+      (5,107 × 200 activations) 3.67× instead of 1.79×, and activation memory grows with the
+      batch. Chosen by name, or on CPU by ``"auto"``'s timed trial; when an op cannot be
+      vectorised it runs one probe at a time, with the same results.
     * ``"forward_over_reverse"``: Hv = ``torch.func.jvp(torch.func.grad(L), θ, v)``, one probe at a
       time; nothing is shared between probes (3.0-3.8× a gradient each).
     * ``"vmap_forward_over_reverse"``: the same, vectorised over the probes with ``torch.func.vmap``
       (2.8-4.5× on CPU, 1.85-2.06× on an H200).
-    * ``"auto"`` (default): double backward on CPU, vmapped forward-over-reverse on CUDA. When the
-      chosen route fails (an op without a double-backward or forward-mode AD rule), the next one
-      is tried, in the order of :data:`ROUTES`, with one :class:`CurvatureFallbackWarning` per
-      distinct reason; :class:`CurvatureError` lists every failure when none works. An explicit
-      route never falls back.
+    * ``"auto"`` (default): double backward on CPU, vmapped forward-over-reverse on CUDA. On CPU,
+      which of the two double-backward routes is faster depends on the model (see above), so the
+      first batch of at least :data:`TUNING_PROBES` probes is a trial: two of its products are
+      timed one at a time, up to eight more in one vectorised pass, and the operator keeps the
+      route that was faster per probe (the vectorised one only when at least 10% faster). The
+      trial's products are part of the result; it costs the difference on the slower route's
+      share of them (on the grokking MLP a first call is 2.2× a gradient per probe, later ones
+      1.8×). :attr:`route` then names the route kept, which callers building many operators for
+      one model pass on to skip the trial (``HessianMonitor`` does). When the chosen route
+      fails (an op without a double-backward or forward-mode AD rule), the next one is tried,
+      in the order of :data:`ROUTES`, with one :class:`CurvatureFallbackWarning` per distinct
+      reason; :class:`CurvatureError` lists every failure when none works. An explicit route
+      never falls back.
 
     A custom ``torch.autograd.Function`` whose backward is ``@once_differentiable`` is refused with
     :class:`CurvatureError` before any product: double backward cannot pass through it, and
@@ -241,6 +258,7 @@ class HessianOperator:
             k: (p.detach().clone() if p.is_inference() else p.detach()) for k, p in params.items()
         }
         self._candidates = _candidate_routes(route, self.device)
+        self._tuning = route == "auto" and self.device.type == "cpu"
         self._index = 0
         self._failures: list[tuple[str, BaseException]] = []
         self._graph: tuple[list[Tensor], Tensor] | None = None
@@ -315,6 +333,8 @@ class HessianOperator:
             return out[0] if vectors.ndim == 1 else out
 
     def _apply(self, route: str, batch: Tensor) -> Tensor:
+        if route == "double_backward" and self._tuning and len(batch) >= TUNING_PROBES:
+            return self._tune(batch)
         if route in ("double_backward", "batched_double_backward"):
             return self._double_backward(batch, batched=route == "batched_double_backward")
         if not self._checked:
@@ -322,6 +342,27 @@ class HessianOperator:
         if route == "forward_over_reverse":
             return torch.stack([self._jvp_of_grad(self.unflatten(v)) for v in batch])
         return self._vmap_jvp_of_grad(batch)
+
+    def _tune(self, batch: Tensor) -> Tensor:
+        # The first product builds the shared gradient graph, so the timed ones compare the
+        # products alone. Wall-clock time is the right clock: this runs on the CPU only.
+        first = self._double_backward(batch[:1])
+        split = 1 + _TRIAL_SEQUENTIAL
+        start = time.perf_counter()
+        sequential = self._double_backward(batch[1:split])
+        per_probe = (time.perf_counter() - start) / _TRIAL_SEQUENTIAL
+        trial = batch[split : split + _TRIAL_BATCHED]
+        start = time.perf_counter()
+        vectorised = self._double_backward(trial, batched=True)
+        per_probe_batched = (time.perf_counter() - start) / len(trial)
+        self._tuning = False
+        if self._vectorisable and per_probe_batched < _BATCHED_MARGIN * per_probe:
+            self._candidates[self._index] = "batched_double_backward"
+        rest = batch[split + len(trial) :]
+        parts = [first, sequential, vectorised]
+        if len(rest):
+            parts.append(self._apply(self.route, rest))
+        return torch.cat(parts)
 
     def _scalar_loss(self, p: dict[str, Tensor]) -> Tensor:
         loss = self.loss_fn(p)

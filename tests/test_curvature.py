@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dynlens import curvature
 from dynlens.curvature import (
     ROUTES,
+    TUNING_PROBES,
     CurvatureError,
     CurvatureFallbackWarning,
     HessianOperator,
@@ -131,9 +132,50 @@ def test_auto_route_on_cpu_is_double_backward_even_through_attention() -> None:
     _, loss_fn, params = problem("attention")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        est = hutchinson_trace(loss_fn, params, num_probes=2)
-    assert est.route == "double_backward"
+        few = hutchinson_trace(loss_fn, params, num_probes=2)  # too few probes for a trial
+        many = hutchinson_trace(loss_fn, params, num_probes=TUNING_PROBES)
+    assert few.route == "double_backward"
+    assert many.route in ("double_backward", "batched_double_backward")
     assert not [w for w in caught if issubclass(w.category, CurvatureFallbackWarning)]
+
+
+class _Clock:
+    """perf_counter stand-in: each timed trial (start, stop) lasts the next given duration."""
+
+    def __init__(self, *durations: float) -> None:
+        self.ticks = [t for d in durations for t in (0.0, d)]
+
+    def __call__(self) -> float:
+        return self.ticks.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("sequential", "batched", "kept"),
+    [
+        (1.0, 8 * 0.5, "batched_double_backward"),  # 0.5 per probe against 1.0: batched
+        (1.0, 8 * 0.95, "double_backward"),  # within the 10% margin: double backward stays
+        (1.0, 8 * 2.0, "double_backward"),
+    ],
+)
+def test_auto_route_on_cpu_keeps_the_double_backward_route_that_timed_faster(
+    monkeypatch: pytest.MonkeyPatch, sequential: float, batched: float, kept: str
+) -> None:
+    _, loss_fn, params = problem("tanh_mlp")
+    h = exact_hessian(loss_fn, params)
+    probes = torch.randn(20, h.shape[0], dtype=D, generator=torch.Generator().manual_seed(3))
+    op = HessianOperator(loss_fn, params)
+    # two products timed one at a time, eight in one pass
+    monkeypatch.setattr(curvature.time, "perf_counter", _Clock(2 * sequential, batched))
+    out = op @ probes  # 1 + 2 + 8 trial products, then the other 9 on the route kept
+    assert op.route == kept
+    torch.testing.assert_close(out, probes @ h, rtol=0, atol=1e-10)  # rows in order
+    torch.testing.assert_close(op @ probes[:6], probes[:6] @ h, rtol=0, atol=1e-10)  # no 2nd trial
+
+
+def test_explicit_routes_and_cuda_auto_never_run_the_timing_trial() -> None:
+    _, loss_fn, params = problem("tanh_mlp")
+    assert not HessianOperator(loss_fn, params, route="double_backward")._tuning
+    assert HessianOperator(loss_fn, params)._tuning
 
 
 def test_hvp_dict_and_flat_layouts_agree() -> None:
