@@ -281,13 +281,23 @@ def collapse_stats(
         flat_targets = flat_targets.masked_fill(ignored, 0)
 
     num_zero_loss = None
+    wide = torch.promote_types(dtype, torch.float32)
+    gap = None
     if activation == "softmax":
         # One log_softmax pass serves both counts: F.cross_entropy's per-sample loss is exactly
         # -log_probs[target] (the same kernel), so it is 0 exactly where that entry is 0.
         log_probs = F.log_softmax(z, dim=-1)
-        collapsed = _softmax_collapsed(z, log_probs)
         if flat_targets is not None:
             num_zero_loss = ((log_probs.gather(-1, flat_targets) == 0) & ~ignored).sum()
+        if dtype == wide and z.shape[-1] > 1:
+            # In float32/64 the same pass gives the gap: log-probabilities differ by the logits'
+            # differences, up to a few roundings at the size of log p (~1e-6 near float32's
+            # threshold), and this fresh tensor takes the runner-up search in place, no copy.
+            top, where = log_probs.max(dim=-1, keepdim=True)
+            collapsed = top.squeeze(-1) == 0
+            gap = top.squeeze(-1) - log_probs.scatter_(-1, where, -math.inf).amax(dim=-1)
+        else:
+            collapsed = _softmax_collapsed(z, log_probs)
     else:
         collapsed = collapsed_mask(z, activation=activation)
         if flat_targets is not None:
@@ -296,17 +306,18 @@ def collapse_stats(
             )
             num_zero_loss = ((loss == 0) & ~ignored.squeeze(-1)).sum()
 
-    # Gap of the values actually fed to the loss (rounded to dtype), measured in >= float32.
-    wide = torch.promote_types(dtype, torch.float32)
-    scores = z.to(wide)
-    if activation == "stablemax":
-        scores = _log_s(scores)
-    if scores.shape[-1] == 1:
-        gap = torch.full(scores.shape[:-1], math.inf, dtype=wide, device=scores.device)
-    else:
-        # top minus runner-up; max + scatter + amax is several times faster than topk(2) on CPUs
-        top, where = scores.max(dim=-1, keepdim=True)
-        gap = top.squeeze(-1) - scores.scatter(-1, where, -math.inf).amax(dim=-1)
+    if gap is None:
+        # Gap of the values actually fed to the loss (rounded to dtype), measured in >= float32.
+        scores = z.to(wide)
+        if activation == "stablemax":
+            scores = _log_s(scores)
+        if scores.shape[-1] == 1:
+            gap = torch.full(scores.shape[:-1], math.inf, dtype=wide, device=scores.device)
+        else:
+            # top minus runner-up; max + scatter + amax is several times faster than topk(2) on
+            # CPUs
+            top, where = scores.max(dim=-1, keepdim=True)
+            gap = top.squeeze(-1) - scores.scatter(-1, where, -math.inf).amax(dim=-1)
 
     return CollapseStats(
         # a fill, not a copy from the host, which would wait for the GPU to catch up
