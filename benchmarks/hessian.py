@@ -1,13 +1,12 @@
 """HessianMonitor's costs, each against an anchor measured in the same run (ratios only).
 
-(a) **Per-probe HVP ÷ one gradient** for the route HessianMonitor uses (``route="auto"``: on CPU
-    the faster of double backward and batched double backward, chosen by a timed trial in the
-    first batch of probes; vmapped forward-over-reverse on CUDA), on the two problems of
+(a) **Per-probe HVP ÷ one gradient** for the route HessianMonitor uses (``route="tuned"``: on
+    CPU the faster of double backward and batched double backward, chosen by a timed trial in
+    the first batch of probes; vmapped forward-over-reverse on CUDA), on the two problems of
     ``benchmarks/hessian_routes.py``: the grokking MLP and a small Transformer encoder. Both the
     kept route's cost (every later measurement) and a first call's, trial included, are shown.
-(b) **Time to a trace within 5 % of the exact value**, dynlens at its defaults (Hutchinson, the
-    monitor's estimator, and Hutch++, both with ``route="auto"``, and Hutchinson on
-    ``route="batched_double_backward"``)
+(b) **Time to a trace within 5 % of the exact value**, dynlens (Hutchinson, the monitor's
+    estimator, and Hutch++, each at its defaults and with ``route="tuned"``)
     versus PyHessian's ``hessian(model, criterion, data).trace()`` (Yao et
     al. 2020; Hutchinson with a running-mean stopping rule), on a tanh MLP small enough for an
     exact trace (n Hessian-vector products against the unit vectors). For each method the
@@ -76,12 +75,12 @@ def hvp_cost(
     n = sum(p.numel() for p in params.values())
     g = torch.Generator(device=device).manual_seed(0)
     vectors = (2 * torch.randint(0, 2, (probes, n), generator=g, device=device) - 1).float()
-    trial = HessianOperator(loss_fn, params)  # route="auto": on CPU its first batch is a trial
+    trial = HessianOperator(loss_fn, params, route="tuned")  # on CPU its first batch is a trial
     trial @ vectors
     route = trial.route
 
     def first() -> None:  # a first measurement: the trial, then the route it keeps
-        HessianOperator(loss_fn, params) @ vectors
+        HessianOperator(loss_fn, params, route="tuned") @ vectors
 
     def products() -> None:  # later measurements: the route kept, as HessianMonitor passes it on
         HessianOperator(loss_fn, params, route=route) @ vectors  # type: ignore[arg-type]
@@ -97,7 +96,7 @@ def hvp_cost(
     with_trial = statistics.median(first_times) / probes / grad
     print(
         f"  {name:<12} n={n:>7,}  k={probes}  route {route}: per-probe HVP / gradient {ratio:5.2f}x"
-        f"  (a first call with route='auto', its trial included: {with_trial:5.2f}x)"
+        f"  (a first call with route='tuned', its trial included: {with_trial:5.2f}x)"
     )
 
 
@@ -164,16 +163,18 @@ def trace_race(width: int, samples: int, ladder: list[int]) -> None:
 
         return run
 
-    batched = "batched_double_backward"
     results = {
-        "dynlens Hutchinson (defaults)": smallest_reliable_budget(
+        "dynlens Hutchinson": smallest_reliable_budget(
             dynlens_run(hutchinson_trace), exact, ladder
         ),
-        f"dynlens Hutchinson, route={batched!r}": smallest_reliable_budget(
-            dynlens_run(hutchinson_trace, batched), exact, ladder
+        "dynlens Hutchinson, route='tuned'": smallest_reliable_budget(
+            dynlens_run(hutchinson_trace, "tuned"), exact, ladder
         ),
-        "dynlens Hutch++ (defaults)": smallest_reliable_budget(
+        "dynlens Hutch++": smallest_reliable_budget(
             dynlens_run(hutchpp_trace), exact, [m for m in ladder if m >= 3]
+        ),
+        "dynlens Hutch++, route='tuned'": smallest_reliable_budget(
+            dynlens_run(hutchpp_trace, "tuned"), exact, [m for m in ladder if m >= 3]
         ),
     }
     try:
@@ -201,7 +202,7 @@ def trace_race(width: int, samples: int, ladder: list[int]) -> None:
         )
     if hessian is None:
         return
-    _, t_dyn = results["dynlens Hutchinson (defaults)"]
+    _, t_dyn = results["dynlens Hutchinson"]
     _, t_py = results["PyHessian trace(maxIter=m)"]
     for name, (_, seconds) in results.items():
         if name.startswith("dynlens"):

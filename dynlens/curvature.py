@@ -67,6 +67,7 @@ __all__ = [
 LossFn = Callable[[dict[str, Tensor]], Tensor]
 Route = Literal[
     "auto",
+    "tuned",
     "double_backward",
     "batched_double_backward",
     "forward_over_reverse",
@@ -78,7 +79,7 @@ ROUTES: tuple[str, ...] = ("double_backward", "vmap_forward_over_reverse", "forw
 #: Every route ``route=`` accepts besides "auto": ROUTES and the ones outside the fallback order.
 EXPLICIT_ROUTES: tuple[str, ...] = (*ROUTES, "batched_double_backward")
 
-#: Probes in the first batch from which ``route="auto"`` on CPU times the two double-backward
+#: Probes in the first batch from which ``route="tuned"`` on CPU times the two double-backward
 #: routes against each other (one product builds the graph, two are timed one at a time, the
 #: rest, up to eight, in one vectorised pass).
 TUNING_PROBES = 5
@@ -172,25 +173,29 @@ class HessianOperator:
       1,354-parameter tanh MLP on 200 samples, 1.4-3× faster than ``"double_backward"``; a small
       Transformer 1.24-1.31× a gradient per probe instead of 1.79×; but the grokking MLP
       (5,107 × 200 activations) 3.67× instead of 1.79×, and activation memory grows with the
-      batch. Chosen by name, or on CPU by ``"auto"``'s timed trial; when an op cannot be
+      batch. Chosen by name, or on CPU by ``"tuned"``'s timed trial; when an op cannot be
       vectorised it runs one probe at a time, with the same results.
     * ``"forward_over_reverse"``: Hv = ``torch.func.jvp(torch.func.grad(L), θ, v)``, one probe at a
       time; nothing is shared between probes (3.0-3.8× a gradient each).
     * ``"vmap_forward_over_reverse"``: the same, vectorised over the probes with ``torch.func.vmap``
       (2.8-4.5× on CPU, 1.85-2.06× on an H200).
-    * ``"auto"`` (default): double backward on CPU, vmapped forward-over-reverse on CUDA. On CPU,
-      which of the two double-backward routes is faster depends on the model (see above), so the
-      first batch of at least :data:`TUNING_PROBES` probes is a trial: two of its products are
-      timed one at a time, up to eight more in one vectorised pass, and the operator keeps the
-      route that was faster per probe (the vectorised one only when at least 10% faster). The
-      trial's products are part of the result; it costs the difference on the slower route's
-      share of them (on the grokking MLP a first call is 2.2× a gradient per probe, later ones
-      1.8×). :attr:`route` then names the route kept, which callers building many operators for
-      one model pass on to skip the trial (``HessianMonitor`` does). When the chosen route
-      fails (an op without a double-backward or forward-mode AD rule), the next one is tried,
-      in the order of :data:`ROUTES`, with one :class:`CurvatureFallbackWarning` per distinct
-      reason; :class:`CurvatureError` lists every failure when none works. An explicit route
-      never falls back.
+    * ``"auto"`` (default): double backward on CPU, vmapped forward-over-reverse on CUDA. When the
+      chosen route fails (an op without a double-backward or forward-mode AD rule), the next one
+      is tried, in the order of :data:`ROUTES`, with one :class:`CurvatureFallbackWarning` per
+      distinct reason; :class:`CurvatureError` lists every failure when none works. An explicit
+      route never falls back.
+    * ``"tuned"``: ``"auto"``, except that on CPU, where which of the two double-backward routes
+      is faster depends on the model (see above), the first batch of at least
+      :data:`TUNING_PROBES` probes is a timed trial: two of its products one at a time, up to
+      eight more in one vectorised pass; the operator keeps the route that was faster per probe
+      (the vectorised one only when at least 10% faster; where the two are close, as on a small
+      Transformer, runs may keep either). The trial's products are part of the result; it costs
+      the difference on the slower route's share of them (on the grokking MLP a first call is
+      2.2× a gradient per probe, later ones 1.8×). :attr:`route` then names the route kept,
+      which callers building many operators for one model pass on to skip the trial
+      (``HessianMonitor`` does). Opt-in like ``torch.backends.cudnn.benchmark``: a choice made
+      by the clock can differ between calls and runs, and so can the results' last bits, where
+      ``"auto"`` gives bit-identical results for identical calls.
 
     A custom ``torch.autograd.Function`` whose backward is ``@once_differentiable`` is refused with
     :class:`CurvatureError` before any product: double backward cannot pass through it, and
@@ -258,7 +263,7 @@ class HessianOperator:
             k: (p.detach().clone() if p.is_inference() else p.detach()) for k, p in params.items()
         }
         self._candidates = _candidate_routes(route, self.device)
-        self._tuning = route == "auto" and self.device.type == "cpu"
+        self._tuning = route == "tuned" and self.device.type == "cpu"
         self._index = 0
         self._failures: list[tuple[str, BaseException]] = []
         self._graph: tuple[list[Tensor], Tensor] | None = None
@@ -353,6 +358,8 @@ class HessianOperator:
         per_probe = (time.perf_counter() - start) / _TRIAL_SEQUENTIAL
         trial = batch[split : split + _TRIAL_BATCHED]
         start = time.perf_counter()
+        # (a vectorised pass that fails, e.g. a CPU allocation for every probe at once, runs
+        # probe by probe inside and is not kept)
         vectorised = self._double_backward(trial, batched=True)
         per_probe_batched = (time.perf_counter() - start) / len(trial)
         self._tuning = False
@@ -929,12 +936,12 @@ def adam_sharpness_threshold(lr: float, beta1: float = 0.9) -> float:
 
 
 def _candidate_routes(route: str, device: torch.device) -> list[str]:
-    if route == "auto":
+    if route in ("auto", "tuned"):
         first = "vmap_forward_over_reverse" if device.type == "cuda" else "double_backward"
         return [first, *(r for r in ROUTES if r != first)]
     if route not in EXPLICIT_ROUTES:
         raise ValueError(
-            f"Expected `route` to be 'auto' or one of {EXPLICIT_ROUTES}, got {route!r}"
+            f"Expected `route` to be 'auto', 'tuned' or one of {EXPLICIT_ROUTES}, got {route!r}"
         )
     return [route]
 
