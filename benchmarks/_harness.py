@@ -76,11 +76,16 @@ class StepTimer(pl.Callback):
 
 
 def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Call every run once per round for ``repeats`` rounds; the median cost of each."""
+    """Call every run once per round for ``repeats`` rounds; the median cost of each.
+
+    Each round starts one configuration later than the previous one, so that no configuration
+    always runs in the same place of a round (first after the previous round's clean-up, say)."""
     costs: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            costs[name].append(run())
+    names = list(runs)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            costs[name].append(runs[name]())
     return {name: statistics.median(values) for name, values in costs.items()}
 
 

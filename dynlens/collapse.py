@@ -219,19 +219,22 @@ class CollapseStats:
         num_zero_loss: 0-dim int64, samples whose per-sample cross-entropy for the activation,
             computed in ``dtype``, is exactly 0; ``None`` when no targets were given.
         gap: ``(num_samples,)`` top minus runner-up in log-activation units (``inf`` for one
-            class), computed from the logits rounded to ``dtype``, in at least float32.
+            class), computed from the logits rounded to ``dtype``, in at least float32;
+            ``None`` when computed with ``with_gap=False``.
         threshold: :func:`collapse_threshold` for the dtype and activation.
     """
 
     num_samples: Tensor
     num_collapsed: Tensor
     num_zero_loss: Tensor | None
-    gap: Tensor
+    gap: Tensor | None
     threshold: float
 
     @property
     def headroom(self) -> Tensor:
         """Per-sample ``threshold - gap``: positive means not collapsed (whatever ``C``)."""
+        if self.gap is None:
+            raise ValueError("these stats were computed with with_gap=False: no headroom")
         return self.threshold - self.gap
 
 
@@ -241,6 +244,7 @@ def collapse_stats(
     *,
     activation: Activation = "softmax",
     dtype: torch.dtype | None = None,
+    with_gap: bool = True,
 ) -> CollapseStats:
     """Counts and per-sample headroom of Softmax (or StableMax) Collapse, without host sync.
 
@@ -255,6 +259,7 @@ def collapse_stats(
             ``[0, C)`` (such as the ``ignore_index`` -100 of padding) never count as zero-loss.
         activation: ``"softmax"`` or ``"stablemax"``.
         dtype: precision the loss is computed in; default the logits' dtype.
+        with_gap: also compute the per-sample gap (``False``: the counts alone, cheaper).
 
     Example:
         >>> stats = collapse_stats(torch.tensor([[20.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 0]))
@@ -289,7 +294,7 @@ def collapse_stats(
         log_probs = F.log_softmax(z, dim=-1)
         if flat_targets is not None:
             num_zero_loss = ((log_probs.gather(-1, flat_targets) == 0) & ~ignored).sum()
-        if dtype == wide and z.shape[-1] > 1:
+        if with_gap and dtype == wide and z.shape[-1] > 1:
             # In float32/64 the same pass gives the gap: log-probabilities differ by the logits'
             # differences, up to a few roundings at the size of log p (~1e-6 near float32's
             # threshold), and this fresh tensor takes the runner-up search in place, no copy.
@@ -306,7 +311,7 @@ def collapse_stats(
             )
             num_zero_loss = ((loss == 0) & ~ignored.squeeze(-1)).sum()
 
-    if gap is None:
+    if gap is None and with_gap:
         # Gap of the values actually fed to the loss (rounded to dtype), measured in >= float32.
         scores = z.to(wide)
         if activation == "stablemax":

@@ -28,6 +28,7 @@ more than the unfused attention itself would (its full ``B·H·L·S`` logits).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -283,6 +284,13 @@ def _chunk_plan(batch: int, heads: int, rows: int, cols: int, budget: int) -> tu
     return 1, 1, max(1, budget // max(cols, 1))
 
 
+@functools.lru_cache(maxsize=16)
+def _above_diagonal(rows: int, cols: int, device: torch.device) -> Tensor:
+    """``True`` above the diagonal (SDPA's ``is_causal`` drops those keys); cached per shape, as
+    a model asks for the same few shapes at every attention call. Never written to."""
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).triu_(1)
+
+
 def _causal_count(first: int, last: int, cols: int) -> int:
     """Σ_{i=first}^{last-1} min(i + 1, cols): the keys that queries first..last-1 see causally."""
     split = min(max(cols, first), last)  # rows below `split` see i + 1 keys, the rest all cols
@@ -312,7 +320,7 @@ def _sums_4d(
     nb, nh, nl = _chunk_plan(b_size, h_size, rows, cols, budget)
     above = None  # SDPA's is_causal drops keys j > i (top-left aligned when L != S)
     if causal and rows * cols <= budget:
-        above = torch.ones(rows, cols, dtype=torch.bool, device=device).triu_(1)
+        above = _above_diagonal(rows, cols, device)
     maxima, squares, counted = [], [], []
     known = 0  # positions counted without a mask: a Python int, no device work
     for b0, h0, l0 in itertools.product(
@@ -359,8 +367,10 @@ def _sums_4d(
         if dropped is not None:
             logits.masked_fill_(dropped, float("-inf"))
         maxima.append(logits.max())
-    best = torch.stack(maxima).max()
-    total = torch.stack(squares).double().square().sum()
+    # (one chunk, the usual case: no stacking; the operations' fixed cost is what counts there)
+    best = maxima[0] if len(maxima) == 1 else torch.stack(maxima).max()
+    norm = squares[0] if len(squares) == 1 else torch.stack(squares)
+    total = norm.double().square().sum()
     if late:
         best, total = best * scale, total * scale**2
     # a fill, not a copy from the host: a host-to-device copy would wait for the GPU
@@ -448,12 +458,7 @@ def attention_logit_sums(
                     f"enable_gqa=True with query heads a multiple of key heads; got {hq} and {hk}"
                 )
             groups = hq // hk
-        total = AttentionLogitSums(
-            torch.full((), -math.inf, dtype=_compute_dtype(q.dtype), device=q.device),
-            torch.zeros((), dtype=torch.float64, device=q.device),
-            torch.zeros((), dtype=torch.float64, device=q.device),
-            chunks=0,
-        )
+        total: AttentionLogitSums | None = None
         # several batch dimensions: a loop over all but the first, so that no tensor (or mask)
         # is ever expanded to the full batch; the usual 4-D (B, H, L, E) case has one pass
         outer = [range(n) for n in batch[1:]]
@@ -476,9 +481,15 @@ def attention_logit_sums(
                 keep_part = keep4
                 if groups > 1 and keep4 is not None and keep4.shape[1] > 1:
                     keep_part = keep4[:, member::groups]
-                total = total.merge(
-                    _sums_4d(q_part, k4, keep_part, is_causal, scale, chunk_elements)
-                )
+                part = _sums_4d(q_part, k4, keep_part, is_causal, scale, chunk_elements)
+                total = part if total is None else total.merge(part)
+        if total is None:  # an empty batch dimension: nothing to measure
+            return AttentionLogitSums(
+                torch.full((), -math.inf, dtype=_compute_dtype(q.dtype), device=q.device),
+                torch.zeros((), dtype=torch.float64, device=q.device),
+                torch.zeros((), dtype=torch.float64, device=q.device),
+                chunks=0,
+            )
         return total
 
 

@@ -166,6 +166,42 @@ class Monitor(Callback):
             return False
         return logging_step(trainer) % self.every_n_steps == 0
 
+    def logs_now(self, trainer: Any, *cadences: int) -> bool:
+        """Whether measurements pooled on the device are logged at this (measured) step.
+
+        True at the last step of each of Lightning's logging intervals (``log_every_n_steps``
+        steps, the steps ``self.log`` values are written at) on which one of ``cadences``
+        (default: ``every_n_steps``) measures, and when no measurement is left before
+        ``max_steps``. So ``every_n_steps=1`` measures every step and logs as often as Lightning
+        does, and with ``log_every_n_steps=1`` (or a cadence of at least ``log_every_n_steps``)
+        every measured step is logged.
+        """
+        return self.interval_ends(trainer, *cadences) or self._none_left(trainer, *cadences)
+
+    def interval_ends(self, trainer: Any, *cadences: int) -> bool:
+        """This is the last step of its logging interval on which one of ``cadences`` measures
+        (see :meth:`logs_now`). A log for any other reason (the run ends inside an interval)
+        keeps the pooled measurements in the monitor's state as well, so that a run resumed from
+        a checkpoint saved now pools them into the interval as an uninterrupted run would."""
+        step = logging_step(trainer)
+        interval = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        return self._upcoming(step, cadences) // interval != step // interval
+
+    def run_ends_inside_interval(self, trainer: Any, *cadences: int) -> bool:
+        """No measurement is left before ``max_steps`` and this step does not end its logging
+        interval: a log now is partial, and its pooled measurements are kept (see
+        :meth:`interval_ends`)."""
+        return self._none_left(trainer, *cadences) and not self.interval_ends(trainer, *cadences)
+
+    def _none_left(self, trainer: Any, *cadences: int) -> bool:
+        max_steps = getattr(trainer, "max_steps", -1)
+        upcoming = self._upcoming(logging_step(trainer), cadences)
+        return isinstance(max_steps, int) and 0 < max_steps <= upcoming
+
+    def _upcoming(self, step: int, cadences: tuple[int, ...]) -> int:
+        """The next step after ``step`` on which one of ``cadences`` measures."""
+        return min(step - step % n + n for n in (cadences or (self.every_n_steps,)))
+
     # ----------------------------------------------------------------------------- set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and not trainer.loggers and trainer.is_global_zero:

@@ -41,24 +41,32 @@ class SoftmaxCollapseMonitor(Monitor):
     without regularisation drives logits there by aligning the gradient with the *naive loss
     minimisation* direction — scaling the weights — which the monitor also tracks.
 
-    Logged under ``<prefix>/collapse/`` at measured steps (``every_n_steps``):
+    Measured every ``every_n_steps`` steps and logged under ``<prefix>/collapse/`` as often as
+    Lightning logs ``self.log`` values: at the last measured step of each ``log_every_n_steps``
+    interval (so at every measured step when ``every_n_steps >= log_every_n_steps``), and at the
+    end of training. Counts are pooled on the device in between (no host sync):
 
-    * ``sc_fraction``: share of the step's samples in collapse (every leading position of
-      ``(..., C)`` logits is a sample), for the activation actually in use;
-    * ``zero_loss_fraction``: share whose per-sample cross-entropy is exactly 0 (needs targets);
-    * ``headroom_median``, ``headroom_min``: the collapse threshold minus the top-vs-runner-up
-      logit gap, for the median and for the worst sample; it falls towards 0 before collapse
-      starts and is negative for collapsed samples;
+    * ``sc_fraction``: share of the samples of every step measured since the last log that are
+      in collapse (every leading position of ``(..., C)`` logits is a sample), for the
+      activation actually in use;
+    * ``zero_loss_fraction``: the same share for a per-sample cross-entropy of exactly 0 (needs
+      targets);
+    * ``headroom_median``, ``headroom_min``: at the logged step, the collapse threshold minus the
+      top-vs-runner-up logit gap, for the median and for the worst sample; it falls towards 0
+      before collapse starts and is negative for collapsed samples;
     * ``threshold``: the collapse threshold ln(2/eps) of the precision measured in (16.64 for
       float32, 36.74 for float64, 7.62 for float16) — so the panel shows which dtype it was;
-    * ``nlm_cosine``: cos(−∇L, θ) over all parameters with a gradient, read in
-      ``on_before_optimizer_step`` (after gradient accumulation, AMP unscaling and DDP averaging);
-      with ``per_layer=True`` also ``nlm_cosine/<parameter name>``.
+    * ``nlm_cosine``: cos(−∇L, θ) over all parameters with a gradient at the logged step, read
+      in ``on_before_optimizer_step`` (after gradient accumulation, AMP unscaling and DDP
+      averaging); with ``per_layer=True`` also ``nlm_cosine/<parameter name>``.
 
-    An *SC onset* event is logged the first time ``sc_fraction`` exceeds ``onset_threshold``.
-    With ``remedy="stablemax"`` (or ``"float64"``) every :class:`dynlens.CrossEntropyLoss` in the
-    module is switched to StableMax (or to float64) at that moment; the switch is an event, is
-    kept in the checkpoint and re-applied on resume. A remedy changes training by design.
+    An *SC onset* event marks the first measured step whose own share of collapsed samples
+    exceeds ``onset_threshold`` (found when the step's interval is logged). With
+    ``remedy="stablemax"`` (or ``"float64"``) every measured step is logged until the onset, and
+    at the onset every :class:`dynlens.CrossEntropyLoss` in the module is switched to StableMax
+    (or to float64); the switch is an event, is kept in the checkpoint and re-applied on resume.
+    A remedy changes training by design. Steps measured but not yet logged are kept in
+    checkpoints, so a resumed run logs what an uninterrupted one would.
 
     Args:
         logits_module: name of the submodule producing the logits (a forward hook records them
@@ -132,7 +140,14 @@ class SoftmaxCollapseMonitor(Monitor):
         #: The latest logged values, by quantity name.
         self.latest: dict[str, float] = {}
         self.remedy_applied = False
-        self._stats: dict[str, Any] = {}
+        # measured steps not logged yet: (logging step, [samples, collapsed, zero-loss] counts)
+        self._rows: list[tuple[int, torch.Tensor]] = []
+        self._step: torch.Tensor | None = None  # the counts of the step being measured
+        self._gaps: list[torch.Tensor] = []  # per-sample gaps of the step to be logged
+        self._has_targets = True
+        self._measured_in: tuple[str, torch.dtype] = ("softmax", torch.float32)
+        self._logging = False  # whether the step being measured is logged
+        self._logged_through: int | None = None  # the last logged step
         self._cosines: dict[str, torch.Tensor] = {}
         self._window = StepWindow()
         self._sharded = False
@@ -168,6 +183,9 @@ class SoftmaxCollapseMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        # a new fit starts a new logging interval (a checkpoint restored next may carry one)
+        self._rows, self._step, self._gaps, self._cosines = [], None, [], {}
+        self._logged_through = None
         # found once: walking every module at each measured step would cost a large model dearly
         self._loss_modules = _losses(pl_module)
         if self.remedy is not None and not self._loss_modules:
@@ -192,6 +210,7 @@ class SoftmaxCollapseMonitor(Monitor):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
+        self._rows = [(s, c.to(pl_module.device)) for s, c in self._rows]  # restored: on the host
         if self.remedy_applied:  # restored from a checkpoint: the loss modules are not
             self._switch_losses()
 
@@ -206,16 +225,22 @@ class SoftmaxCollapseMonitor(Monitor):
             dtype = loss.dtype if loss is not None and loss.dtype is not None else logits.dtype
         return activation, dtype
 
+    def _logs_now(self, trainer: Any) -> bool:
+        # with a remedy still to apply, every measured step is read, so the switch is not late
+        pending_remedy = self.remedy is not None and not self.remedy_applied
+        return pending_remedy or self.logs_now(trainer)
+
     @fail_soft
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         if self.is_due(trainer):
             self._window.open(trainer)
             self.capture.arm()
+            self._logging = self._logs_now(trainer)
 
     @fail_soft
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if not self.is_due(trainer):
-            return
+        if not (self.is_due(trainer) and self._logs_now(trainer)):
+            return  # the NLM cosine is read at the logged steps only
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
         grads = [p.grad for _, p in named]
         params = [p for _, p in named]
@@ -242,72 +267,99 @@ class SoftmaxCollapseMonitor(Monitor):
             return
         for logits in take_logits(self.capture, outputs, type(self).__name__):
             self._accumulate(logits, batch_targets(batch, self.targets, logits))
-        if self._window.close_if_stepped(trainer):  # the optimizer stepped: log the step
-            self._flush(trainer)
+        if self._window.close_if_stepped(trainer):  # the optimizer stepped: the step is whole
+            step = logging_step(trainer)
+            self._end_step(step)
+            if self._logging:
+                self._flush(trainer, step, last=self.run_ends_inside_interval(trainer))
+
+    @fail_soft
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # a run stopped before max_steps (EarlyStopping, max_epochs) may have steps not logged
+        if self._rows and self._rows[-1][0] != self._logged_through:
+            self._flush(trainer, self._rows[-1][0], last=True)
 
     def _accumulate(self, logits: torch.Tensor, targets: Any) -> None:
         activation, dtype = self._precision(logits)
-        stats = collapse_stats(logits, targets, activation=activation, dtype=dtype)
-        acc = self._stats
-        if not acc:
-            acc.update(counts=[], gaps=[], has_targets=True)
-        acc["precision"] = (activation, dtype)
+        stats = collapse_stats(
+            logits, targets, activation=activation, dtype=dtype, with_gap=self._logging
+        )
+        self._measured_in = (activation, dtype)
         zero_loss = stats.num_zero_loss
         if zero_loss is None:
             zero_loss = stats.num_collapsed.new_zeros(())
-        acc["counts"].append(torch.stack([stats.num_samples, stats.num_collapsed, zero_loss]))
-        acc["has_targets"] &= stats.num_zero_loss is not None
-        acc["gaps"].append(stats.gap.float())
+        counts = torch.stack([stats.num_samples, stats.num_collapsed, zero_loss])
+        self._step = counts if self._step is None else self._step + counts
+        self._has_targets &= stats.num_zero_loss is not None
+        if stats.gap is not None:
+            self._gaps.append(stats.gap.float())
 
-    def _flush(self, trainer: Any) -> None:
-        acc, self._stats = self._stats, {}
-        if not acc:
+    def _end_step(self, step: int) -> None:
+        if self._step is not None:
+            self._rows.append((step, self._step))
+            self._step = None
+
+    def _flush(self, trainer: Any, step: int, last: bool = False) -> None:
+        """Log the steps measured since the last log. When a run ends inside a logging interval
+        (``last``) they are also kept: a checkpoint saved now carries them, and a run resumed
+        from it pools them into the same interval as an uninterrupted run would."""
+        rows, gaps, cosines = self._rows, self._gaps, self._cosines
+        has_targets = self._has_targets
+        self._gaps, self._cosines = [], {}
+        if not last:
+            self._rows, self._has_targets = [], True
+        self._logged_through = step
+        if not rows:
             return
-        activation, dtype = acc["precision"]
-        gaps = torch.cat(acc["gaps"]) if len(acc["gaps"]) > 1 else acc["gaps"][0]
-        counts = torch.stack(acc["counts"]).sum(0) if len(acc["counts"]) > 1 else acc["counts"][0]
-        counts = self.reduce(trainer, counts, "sum")
-        worst_gap = self.reduce(trainer, gaps.max(), "max")
-        median_gap = self.reduce(trainer, gaps.median(), "mean")
-        cosines, self._cosines = self._cosines, {}
-        # everything to the host in one copy (float64 holds the counts exactly; MPS lacks it)
-        wide = torch.float32 if counts.device.type == "mps" else torch.float64
-        values = torch.cat(
-            [t.reshape(-1).to(wide) for t in (counts, worst_gap, median_gap, *cosines.values())]
-        ).tolist()
-        samples, collapsed, zero_loss, worst, median = values[:5]
-        samples = max(samples, 1.0)
+        activation, dtype = self._measured_in
+        # every pooled step's counts in one collective and, with the rest, one host copy
+        per_step = self.reduce(trainer, torch.stack([c for _, c in rows]), "sum")
+        wide = torch.float32 if per_step.device.type == "mps" else torch.float64  # MPS: no f64
+        parts = [per_step.reshape(-1).to(wide)]
+        if gaps:
+            gap = torch.cat(gaps) if len(gaps) > 1 else gaps[0]
+            worst = self.reduce(trainer, gap.max(), "max")
+            median = self.reduce(trainer, gap.median(), "mean")
+            parts += [worst.reshape(1).to(wide), median.reshape(1).to(wide)]
+        parts += [c.reshape(-1).to(wide) for c in cosines.values()]
+        values = torch.cat(parts).tolist()
+        counts = [values[3 * k : 3 * k + 3] for k in range(len(rows))]
+        rest = values[3 * len(rows) :]
+        samples = max(sum(c[0] for c in counts), 1.0)
         threshold = collapse_threshold(dtype, activation)
         scalars: dict[str, float] = {
-            "sc_fraction": collapsed / samples,
-            "headroom_median": threshold - median,
-            "headroom_min": threshold - worst,
+            "sc_fraction": sum(c[1] for c in counts) / samples,
             "threshold": threshold,
         }
-        if acc["has_targets"]:
-            scalars["zero_loss_fraction"] = zero_loss / samples
-        scalars.update(zip(cosines, values[5:], strict=True))
-        logged = self.log_metrics(trainer, scalars)
+        if has_targets:
+            scalars["zero_loss_fraction"] = sum(c[2] for c in counts) / samples
+        if gaps:
+            worst_gap, median_gap, rest = rest[0], rest[1], rest[2:]
+            scalars["headroom_median"] = threshold - median_gap
+            scalars["headroom_min"] = threshold - worst_gap
+        scalars.update(zip(cosines, rest, strict=True))
+        logged = self.log_metrics(trainer, scalars, step=step)
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
-        step = logging_step(trainer)
         precision = (activation, str(dtype).removeprefix("torch."))
         if self._announced_precision != precision:
             self._announced_precision = precision
             self.log_event(
                 trainer,
-                step,
+                rows[0][0],
                 "precision",
-                f"measuring {activation} collapse in {str(dtype).removeprefix('torch.')} "
-                f"(threshold {threshold:.2f})",
+                f"measuring {activation} collapse in {precision[1]} (threshold {threshold:.2f})",
             )
-        fraction = self.latest["sc_fraction"]
-        self.peak_sc_fraction = max(fraction, self.peak_sc_fraction or 0.0)
-        if self.onset_step is None and fraction > self.onset_threshold:
-            self.onset_step = step
+        fractions = [(s, c[1] / max(c[0], 1.0)) for (s, _), c in zip(rows, counts, strict=True)]
+        self.peak_sc_fraction = max(
+            self.peak_sc_fraction or 0.0, *(fraction for _, fraction in fractions)
+        )
+        onset = next(((s, f) for s, f in fractions if f > self.onset_threshold), None)
+        if self.onset_step is None and onset is not None:
+            self.onset_step, fraction = onset
             self.log_event(
                 trainer,
-                step,
+                self.onset_step,
                 "onset",
                 f"Softmax Collapse onset: {fraction:.1%} of samples collapsed "
                 f"(> {self.onset_threshold:.0%})",
@@ -318,7 +370,7 @@ class SoftmaxCollapseMonitor(Monitor):
                 target = "StableMax" if self.remedy == "stablemax" else "float64"
                 self.log_event(
                     trainer,
-                    step,
+                    self.onset_step,
                     "remedy",
                     f"switched {switched} dynlens.CrossEntropyLoss to {target} (remedy)",
                 )
@@ -340,6 +392,12 @@ class SoftmaxCollapseMonitor(Monitor):
             "peak_sc_fraction": self.peak_sc_fraction,
             "remedy_applied": self.remedy_applied,
             "announced_precision": self._announced_precision,
+            # measured steps not logged yet, so a resumed run logs the same pooled values
+            "pending": {
+                "rows": [(s, c.tolist()) for s, c in self._rows],
+                "has_targets": self._has_targets,
+                "measured_in": (self._measured_in[0], str(self._measured_in[1])),
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -349,3 +407,10 @@ class SoftmaxCollapseMonitor(Monitor):
         announced = state_dict.get("announced_precision")
         self._announced_precision = None if announced is None else tuple(announced)
         self.remedy_applied = bool(state_dict.get("remedy_applied", False))
+        pending = state_dict.get("pending") or {}
+        self._rows = [
+            (int(s), torch.tensor(c, dtype=torch.int64)) for s, c in pending.get("rows", [])
+        ]
+        self._has_targets = bool(pending.get("has_targets", True))
+        activation, dtype = pending.get("measured_in", ("softmax", "torch.float32"))
+        self._measured_in = (activation, getattr(torch, str(dtype).removeprefix("torch.")))

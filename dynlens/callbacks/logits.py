@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -25,6 +26,27 @@ from .base import Chart, ConfigurationError, Monitor, check_positive_int, fail_s
 
 def _stack(sums: Any, names: tuple[str, ...]) -> torch.Tensor:
     return torch.stack([getattr(sums, name) for name in names]).double()
+
+
+def _as_floats(sums: Any) -> dict[str, Any]:
+    """A dataclass of statistics as host numbers (for a checkpoint)."""
+    return {
+        f.name: float(v) if isinstance(v, torch.Tensor) else v
+        for f in dataclasses.fields(sums)
+        for v in (getattr(sums, f.name),)
+    }
+
+
+def _on_device(sums: Any, device: torch.device) -> Any:
+    """Restored statistics back as device tensors (counts that are host floats stay floats)."""
+    tensor_fields = {*sums.SUMS, *sums.MAXIMA} - {"samples", "entries"}
+    return dataclasses.replace(
+        sums,
+        **{
+            f: torch.tensor(getattr(sums, f), dtype=torch.float64, device=device)
+            for f in tensor_fields
+        },
+    )
 
 
 NO_ATTENTION_WARNING = (
@@ -52,18 +74,24 @@ class LogitGrowthMonitor(Monitor):
     0 (z-loss ``1e-4·(log Z)²``, :func:`dynlens.z_loss`, prevents it). Every number comes from a
     pure function of :mod:`dynlens.logits`.
 
-    Logged under ``<prefix>/logits/`` — output logits (shape ``(..., C)``, every leading position a
-    sample) at steps on ``every_n_steps``:
+    Measured on the steps of ``every_n_steps`` (output logits) and ``attention_every_n_steps``
+    (attention), pooled on the device, and logged under ``<prefix>/logits/`` as often as Lightning
+    logs ``self.log`` values: at the last measured step of each ``log_every_n_steps`` interval
+    (so at every measured step when the cadences are at least ``log_every_n_steps``) and at the
+    end of training. Each logged value covers every step measured since the previous log (sums
+    add, maxima take the maximum); statistics not yet logged are kept in checkpoints.
+
+    Output logits (shape ``(..., C)``, every leading position a sample):
 
     * ``rms``: root mean square of all logits; ``max_abs``: the largest ``|z|``;
     * ``logz_mean``, ``logz_max``: mean and max over samples of ``log Z = logsumexp_c z_c``;
     * ``spread``: mean over samples of the (population) std over classes — the part of the logits'
       size the loss sees, where ``logz_mean`` is the shift it does not see;
-    * ``growth_rate``: least-squares slope of ``ln(max_abs)`` over the last ``window`` measured
-      steps, in e-folds per 1000 steps (:func:`dynlens.logits.log_growth_rate`; 0.69 doubles
+    * ``growth_rate``: least-squares slope of ``ln(max_abs)`` over the last ``window`` logged
+      points, in e-folds per 1000 steps (:func:`dynlens.logits.log_growth_rate`; 0.69 doubles
       every 1000 steps); from the second measurement on.
 
-    Attention logits, at steps on ``attention_every_n_steps``, from every call of
+    Attention logits, from every call of
     ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` during the training step's
     forward (not under ``no_grad``, not in validation; masks, ``is_causal`` and grouped-query
     heads honoured; see :mod:`dynlens.callbacks._attention`):
@@ -72,9 +100,10 @@ class LogitGrowthMonitor(Monitor):
     * ``attn_max/<layer>``, ``attn_rms/<layer>``: the same per layer, named by the module that
       called attention (``blocks.0.attn``), else ``call_<i>`` in call order.
 
-    Events (each once per run, kept in the checkpoint): ``attention_warning`` when ``attn_max``
-    first passes ``attention_warning`` (default 1e3, a tenth of the divergence level: a softmax
-    row with a logit 1e3 above the rest is exactly one-hot in any precision),
+    Events (each once per run, kept in the checkpoint, at the logged step whose values first
+    pass): ``attention_warning`` when ``attn_max`` first passes ``attention_warning`` (default
+    1e3, a tenth of the divergence level: a softmax row with a logit 1e3 above the rest is
+    exactly one-hot in any precision),
     ``attention_divergence`` past ``attention_divergence`` (default 1e4: divergence likely), and
     ``logz_drift`` when ``|logz_mean|`` first exceeds ``logz_threshold``. The default 20 is
     above ``log C`` of any vocabulary up to e²⁰ ≈ 5·10⁸ classes (``log Z ≈ log C`` at
@@ -180,7 +209,13 @@ class LogitGrowthMonitor(Monitor):
         # (step, max |z|) of the last `window` output-logit measurements: the growth-rate fit
         self._history: deque[tuple[int, float]] = deque(maxlen=window)
         self._window = StepWindow()
+        # measured since the last log, pooled: output-logit and per-layer attention statistics
         self._output: OutputLogitSums | None = None
+        self._layers: dict[str, AttentionLogitSums] = {}
+        self._attention_steps = 0  # attention steps pooled (none seen: a warning)
+        self._pending_since_log = False
+        self._last_measured = 0
+        self._logging = False  # whether the step being measured is logged
         self._output_armed = False
         self._attention_armed = False
         self._warned_no_attention = False
@@ -209,16 +244,29 @@ class LogitGrowthMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        # a new fit starts a new logging interval (a checkpoint restored next may carry one)
+        self._output, self._layers, self._attention_steps = None, {}, 0
+        self._pending_since_log = False
         if self.output_logits:
             self.capture.attach(pl_module, type(self).__name__)
         if self.attention:
             self.attention_capture.attach(pl_module)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        # statistics restored from a checkpoint are host numbers: back to the device
+        if self._output is not None and not isinstance(self._output.max_abs, torch.Tensor):
+            self._output = _on_device(self._output, pl_module.device)
+        self._layers = {
+            n: s if isinstance(s.max_logit, torch.Tensor) else _on_device(s, pl_module.device)
+            for n, s in self._layers.items()
+        }
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.capture.detach()
         self.attention_capture.detach()
         self._window.close()
-        self._output, self._output_armed, self._attention_armed = None, False, False
+        self._output_armed, self._attention_armed = False, False
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # never leave the interception mode or the global module hooks behind
@@ -238,6 +286,12 @@ class LogitGrowthMonitor(Monitor):
         return logging_step(trainer) % self.attention_every_n_steps == 0
 
     # ------------------------------------------------------------------------------ measuring
+    def _cadences(self) -> tuple[int, ...]:
+        return (
+            *((self.every_n_steps,) if self.output_logits else ()),
+            *((self.attention_every_n_steps,) if self.attention else ()),
+        )
+
     @fail_soft
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         output_due = self.output_logits and self.is_due(trainer)
@@ -250,6 +304,7 @@ class LogitGrowthMonitor(Monitor):
             self._attention_armed = True
         if output_due or attention_due:
             self._window.open(trainer)
+            self._logging = self.logs_now(trainer, *self._cadences())
 
     @fail_soft
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
@@ -270,23 +325,47 @@ class LogitGrowthMonitor(Monitor):
         self.attention_capture.pause()
         if self._output_armed:
             self._take_output(outputs)
-        if self._window.close_if_stepped(trainer):
-            self._flush(trainer)
+        if not self._window.close_if_stepped(trainer):
+            return
+        if self._attention_armed:  # the step is whole: pool its attention statistics
+            self._attention_armed = False
+            layers = self.attention_capture.take()
+            self._attention_steps += 1
+            self._pending_since_log = True
+            for name, sums in layers.items():
+                previous = self._layers.get(name)
+                self._layers[name] = sums if previous is None else previous.merge(sums)
+        self._last_measured = logging_step(trainer)
+        if self._logging:
+            last = self.run_ends_inside_interval(trainer, *self._cadences())
+            self._flush(trainer, logging_step(trainer), last=last)
+
+    @fail_soft
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # a run stopped before max_steps (EarlyStopping, max_epochs) may have steps not logged
+        if self._pending_since_log:
+            self._flush(trainer, self._last_measured, last=True)
 
     def _take_output(self, outputs: Any) -> None:
         self._output_armed = False
         for logits in take_logits(self.capture, outputs, type(self).__name__):
             sums = output_logit_sums(logits)
             self._output = sums if self._output is None else self._output.merge(sums)
+        self._pending_since_log = True
 
-    def _flush(self, trainer: Any) -> None:
-        output, self._output = self._output, None
-        layers: dict[str, AttentionLogitSums] = {}
-        if self._attention_armed:
-            self._attention_armed = False
-            layers = self.attention_capture.take()
-            if not layers and not self._warned_no_attention and trainer.is_global_zero:
-                self._warned_no_attention = True
+    def _flush(self, trainer: Any, step: int, last: bool = False) -> None:
+        """Log what was measured since the last log (pooled over the measured steps). When a run
+        ends inside a logging interval (``last``) the pooled statistics are also kept, so that a
+        checkpoint saved now carries them into a resumed run's interval, and the growth-rate
+        history is not extended (the resumed run adds the interval's point)."""
+        output, layers = self._output, self._layers
+        attention_steps = self._attention_steps
+        if not last:
+            self._output, self._layers, self._attention_steps = None, {}, 0
+        self._pending_since_log = False
+        if attention_steps and not layers and not self._warned_no_attention:
+            self._warned_no_attention = True
+            if trainer.is_global_zero:
                 warnings.warn(NO_ATTENTION_WARNING, UserWarning, stacklevel=2)
         if output is None and not layers:
             return
@@ -310,13 +389,12 @@ class LogitGrowthMonitor(Monitor):
             parts.append(self.reduce(trainer, layer_maxima, "max"))
             parts.append(self.reduce(trainer, torch.cat([_stack(s, s.SUMS) for s in every]), "sum"))
         host = iter(torch.cat(parts).cpu().tolist())
-        step = logging_step(trainer)
         metrics: dict[str, float] = {}
         if output is not None:
             names = ("samples", "entries", *on_device, *output.MAXIMA)
             pooled = OutputLogitSums(**{name: next(host) for name in names})
             metrics.update(pooled.compute())
-            self._grow(metrics, step)
+            self._grow(metrics, step, keep=not last)
         maxima = {name: {f: next(host) for f in s.MAXIMA} for name, s in layers.items()}
         per_layer = {}
         for name, s in layers.items():
@@ -329,13 +407,16 @@ class LogitGrowthMonitor(Monitor):
         self.latest.update(metrics)
         self._check_events(trainer, step, metrics)
 
-    def _grow(self, metrics: dict[str, float], step: int) -> None:
+    def _grow(self, metrics: dict[str, float], step: int, keep: bool = True) -> None:
         """Add the growth rate of max |z| over the window (from the second measurement on)."""
         value = metrics["max_abs"]
+        history = list(self._history)
         if math.isfinite(value) and value > 0:
-            self._history.append((step, value))
-        if len(self._history) >= 2:
-            steps, values = zip(*self._history, strict=True)
+            history = [*history, (step, value)][-self.window :]
+            if keep:
+                self._history.append((step, value))
+        if len(history) >= 2:
+            steps, values = zip(*history, strict=True)
             metrics["growth_rate"] = log_growth_rate(steps, values)
 
     def _attention_metrics(self, per_layer: dict[str, AttentionLogitSums]) -> dict[str, float]:
@@ -399,6 +480,15 @@ class LogitGrowthMonitor(Monitor):
             **super().state_dict(),
             "history": [list(p) for p in self._history],
             "peak_attention_logit": self.peak_attention_logit,
+            # measured since the last log, so a resumed run logs the same pooled values
+            "pending": {
+                "output": None if self._output is None else _as_floats(self._output),
+                "layers": {name: _as_floats(s) for name, s in self._layers.items()},
+                "attention_steps": self._attention_steps,
+                "last_measured": self._last_measured,
+            }
+            if self._pending_since_log or self._output is not None or self._layers
+            else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -407,3 +497,10 @@ class LogitGrowthMonitor(Monitor):
             ((int(s), float(v)) for s, v in state_dict.get("history", [])), maxlen=self.window
         )
         self.peak_attention_logit = state_dict.get("peak_attention_logit")
+        pending = state_dict.get("pending") or {}
+        output = pending.get("output")
+        self._output = None if output is None else OutputLogitSums(**output)
+        self._layers = {n: AttentionLogitSums(**s) for n, s in pending.get("layers", {}).items()}
+        self._attention_steps = int(pending.get("attention_steps", 0))
+        self._last_measured = int(pending.get("last_measured", 0))
+        self._pending_since_log = bool(pending)

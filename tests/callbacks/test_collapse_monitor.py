@@ -361,3 +361,86 @@ def test_perpgrad_changes_training_like_orthograd():
     with_perp = run([PerpGrad()])
     assert not all(torch.equal(a, b) for a, b in zip(with_perp, run([]), strict=True))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(with_perp, manual(), strict=True))
+
+
+def _step_logits(step):
+    # step s: 4 samples, the first s of them collapsed (gaps 20) and the others not (gap 1 + s)
+    gaps = torch.tensor([20.0 if i < step else 1.0 + step for i in range(4)])
+    return torch.stack([gaps, torch.zeros(4)], dim=-1)
+
+
+def test_measured_steps_are_pooled_and_logged_at_lightnings_logging_steps(tmp_path):
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, onset_threshold=0.4, verbose=False)
+    targets = torch.tensor([0, 1, 0, 0])
+    fit(
+        scripted_logits(_step_logits),
+        [monitor],
+        tmp_path,
+        max_steps=6,
+        batch=batch_with(targets),
+        log_every_n_steps=4,
+    )
+    logged = scalars(tmp_path)
+    # logged at the end of the logging interval (step 3) and at the last step (5); the shares
+    # pool every measured step since the last log: steps 0-3 hold 0+1+2+3 of 16 collapsed
+    assert logged["dynlens/collapse/sc_fraction"] == [(3, 6 / 16), (5, (4 + 4) / 8)]
+    # zero loss: collapsed with target 0 (sample 1 has target 1): steps 0-3 give 0+1+1+2
+    assert logged["dynlens/collapse/zero_loss_fraction"] == [(3, 4 / 16), (5, 6 / 8)]
+    # headroom is read at the logged step itself: step 3's gaps are [20, 20, 20, 4]
+    assert logged["dynlens/collapse/headroom_min"] == [
+        (3, pytest.approx(F32 - 20, abs=1e-5)),
+        (5, pytest.approx(F32 - 20, abs=1e-5)),
+    ]
+    assert logged["dynlens/collapse/headroom_median"][0] == (3, pytest.approx(F32 - 20, abs=1e-5))
+    # the onset is the first *step* above the threshold (step 2: 2 of 4), not the logged one
+    assert monitor.onset_step == 2
+    assert (2, "step 2: Softmax Collapse onset: 50.0% of samples collapsed (> 40%)") in texts(
+        tmp_path, "dynlens/collapse/events"
+    )
+    assert monitor.peak_sc_fraction == 1.0
+    assert [s for s, _ in logged["dynlens/collapse/nlm_cosine"]] == [3, 5]
+
+
+def test_a_run_stopped_early_logs_its_pending_steps(tmp_path):
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)
+    fit(
+        scripted_logits(_step_logits),
+        [monitor],
+        tmp_path,
+        max_steps=-1,
+        max_epochs=3,
+        log_every_n_steps=50,
+    )
+    logged = scalars(tmp_path)  # three one-batch epochs, no max_steps: logged at train end
+    assert logged["dynlens/collapse/sc_fraction"] == [(2, 3 / 12)]
+    assert "dynlens/collapse/headroom_min" not in logged  # read only at logging steps
+
+
+def test_resume_inside_a_logging_interval_logs_what_the_uninterrupted_run_logs(tmp_path):
+    pl = lightning()
+
+    def run(max_steps, ckpt_path=None, every=None):
+        monitor = SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)
+        callbacks = [monitor]
+        if every:
+            callbacks.append(
+                pl.callbacks.ModelCheckpoint(
+                    dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1
+                )
+            )
+        t = trainer(
+            max_steps=max_steps,
+            logger=tb_logger(tmp_path / f"run{max_steps}{ckpt_path is not None}"),
+            callbacks=callbacks,
+            log_every_n_steps=4,
+            enable_checkpointing=bool(every),
+        )
+        t.fit(scripted_logits(_step_logits), one_batch_loader(), ckpt_path=ckpt_path)
+        return scalars(tmp_path / f"run{max_steps}{ckpt_path is not None}")
+
+    whole = run(8)
+    run(2, every=2)  # stops after step 1, inside the first logging interval (steps 0-3)
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    resumed = run(8, ckpt_path=str(ckpt))
+    assert resumed["dynlens/collapse/sc_fraction"] == whole["dynlens/collapse/sc_fraction"]
+    assert [s for s, _ in whole["dynlens/collapse/sc_fraction"]] == [3, 7]

@@ -454,3 +454,71 @@ def test_capture_records_nothing_when_not_armed_or_without_grad():
         F.scaled_dot_product_attention(q, q, q)
     assert capture.take() == {} and capture.calls_seen == 0
     capture.pause()  # pausing twice is harmless
+
+
+def _growing(step):
+    return torch.tensor([[2.0 + step, -1.0, 0.0], [0.5, 0.5, 0.5 * step]])
+
+
+def _attention_input(step):
+    return torch.full((1, 1, 2, 4), 0.5 * (step + 1))
+
+
+def test_steps_are_pooled_and_logged_at_lightnings_logging_steps(tmp_path):
+    monitor = LogitGrowthMonitor(every_n_steps=1, attention_every_n_steps=2, verbose=False)
+    module = scripted(_growing, _attention_input)
+    fit(module, [monitor], tmp_path, max_steps=7, log_every_n_steps=4)
+    logged = scalars(tmp_path)
+    # logged at the last step of each logging interval (3) and at the last step (6)
+    assert [s for s, _ in logged[KEY + "max_abs"]] == [3, 6]
+    # each log pools every measured step since the last one: the logits of steps 0-3 together
+    first = output_logit_stats(torch.cat([_growing(s) for s in range(4)]))
+    assert values(logged, "rms")[0] == pytest.approx(first.rms, rel=1e-6)
+    assert values(logged, "max_abs")[0] == pytest.approx(first.max_abs)
+    assert values(logged, "logz_mean")[0] == pytest.approx(first.logz_mean, rel=1e-6)
+    assert values(logged, "spread")[0] == pytest.approx(first.spread, rel=1e-6)
+    second = output_logit_stats(torch.cat([_growing(s) for s in range(4, 7)]))
+    assert values(logged, "max_abs")[1] == pytest.approx(second.max_abs)
+    # attention at steps 0, 2 (logged at 3) and 4, 6: q = k = c·1, so every logit is c²·4/2
+    assert values(logged, "attn_max") == pytest.approx([(1.5**2) * 2, (3.5**2) * 2])
+    expected_rms = math.sqrt(((0.5**2 * 2) ** 2 + (1.5**2 * 2) ** 2) / 2)
+    assert values(logged, "attn_rms")[0] == pytest.approx(expected_rms, rel=1e-6)
+    # the growth rate is fitted to the logged points (one per logging interval)
+    rate = 1000 * (math.log(second.max_abs) - math.log(first.max_abs)) / 3
+    assert logged[KEY + "growth_rate"] == [(6, pytest.approx(rate, rel=1e-6))]
+
+
+def test_resume_inside_a_logging_interval_logs_what_the_uninterrupted_run_logs(tmp_path):
+    pl = lightning()
+
+    def run(max_steps, ckpt_path=None, every=None):
+        monitor = LogitGrowthMonitor(every_n_steps=1, attention_every_n_steps=1, verbose=False)
+        callbacks = [monitor]
+        if every:
+            callbacks.append(
+                pl.callbacks.ModelCheckpoint(
+                    dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1
+                )
+            )
+        name = f"run{max_steps}{ckpt_path is not None}"
+        t = trainer(
+            max_steps=max_steps,
+            logger=tb_logger(tmp_path / name),
+            callbacks=callbacks,
+            log_every_n_steps=4,
+            enable_checkpointing=bool(every),
+        )
+        t.fit(scripted(_growing, _attention_input), one_batch_loader(), ckpt_path=ckpt_path)
+        return scalars(tmp_path / name)
+
+    whole = run(8)
+    run(2, every=2)  # stops after step 1, inside the first logging interval (steps 0-3)
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    resumed = run(8, ckpt_path=str(ckpt))
+    for quantity in ("rms", "max_abs", "logz_mean", "spread", "attn_max", "attn_rms"):
+        assert resumed[KEY + quantity] == [
+            (s, pytest.approx(v, rel=1e-6)) for s, v in whole[KEY + quantity]
+        ], quantity
+    assert resumed[KEY + "growth_rate"] == [
+        (s, pytest.approx(v, rel=1e-6)) for s, v in whole[KEY + "growth_rate"]
+    ]
