@@ -9,8 +9,9 @@ logger holds what was logged.
 ``contract`` (the default) runs the conformance model (Dropout, BatchNorm, a budgeted
 HessianMonitor) and records each rank's Hessian schedule. ``values`` runs a deterministic model
 (no Dropout, no BatchNorm: its forward on a shard equals the single-process forward on the same
-samples) for comparison with a single process on the same global batches, and records each
-rank's own trace estimate so the logged trace can be checked to be their mean.
+samples) for comparison with a single process on the same global batches, logging every second
+step (so pooled statistics are reduced too), and records each rank's own trace estimate so the
+logged trace can be checked to be their mean.
 """
 
 import json
@@ -77,13 +78,15 @@ def fit(out: Path, mode: str, devices: int) -> tuple[pl.Trainer, dict]:
         budgeted = dynlens.HessianMonitor(budget=0.3, num_probes=2, max_iter=3, prefix="budget")
         callbacks.append(budgeted)
         extra["budget_steps"] = lambda: [int(h["step"]) for h in budgeted.history]
-        max_steps = 4
+        max_steps, log_every = 4, 1
     else:
         model = deterministic_model()
         local = LocalTrace(monitors[dynlens.HessianMonitor])
         callbacks.insert(0, local)
         extra["local_trace"] = lambda: local.by_step
-        max_steps = 2
+        # two steps per logging interval: the pooled collapse and logit statistics reduce
+        # across ranks at the logged steps only
+        max_steps, log_every = 4, 2
     trainer = pl.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -92,7 +95,7 @@ def fit(out: Path, mode: str, devices: int) -> tuple[pl.Trainer, dict]:
         logger=pl.loggers.CSVLogger(str(out), name="", version=""),
         callbacks=callbacks,
         check_val_every_n_epoch=1,
-        log_every_n_steps=1,
+        log_every_n_steps=log_every,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
         enable_progress_bar=False,

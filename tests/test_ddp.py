@@ -78,6 +78,9 @@ def test_ddp_values_equal_one_process_on_the_same_global_batch(tmp_path):
         assert ddp[key] == pytest.approx(points, rel=1e-4, abs=1e-6), key
         compared.add(key.split("/")[1])
     assert compared == {"grokking", "collapse", "logits", "continual"}
+    # two steps per logging interval: collapse and logit statistics pooled over both
+    assert sorted(ddp["dynlens/collapse/sc_fraction"]) == [1, 3]
+    assert sorted(ddp["dynlens/logits/attn_max/block"]) == [1, 3]
     assert "dynlens/logits/attn_max/block" in single, "attention maxima not compared"
     # the trace does not decompose into shards with shared probes: it is the mean of the ranks'
     # own estimates, each recomputed here with the pure estimator and the same probes
