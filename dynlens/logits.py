@@ -33,7 +33,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,25 @@ class OutputLogitSums:
         summed = {f: getattr(self, f) + getattr(other, f) for f in self.SUMS}
         maxed = {f: torch.maximum(getattr(self, f), getattr(other, f)) for f in self.MAXIMA}
         return OutputLogitSums(**summed, **maxed)
+
+    @classmethod
+    def pool(cls, items: Sequence[OutputLogitSums]) -> OutputLogitSums:
+        """The statistics of all ``items``' samples together, as :meth:`merge` one by one would
+        give them, with one stack and one reduction per field (for many items at once)."""
+        if not items:
+            raise ValueError("Expected at least one OutputLogitSums to pool")
+        if len(items) == 1:
+            return items[0]
+        fields: dict[str, Any] = {}
+        for name in cls.SUMS:
+            values = [getattr(item, name) for item in items]
+            tensors = isinstance(values[0], Tensor)
+            fields[name] = torch.stack(values).sum() if tensors else sum(values)
+        for name in cls.MAXIMA:
+            values = [getattr(item, name) for item in items]
+            tensors = isinstance(values[0], Tensor)
+            fields[name] = torch.stack(values).amax() if tensors else max(values)
+        return cls(**fields)
 
     def compute(self) -> dict[str, Tensor | float]:
         """``rms``, ``max_abs``, ``logz_mean``, ``logz_max`` and ``spread``: 0-dim tensors, or

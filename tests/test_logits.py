@@ -14,6 +14,7 @@ from torch import nn
 
 import dynlens.logits
 from dynlens.logits import (
+    OutputLogitSums,
     attention_logit_sums,
     log_growth_rate,
     multi_head_attention_logit_sums,
@@ -368,3 +369,18 @@ def test_multi_head_attention_matches_torchs_own_logits(case, monkeypatch):
         k_proj_weight=mha.k_proj_weight if separate else None,
     )
     check(sums, expected)
+
+
+def test_pooling_output_sums_equals_merging_them_and_measuring_all_samples_at_once():
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 7, generator=gen, dtype=torch.float64) * 3 for n in (4, 1, 9)]
+    parts = [output_logit_sums(b) for b in batches]
+    pooled = OutputLogitSums.pool(parts)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    whole = output_logit_sums(torch.cat(batches))
+    for name in (*OutputLogitSums.SUMS, *OutputLogitSums.MAXIMA):
+        assert float(getattr(pooled, name)) == pytest.approx(float(getattr(merged, name)))
+        assert float(getattr(pooled, name)) == pytest.approx(float(getattr(whole, name)))
+    assert OutputLogitSums.pool(parts[:1]) is parts[0]
+    with pytest.raises(ValueError, match="at least one"):
+        OutputLogitSums.pool([])

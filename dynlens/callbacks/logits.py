@@ -210,7 +210,7 @@ class LogitGrowthMonitor(Monitor):
         self._history: deque[tuple[int, float]] = deque(maxlen=window)
         self._window = StepWindow()
         # measured since the last log, pooled: output-logit and per-layer attention statistics
-        self._output: OutputLogitSums | None = None
+        self._outputs: list[OutputLogitSums] = []  # one per micro-batch: pooled at the log
         self._layers: dict[str, AttentionLogitSums] = {}
         self._attention_steps = 0  # attention steps pooled (none seen: a warning)
         self._pending_since_log = False
@@ -245,7 +245,7 @@ class LogitGrowthMonitor(Monitor):
         if stage != "fit":
             return
         # a new fit starts a new logging interval (a checkpoint restored next may carry one)
-        self._output, self._layers, self._attention_steps = None, {}, 0
+        self._outputs, self._layers, self._attention_steps = [], {}, 0
         self._pending_since_log = False
         if self.output_logits:
             self.capture.attach(pl_module, type(self).__name__)
@@ -255,8 +255,10 @@ class LogitGrowthMonitor(Monitor):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         # statistics restored from a checkpoint are host numbers: back to the device
-        if self._output is not None and not isinstance(self._output.max_abs, torch.Tensor):
-            self._output = _on_device(self._output, pl_module.device)
+        self._outputs = [
+            s if isinstance(s.max_abs, torch.Tensor) else _on_device(s, pl_module.device)
+            for s in self._outputs
+        ]
         self._layers = {
             n: s if isinstance(s.max_logit, torch.Tensor) else _on_device(s, pl_module.device)
             for n, s in self._layers.items()
@@ -349,8 +351,7 @@ class LogitGrowthMonitor(Monitor):
     def _take_output(self, outputs: Any) -> None:
         self._output_armed = False
         for logits in take_logits(self.capture, outputs, type(self).__name__):
-            sums = output_logit_sums(logits)
-            self._output = sums if self._output is None else self._output.merge(sums)
+            self._outputs.append(output_logit_sums(logits))  # pooled at the log, in one go
         self._pending_since_log = True
 
     def _flush(self, trainer: Any, step: int, last: bool = False) -> None:
@@ -358,10 +359,12 @@ class LogitGrowthMonitor(Monitor):
         ends inside a logging interval (``last``) the pooled statistics are also kept, so that a
         checkpoint saved now carries them into a resumed run's interval, and the growth-rate
         history is not extended (the resumed run adds the interval's point)."""
-        output, layers = self._output, self._layers
-        attention_steps = self._attention_steps
-        if not last:
-            self._output, self._layers, self._attention_steps = None, {}, 0
+        output = OutputLogitSums.pool(self._outputs) if self._outputs else None
+        layers, attention_steps = self._layers, self._attention_steps
+        if last:
+            self._outputs = [] if output is None else [output]
+        else:
+            self._outputs, self._layers, self._attention_steps = [], {}, 0
         self._pending_since_log = False
         if attention_steps and not layers and not self._warned_no_attention:
             self._warned_no_attention = True
@@ -482,12 +485,14 @@ class LogitGrowthMonitor(Monitor):
             "peak_attention_logit": self.peak_attention_logit,
             # measured since the last log, so a resumed run logs the same pooled values
             "pending": {
-                "output": None if self._output is None else _as_floats(self._output),
+                "output": _as_floats(OutputLogitSums.pool(self._outputs))
+                if self._outputs
+                else None,
                 "layers": {name: _as_floats(s) for name, s in self._layers.items()},
                 "attention_steps": self._attention_steps,
                 "last_measured": self._last_measured,
             }
-            if self._pending_since_log or self._output is not None or self._layers
+            if self._pending_since_log or self._outputs or self._layers
             else None,
         }
 
@@ -499,7 +504,7 @@ class LogitGrowthMonitor(Monitor):
         self.peak_attention_logit = state_dict.get("peak_attention_logit")
         pending = state_dict.get("pending") or {}
         output = pending.get("output")
-        self._output = None if output is None else OutputLogitSums(**output)
+        self._outputs = [] if output is None else [OutputLogitSums(**output)]
         self._layers = {n: AttentionLogitSums(**s) for n, s in pending.get("layers", {}).items()}
         self._attention_steps = int(pending.get("attention_steps", 0))
         self._last_measured = int(pending.get("last_measured", 0))
