@@ -413,13 +413,7 @@ class HessianOperator:
                 if loss.requires_grad:
                     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
             # A gradient that does not require grad is constant in θ: its Hessian block is zero.
-            flat_grad = torch.cat(
-                [
-                    g.reshape(-1) if g is not None else leaf.new_zeros(leaf.numel())
-                    for g, leaf in zip(grads, leaves, strict=True)
-                ]
-            )
-            self._graph = (leaves, flat_grad)
+            self._graph = (leaves, _flat(grads, leaves))
         leaves, flat_grad = self._graph
         if not flat_grad.requires_grad:
             return torch.zeros_like(batch)
@@ -431,14 +425,7 @@ class HessianOperator:
         rows = []
         for v in batch:
             hv = torch.autograd.grad(flat_grad @ v, leaves, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [
-                        h.reshape(-1) if h is not None else leaf.new_zeros(leaf.numel())
-                        for h, leaf in zip(hv, leaves, strict=True)
-                    ]
-                )
-            )
+            rows.append(_flat(hv, leaves))
         return torch.stack(rows)
 
     @staticmethod
@@ -454,15 +441,7 @@ class HessianOperator:
                 allow_unused=True,
                 is_grads_batched=True,
             )
-        return torch.cat(
-            [
-                h.reshape(len(batch), -1)
-                if h is not None
-                else batch.new_zeros(len(batch), leaf.numel())
-                for h, leaf in zip(hv, leaves, strict=True)
-            ],
-            dim=1,
-        )
+        return _flat(hv, leaves, rows=len(batch))
 
     def _jvp_of_grad(self, tangents: dict[str, Tensor]) -> Tensor:
         with self._evaluation():
@@ -933,6 +912,21 @@ def adam_sharpness_threshold(lr: float, beta1: float = 0.9) -> float:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _flat(
+    grads: tuple[Tensor | None, ...], leaves: list[Tensor], rows: int | None = None
+) -> Tensor:
+    """Gradients w.r.t. ``leaves`` as one flat vector (``(rows, n)`` for a batch of ``rows``);
+    a ``None`` gradient (the loss does not depend on that leaf) is zeros."""
+    lead = () if rows is None else (rows,)
+    return torch.cat(
+        [
+            g.reshape(*lead, -1) if g is not None else leaf.new_zeros(*lead, leaf.numel())
+            for g, leaf in zip(grads, leaves, strict=True)
+        ],
+        dim=-1,
+    )
 
 
 def _candidate_routes(route: str, device: torch.device) -> list[str]:

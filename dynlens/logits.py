@@ -115,14 +115,14 @@ class OutputLogitSums:
         if len(items) == 1:
             return items[0]
         fields: dict[str, Any] = {}
-        for name in cls.SUMS:
-            values = [getattr(item, name) for item in items]
-            tensors = isinstance(values[0], Tensor)
-            fields[name] = torch.stack(values).sum() if tensors else sum(values)
-        for name in cls.MAXIMA:
-            values = [getattr(item, name) for item in items]
-            tensors = isinstance(values[0], Tensor)
-            fields[name] = torch.stack(values).amax() if tensors else max(values)
+        for names, on_device, on_host in (
+            (cls.SUMS, Tensor.sum, sum),
+            (cls.MAXIMA, Tensor.amax, max),
+        ):
+            for name in names:
+                values = [getattr(item, name) for item in items]
+                tensors = isinstance(values[0], Tensor)
+                fields[name] = on_device(torch.stack(values)) if tensors else on_host(values)
         return cls(**fields)
 
     def compute(self) -> dict[str, Tensor | float]:
@@ -303,6 +303,16 @@ def _chunk_plan(batch: int, heads: int, rows: int, cols: int, budget: int) -> tu
     return 1, 1, max(1, budget // max(cols, 1))
 
 
+def _no_logits(dtype: torch.dtype, device: torch.device) -> AttentionLogitSums:
+    """The statistics of no logits at all: max -inf, nothing counted."""
+    return AttentionLogitSums(
+        torch.full((), -math.inf, dtype=dtype, device=device),
+        torch.zeros((), dtype=torch.float64, device=device),
+        torch.zeros((), dtype=torch.float64, device=device),
+        chunks=0,
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _above_diagonal(rows: int, cols: int, device: torch.device) -> Tensor:
     """``True`` above the diagonal (SDPA's ``is_causal`` drops those keys); cached per shape, as
@@ -327,12 +337,7 @@ def _sums_4d(
     dtype = _compute_dtype(q.dtype)
     device = q.device
     if 0 in (b_size, h_size, rows, cols):
-        return AttentionLogitSums(
-            torch.full((), -math.inf, dtype=dtype, device=device),
-            torch.zeros((), dtype=torch.float64, device=device),
-            torch.zeros((), dtype=torch.float64, device=device),
-            chunks=0,
-        )
+        return _no_logits(dtype, device)
     # the scale is applied to the two statistics at the end instead of to every logit (a
     # negative scale, which turns maxima into minima, is applied to the logits themselves)
     late = scale >= 0
@@ -503,12 +508,7 @@ def attention_logit_sums(
                 part = _sums_4d(q_part, k4, keep_part, is_causal, scale, chunk_elements)
                 total = part if total is None else total.merge(part)
         if total is None:  # an empty batch dimension: nothing to measure
-            return AttentionLogitSums(
-                torch.full((), -math.inf, dtype=_compute_dtype(q.dtype), device=q.device),
-                torch.zeros((), dtype=torch.float64, device=q.device),
-                torch.zeros((), dtype=torch.float64, device=q.device),
-                chunks=0,
-            )
+            return _no_logits(_compute_dtype(q.dtype), q.device)
         return total
 
 

@@ -148,7 +148,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self._has_targets = True
         self._measured_in: tuple[str, torch.dtype] = ("softmax", torch.float32)
         self._logging = False  # whether the step being measured is logged
-        self._logged_through: int | None = None  # the last logged step
+        self._pending_since_log = False  # steps measured and not logged yet
         self._cosines: dict[str, torch.Tensor] = {}
         self._window = StepWindow()
         self._sharded = False
@@ -186,7 +186,7 @@ class SoftmaxCollapseMonitor(Monitor):
             return
         # a new fit starts a new logging interval (a checkpoint restored next may carry one)
         self._rows, self._step, self._gaps, self._cosines = [], None, [], {}
-        self._logged_through = None
+        self._pending_since_log = False
         # found once: walking every module at each measured step would cost a large model dearly
         self._loss_modules = _losses(pl_module)
         if self.remedy is not None and not self._loss_modules:
@@ -240,7 +240,7 @@ class SoftmaxCollapseMonitor(Monitor):
 
     @fail_soft
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if not (self.is_due(trainer) and self._logs_now(trainer)):
+        if not (self._window.is_open and self._logging):
             return  # the NLM cosine is read at the logged steps only
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
         grads = [p.grad for _, p in named]
@@ -277,7 +277,7 @@ class SoftmaxCollapseMonitor(Monitor):
     @fail_soft
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # a run stopped before max_steps (EarlyStopping, max_epochs) may have steps not logged
-        if self._rows and self._rows[-1][0] != self._logged_through:
+        if self._pending_since_log:
             self._flush(trainer, self._rows[-1][0], last=True)
 
     def _accumulate(self, logits: torch.Tensor, targets: Any) -> None:
@@ -299,6 +299,7 @@ class SoftmaxCollapseMonitor(Monitor):
         if self._step is not None:
             self._rows.append((step, self._step))
             self._step = None
+            self._pending_since_log = True
 
     def _flush(self, trainer: Any, step: int, last: bool = False) -> None:
         """Log the steps measured since the last log. When a run ends inside a logging interval
@@ -309,7 +310,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self._gaps, self._cosines = [], {}
         if not last:
             self._rows, self._has_targets = [], True
-        self._logged_through = step
+        self._pending_since_log = False
         if not rows:
             return
         activation, dtype = self._measured_in
@@ -412,6 +413,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self._rows = [
             (int(s), torch.tensor(c, dtype=torch.int64)) for s, c in pending.get("rows", [])
         ]
+        self._pending_since_log = bool(self._rows)
         self._has_targets = bool(pending.get("has_targets", True))
         activation, dtype = pending.get("measured_in", ("softmax", "torch.float32"))
         self._measured_in = (activation, getattr(torch, str(dtype).removeprefix("torch.")))
