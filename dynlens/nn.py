@@ -23,12 +23,15 @@ Nothing here imports Lightning; every function works in a plain PyTorch loop.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import _reduction
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "CrossEntropyLoss",
@@ -40,6 +43,8 @@ __all__ = [
 ]
 
 Activation = Literal["softmax", "stablemax"]
+#: ``hook(module, input, log_probs)`` of :meth:`CrossEntropyLoss.register_log_probs_hook`
+LogProbsHook = Callable[[nn.Module, Tensor, Tensor], None]
 Reduction = Literal["none", "mean", "sum"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -278,6 +283,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         ...
         loss_fn.activation = "stablemax"  # from the next step on
 
+    The softmax log-probabilities the loss computes can be observed without computing them
+    again (see :meth:`register_log_probs_hook`); ``SoftmaxCollapseMonitor`` reads them this way.
+
     Args:
         weight, size_average, ignore_index, reduce, reduction, label_smoothing: as in
             :class:`torch.nn.CrossEntropyLoss`.
@@ -311,6 +319,29 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         _check_dtype(dtype)
         self.activation = activation
         self.dtype = dtype
+        # an OrderedDict, as RemovableHandle keeps a weak reference to it (a dict cannot have one)
+        self._log_probs_hooks: OrderedDict[int, LogProbsHook] = OrderedDict()
+
+    def register_log_probs_hook(self, hook: LogProbsHook) -> RemovableHandle:
+        """Call ``hook(module, input, log_probs)`` with the log-probabilities of each forward.
+
+        ``F.cross_entropy`` with class-index targets and no label smoothing is
+        ``F.nll_loss(F.log_softmax(input, class_dim), ...)``. While a hook is registered, the
+        loss runs these two steps itself, so the same kernels give the same loss and gradients to
+        the last bit, and hands the intermediate ``log_probs`` (detached, in the compute
+        ``dtype``, classes in dimension 1, or 0 for an unbatched input) to the hook. Other calls
+        (StableMax, label smoothing, class-probability targets, autocast regions, whose casting
+        rules differ between the whole and its steps) do not call the hook.
+
+        ``log_probs`` is saved for the backward pass: the hook must not modify it in place. A
+        reference kept after the hook returns keeps a tensor as large as the logits alive.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._log_probs_hooks)
+        self._log_probs_hooks[handle.id] = hook
+        return handle
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if self.activation == "stablemax":
@@ -324,6 +355,15 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                 dtype=self.dtype,
             )
         _check_activation(self.activation)  # the attribute may have been set to anything
+        if (
+            self._log_probs_hooks
+            and self.label_smoothing == 0
+            and not target.is_floating_point()
+            and input.dim() > 0
+            # autocast casts F.cross_entropy as a whole, unlike its two steps
+            and not _autocast_enabled(input.device.type)
+        ):
+            return self._observed_forward(input, target)
         if self.dtype is None or self.dtype == input.dtype:
             return super().forward(input, target)
         _check_dtype(self.dtype)
@@ -339,8 +379,33 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
         return loss.to(input.dtype)
 
+    def _observed_forward(self, input: Tensor, target: Tensor) -> Tensor:
+        # F.cross_entropy's own decomposition for class-index targets without label smoothing
+        # (aten's cross_entropy_loss: nll_loss_nd(log_softmax(input, class_dim), ...))
+        _check_dtype(self.dtype)
+        compute = input.dtype if self.dtype is None else self.dtype
+        weight = self.weight
+        if weight is not None and compute != input.dtype:  # as the unobserved forward casts it
+            weight = weight.to(compute)
+        log_probs = F.log_softmax(input.to(compute), dim=0 if input.dim() == 1 else 1)
+        for hook in tuple(self._log_probs_hooks.values()):
+            hook(self, input, log_probs.detach())
+        loss = F.nll_loss(
+            log_probs, target, weight, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+        return loss.to(input.dtype)
+
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, dtype={self.dtype}"
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 def _check_activation(activation: str) -> None:

@@ -357,6 +357,59 @@ def test_cross_entropy_loss_softmax_in_float64_sees_past_float32_collapse():
     )
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (5,), (3, 5, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compute", [None, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_log_probs_hook_sees_the_log_probs_and_changes_nothing(shape, dtype, compute, reduction):
+    gen = torch.Generator().manual_seed(11)
+    logits = (10 * torch.randn(shape, generator=gen)).to(dtype)
+    target = torch.randint(0, 5, shape[:1] + shape[2:] if len(shape) > 1 else (), generator=gen)
+    if target.dim():
+        target.view(-1)[0] = 3  # the ignored class below
+    weight = torch.rand(5, generator=gen).to(dtype)
+    results, seen = [], []
+    for hooked in (False, True):
+        loss_fn = CrossEntropyLoss(
+            weight=weight, ignore_index=3, reduction=reduction, dtype=compute
+        )
+        if hooked:
+            handle = loss_fn.register_log_probs_hook(lambda *args: seen.append(args))
+        x = logits.clone().requires_grad_()
+        loss = loss_fn(x, target)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        results.append((loss, grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ((module, input, log_probs),) = seen
+    assert module is loss_fn and input.shape == shape and not log_probs.requires_grad
+    expected = F.log_softmax(logits.to(compute or dtype), dim=0 if len(shape) == 1 else 1)
+    assert log_probs.dtype == (compute or dtype) and torch.equal(log_probs, expected)
+    handle.remove()
+    loss_fn(logits, target)
+    assert len(seen) == 1
+
+
+def test_log_probs_hook_is_not_called_where_the_loss_does_not_split():
+    seen = []
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    loss_fn = CrossEntropyLoss(label_smoothing=0.1)
+    loss_fn.register_log_probs_hook(lambda *args: seen.append(args))
+    assert torch.equal(
+        loss_fn(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1)
+    )
+    loss_fn.label_smoothing = 0.0
+    probabilities = torch.softmax(torch.randn(4, 3), dim=1)
+    assert torch.equal(loss_fn(logits, probabilities), F.cross_entropy(logits, probabilities))
+    loss_fn.activation = "stablemax"
+    loss_fn(logits, target)
+    loss_fn.activation = "softmax"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts the whole loss to float32
+        assert loss_fn(logits.bfloat16(), target).dtype == torch.float32
+    assert seen == []
+    loss_fn(logits, target)
+    assert len(seen) == 1
+
+
 def test_cross_entropy_loss_validation():
     with pytest.raises(ValueError, match="activation"):
         CrossEntropyLoss(activation="sparsemax")
