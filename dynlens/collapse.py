@@ -28,10 +28,11 @@ float64   2^-52       36.74          37
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +41,18 @@ from torch import Tensor
 from dynlens.nn import _log_s, stablemax_cross_entropy
 
 __all__ = [
+    "CollapseIndicators",
     "CollapseStats",
+    "collapse_indicators",
     "collapse_stats",
     "collapse_threshold",
     "collapsed_mask",
+    "count_collapse",
     "nlm_cosine",
     "nlm_cosine_from_sums",
     "nlm_cosine_per_tensor",
     "nlm_sums",
+    "runner_up_gap",
     "softmax_collapse_fraction",
     "stablemax_collapse_fraction",
 ]
@@ -55,9 +60,12 @@ __all__ = [
 Activation = Literal["softmax", "stablemax"]
 
 
+_ACTIVATIONS = get_args(Activation)
+
+
 def _check_activation(activation: str) -> None:
-    if activation not in get_args(Activation):
-        raise ValueError(f"Expected activation in {get_args(Activation)}, got {activation!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"Expected activation in {_ACTIVATIONS}, got {activation!r}")
 
 
 def _resolve_dtype(logits: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -206,6 +214,173 @@ def collapse_threshold(
     return math.log(2 / torch.finfo(dtype).eps) + math.log(num_classes - 1)
 
 
+class CollapseIndicators(NamedTuple):
+    """Per-sample evidence of collapse for one batch, not yet counted (device tensors).
+
+    Counting is left for later so that a monitor measuring every step keeps a step's cost to the
+    passes over the logits and counts many steps at once (:func:`count_collapse`).
+
+    Attributes:
+        top: ``(N,)``, ``<= 0``, exactly 0 for the samples in collapse (:func:`collapsed_mask`):
+            softmax, the largest log-probability ``-log S``; StableMax, ``s(max z) - sum_j s(z_j)``.
+        target: ``(N,)``, exactly 0 for the samples whose per-sample loss is exactly 0 (the
+            target's log-probability); ``None`` without targets.
+        valid: ``(N,)`` bool, the target lies in ``[0, C)`` (others, such as the ``ignore_index``
+            -100 of padding, have no loss and never count); ``None`` without targets.
+    """
+
+    top: Tensor
+    target: Tensor | None
+    valid: Tensor | None
+
+
+def collapse_indicators(
+    logits: Tensor,
+    targets: Tensor | None = None,
+    *,
+    activation: Activation = "softmax",
+    dtype: torch.dtype | None = None,
+    log_probs: Tensor | None = None,
+) -> CollapseIndicators:
+    """Which samples are in collapse, and which have a loss of exactly 0, without counting them.
+
+    Softmax: one ``F.log_softmax`` pass (the kernel ``F.cross_entropy`` runs) gives both: the
+    largest log-probability is ``-log S``, exactly 0 iff ``S`` rounds to 1, and the per-sample loss
+    is exactly ``-log_probs[target]``.
+
+    Args:
+        logits: ``(..., C)``, classes last.
+        targets: class indices of shape ``logits.shape[:-1]``, or ``None``.
+        activation: ``"softmax"`` or ``"stablemax"``.
+        dtype: precision the loss is computed in; default the logits' dtype.
+        log_probs: ``F.log_softmax(logits.to(dtype), dim=-1)`` when it is at hand already (as
+            :meth:`dynlens.CrossEntropyLoss.register_log_probs_hook` gives it), so the pass is not
+            run twice; softmax only, never modified.
+    """
+    _check_activation(activation)
+    dtype = _resolve_dtype(logits, dtype)
+    rows = _rows(logits)
+    index = valid = None
+    if targets is not None:
+        if targets.shape != logits.shape[:-1] or targets.is_floating_point():
+            raise ValueError(
+                f"Expected targets as class indices of shape {tuple(logits.shape[:-1])}, got "
+                f"{targets.dtype} of shape {tuple(targets.shape)}"
+            )
+        flat = targets.reshape(-1).to(device=rows.device, dtype=torch.long)
+        index = flat.clamp(0, rows.shape[-1] - 1)  # a valid place to look up, for every target
+        valid = index == flat
+    if activation == "stablemax":
+        if log_probs is not None:
+            raise ValueError("log_probs are softmax log-probabilities; pass them for softmax only")
+        z = rows.to(dtype)
+        s = _s(z)
+        top = s.amax(dim=-1) - s.sum(dim=-1)  # float subtraction: 0 exactly when equal
+        target = None
+        if index is not None:
+            target = -stablemax_cross_entropy(z, index, reduction="none", dtype=dtype)
+        return CollapseIndicators(top=top, target=target, valid=valid)
+    log_probs = _log_probs(rows, dtype, log_probs, logits.shape)
+    top = log_probs.amax(dim=-1)  # first: the lookup below then reads from the cache
+    target = None
+    if index is not None:
+        # on the flat rows, index_select is several times faster than gather on CPUs
+        offsets = _row_offsets(*log_probs.shape, device=log_probs.device)
+        target = log_probs.reshape(-1).index_select(0, offsets + index)
+    return CollapseIndicators(top=top, target=target, valid=valid)
+
+
+def _log_probs(
+    rows: Tensor, dtype: torch.dtype, log_probs: Tensor | None, shape: torch.Size
+) -> Tensor:
+    if log_probs is None:
+        return F.log_softmax(rows.to(dtype), dim=-1)
+    if log_probs.shape != shape or log_probs.dtype != dtype:
+        raise ValueError(
+            f"Expected log_probs in {dtype} of shape {tuple(shape)} (the logits'), got "
+            f"{log_probs.dtype} of shape {tuple(log_probs.shape)}"
+        )
+    return log_probs.detach().reshape(rows.shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_offsets(rows: int, cols: int, device: torch.device) -> Tensor:
+    return torch.arange(0, rows * cols, cols, device=device)
+
+
+def count_collapse(items: Sequence[CollapseIndicators]) -> Tensor:
+    """Count :func:`collapse_indicators` of several batches: ``(len(items), 3)`` int64 rows of
+    ``[samples, collapsed, zero-loss]`` (zero-loss 0 without targets), on the device, no host
+    sync. Batches of one size and kind are counted together, with a few operations in all.
+
+    Example:
+        >>> a = collapse_indicators(torch.tensor([[20.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 1]))
+        >>> count_collapse([a, a])
+        tensor([[2, 1, 1],
+                [2, 1, 1]])
+    """
+    if not items:
+        raise ValueError("Expected at least one CollapseIndicators to count")
+    first = items[0]
+
+    def alike(item: CollapseIndicators) -> bool:
+        return (
+            item.top.shape == first.top.shape
+            and item.top.dtype == first.top.dtype
+            and (item.target is None) == (first.target is None)
+            and (item.target is None or item.target.dtype == first.target.dtype)
+        )
+
+    if len(items) > 1 and not all(alike(item) for item in items):
+        return torch.cat([count_collapse([item]) for item in items])
+    top = torch.stack([item.top for item in items])
+    collapsed = (top == 0).sum(dim=-1)
+    if first.target is None:
+        zero_loss = torch.zeros_like(collapsed)
+    else:
+        target = torch.stack([item.target for item in items])
+        valid = torch.stack([item.valid for item in items])
+        zero_loss = ((target == 0) & valid).sum(dim=-1)
+    samples = torch.full_like(collapsed, top.shape[-1])
+    return torch.stack([samples, collapsed, zero_loss], dim=-1)
+
+
+def runner_up_gap(
+    logits: Tensor,
+    *,
+    activation: Activation = "softmax",
+    dtype: torch.dtype | None = None,
+    log_probs: Tensor | None = None,
+) -> Tensor:
+    """Per-sample top-minus-runner-up gap in log-activation units, shape ``(N,)``.
+
+    Computed from the logits rounded to ``dtype`` (the values the loss sees), in at least float32;
+    ``inf`` for a single class. :func:`collapse_threshold` minus the gap is the headroom. In
+    float32/float64 softmax it comes from the log-probabilities (``log_probs`` when given), which
+    differ by the logits' differences up to a few roundings at the size of ``log p`` (~1e-6 near
+    float32's threshold).
+    """
+    _check_activation(activation)
+    dtype = _resolve_dtype(logits, dtype)
+    rows = _rows(logits)
+    wide = torch.promote_types(dtype, torch.float32)
+    if rows.shape[-1] == 1:
+        return torch.full(rows.shape[:-1], math.inf, dtype=wide, device=rows.device)
+    if activation == "softmax" and dtype == wide:
+        fresh = log_probs is None
+        scores = _log_probs(rows, dtype, log_probs, logits.shape)
+    else:
+        fresh = True
+        scores = rows.to(dtype).to(wide)
+        if activation == "stablemax":
+            scores = _log_s(scores)
+    # max + scatter + amax is several times faster than topk(2) on CPUs; a tensor of our own
+    # takes the scatter in place
+    top, where = scores.max(dim=-1, keepdim=True)
+    others = scores.scatter_ if fresh else scores.scatter
+    return top.squeeze(-1) - others(-1, where, -math.inf).amax(dim=-1)
+
+
 @dataclass(frozen=True)
 class CollapseStats:
     """Sufficient statistics of Softmax Collapse for one batch, as device tensors.
@@ -245,13 +420,15 @@ def collapse_stats(
     activation: Activation = "softmax",
     dtype: torch.dtype | None = None,
     with_gap: bool = True,
+    log_probs: Tensor | None = None,
 ) -> CollapseStats:
     """Counts and per-sample headroom of Softmax (or StableMax) Collapse, without host sync.
 
     Prieto et al. 2025 track two shares on the training set: samples whose softmax sum is
     exactly 1 (:func:`collapsed_mask`) and samples whose loss is exactly 0. This returns both as
-    counts, plus the top-minus-runner-up gap that says how far each sample is from collapse
-    (see :func:`collapse_threshold` for why the runner-up).
+    counts (:func:`collapse_indicators`, counted), plus the top-minus-runner-up gap that says how
+    far each sample is from collapse (:func:`runner_up_gap`; see :func:`collapse_threshold` for
+    why the runner-up).
 
     Args:
         logits: ``(..., C)``, classes last.
@@ -260,6 +437,8 @@ def collapse_stats(
         activation: ``"softmax"`` or ``"stablemax"``.
         dtype: precision the loss is computed in; default the logits' dtype.
         with_gap: also compute the per-sample gap (``False``: the counts alone, cheaper).
+        log_probs: softmax log-probabilities at hand already, as for
+            :func:`collapse_indicators`.
 
     Example:
         >>> stats = collapse_stats(torch.tensor([[20.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 0]))
@@ -268,67 +447,20 @@ def collapse_stats(
         >>> stats.headroom
         tensor([-3.3645, 13.6355])
     """
-    _check_activation(activation)
     dtype = _resolve_dtype(logits, dtype)
-    rows = _rows(logits)
-    z = rows.to(dtype)
-    flat_targets = None
-    if targets is not None:
-        if targets.shape != logits.shape[:-1] or targets.is_floating_point():
-            raise ValueError(
-                f"Expected targets as class indices of shape {tuple(logits.shape[:-1])}, got "
-                f"{targets.dtype} of shape {tuple(targets.shape)}"
-            )
-        flat_targets = targets.reshape(-1, 1).to(device=rows.device, dtype=torch.long)
-        # targets outside [0, C) (e.g. F.cross_entropy's ignore_index -100 for padding) are not
-        # samples with a loss: never counted as zero-loss
-        ignored = (flat_targets < 0) | (flat_targets >= rows.shape[-1])
-        flat_targets = flat_targets.masked_fill(ignored, 0)
-
-    num_zero_loss = None
-    wide = torch.promote_types(dtype, torch.float32)
+    if activation == "softmax" and log_probs is None and (with_gap or targets is not None):
+        log_probs = F.log_softmax(_rows(logits).to(dtype), dim=-1).reshape(logits.shape)
+    found = collapse_indicators(
+        logits, targets, activation=activation, dtype=dtype, log_probs=log_probs
+    )
+    samples, collapsed, zero_loss = count_collapse([found])[0].unbind()
     gap = None
-    if activation == "softmax":
-        # One log_softmax pass serves both counts: F.cross_entropy's per-sample loss is exactly
-        # -log_probs[target] (the same kernel), so it is 0 exactly where that entry is 0.
-        log_probs = F.log_softmax(z, dim=-1)
-        if flat_targets is not None:
-            num_zero_loss = ((log_probs.gather(-1, flat_targets) == 0) & ~ignored).sum()
-        if with_gap and dtype == wide and z.shape[-1] > 1:
-            # In float32/64 the same pass gives the gap: log-probabilities differ by the logits'
-            # differences, up to a few roundings at the size of log p (~1e-6 near float32's
-            # threshold), and this fresh tensor takes the runner-up search in place, no copy.
-            top, where = log_probs.max(dim=-1, keepdim=True)
-            collapsed = top.squeeze(-1) == 0
-            gap = top.squeeze(-1) - log_probs.scatter_(-1, where, -math.inf).amax(dim=-1)
-        else:
-            collapsed = _softmax_collapsed(z, log_probs)
-    else:
-        collapsed = collapsed_mask(z, activation=activation)
-        if flat_targets is not None:
-            loss = stablemax_cross_entropy(
-                z, flat_targets.squeeze(-1), reduction="none", dtype=dtype
-            )
-            num_zero_loss = ((loss == 0) & ~ignored.squeeze(-1)).sum()
-
-    if gap is None and with_gap:
-        # Gap of the values actually fed to the loss (rounded to dtype), measured in >= float32.
-        scores = z.to(wide)
-        if activation == "stablemax":
-            scores = _log_s(scores)
-        if scores.shape[-1] == 1:
-            gap = torch.full(scores.shape[:-1], math.inf, dtype=wide, device=scores.device)
-        else:
-            # top minus runner-up; max + scatter + amax is several times faster than topk(2) on
-            # CPUs
-            top, where = scores.max(dim=-1, keepdim=True)
-            gap = top.squeeze(-1) - scores.scatter(-1, where, -math.inf).amax(dim=-1)
-
+    if with_gap:
+        gap = runner_up_gap(logits, activation=activation, dtype=dtype, log_probs=log_probs)
     return CollapseStats(
-        # a fill, not a copy from the host, which would wait for the GPU to catch up
-        num_samples=torch.full((), rows.shape[0], dtype=torch.int64, device=rows.device),
-        num_collapsed=collapsed.sum(),
-        num_zero_loss=num_zero_loss,
+        num_samples=samples,
+        num_collapsed=collapsed,
+        num_zero_loss=None if targets is None else zero_loss,
         gap=gap,
         threshold=collapse_threshold(dtype, activation),
     )

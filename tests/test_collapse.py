@@ -13,14 +13,18 @@ from hypothesis import strategies as st
 
 import dynlens.collapse
 from dynlens.collapse import (
+    CollapseIndicators,
     CollapseStats,
+    collapse_indicators,
     collapse_stats,
     collapse_threshold,
     collapsed_mask,
+    count_collapse,
     nlm_cosine,
     nlm_cosine_from_sums,
     nlm_cosine_per_tensor,
     nlm_sums,
+    runner_up_gap,
     softmax_collapse_fraction,
     stablemax_collapse_fraction,
 )
@@ -280,6 +284,82 @@ def test_collapse_stats_single_class_and_validation():
         collapse_stats(torch.zeros(3, 2), dtype=torch.int32)
     with pytest.raises(ValueError, match="classes last"):
         collapsed_mask(torch.tensor(1.0))
+
+
+def _planted(n=600, num_classes=7, seed=0, dtype=torch.float32):
+    """Logits across the float32 collapse threshold, targets with ignored and out-of-range ones."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, num_classes, generator=gen) * 3
+    logits[:, 0] += 10 + 15 * torch.rand(n, generator=gen)
+    targets = torch.where(torch.rand(n, generator=gen) < 0.7, 0, 2)
+    targets[::11] = -100
+    targets[5::13] = num_classes
+    return logits.to(dtype), targets
+
+
+@pytest.mark.parametrize("activation", ["softmax", "stablemax"])
+def test_indicators_counted_equal_brute_force_counts(activation):
+    logits, targets = _planted()
+    if activation == "stablemax":  # its top term must be ~2/eps times the rest: 1e4 to 1e10
+        logits[:, 0] = 10 ** (4 + 6 * torch.rand(600, generator=torch.Generator().manual_seed(2)))
+    found = collapse_indicators(logits, targets, activation=activation)
+    assert isinstance(found, CollapseIndicators)
+    counts = count_collapse([found])
+    valid = (targets >= 0) & (targets < logits.shape[-1])
+    if activation == "softmax":
+        losses = F.cross_entropy(logits, targets.clamp(0, 6), reduction="none")
+    else:
+        losses = stablemax_cross_entropy(
+            logits, targets.clamp(0, 6), reduction="none", dtype=torch.float32
+        )
+    collapsed = collapsed_mask(logits, activation=activation)
+    expected = [600, int(collapsed.sum()), int(((losses == 0) & valid).sum())]
+    assert counts.tolist() == [expected]
+    assert 0 < expected[2] < expected[1] < 600  # the cases are all there
+    assert torch.equal(found.top == 0, collapsed)
+    no_targets = count_collapse([collapse_indicators(logits, activation=activation)])
+    assert no_targets.tolist() == [[600, expected[1], 0]]
+
+
+def test_indicators_from_given_log_probs_equal_computed_ones_and_leave_them_alone():
+    logits, targets = _planted(seed=1)
+    log_probs = F.log_softmax(logits, dim=-1)
+    kept = log_probs.clone()
+    given = collapse_indicators(logits, targets, log_probs=log_probs)
+    fresh = collapse_indicators(logits, targets)
+    for a, b in zip(given, fresh, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(runner_up_gap(logits, log_probs=log_probs), runner_up_gap(logits))
+    assert torch.equal(log_probs, kept)  # read, never written
+    stats = collapse_stats(logits, targets, log_probs=log_probs)
+    assert [int(stats.num_collapsed), int(stats.num_zero_loss)] == count_collapse([fresh])[
+        0, 1:
+    ].tolist()
+    wide = F.log_softmax(logits.double(), dim=-1)
+    with pytest.raises(ValueError, match="log_probs"):
+        collapse_indicators(logits, targets, log_probs=wide)  # not the precision measured in
+    with pytest.raises(ValueError, match="log_probs"):
+        collapse_indicators(logits, targets, log_probs=log_probs[:5])
+    with pytest.raises(ValueError, match="softmax only"):
+        collapse_indicators(logits, activation="stablemax", log_probs=log_probs)
+
+
+def test_count_collapse_of_many_batches_equals_counting_each():
+    batches = [_planted(n, seed=n) for n in (50, 50, 50)]
+    same = [collapse_indicators(z, t) for z, t in batches]
+    odd = [
+        collapse_indicators(*_planted(30, seed=9)),  # another size
+        collapse_indicators(batches[0][0]),  # no targets
+        collapse_indicators(batches[1][0].double(), batches[1][1]),  # another precision
+        collapse_indicators(batches[2][0], batches[2][1], activation="stablemax"),
+    ]
+    for items in (same, same + odd):
+        counted = count_collapse(items)
+        assert counted.dtype == torch.int64 and counted.shape == (len(items), 3)
+        assert counted.tolist() == [count_collapse([item])[0].tolist() for item in items]
+    assert count_collapse(odd)[1].tolist()[2] == 0
+    with pytest.raises(ValueError, match="at least one"):
+        count_collapse([])
 
 
 def test_collapse_threshold_values_and_validation():
