@@ -7,15 +7,18 @@ from typing import Any, Literal
 import torch
 
 from ..collapse import (
-    collapse_stats,
+    CollapseIndicators,
+    collapse_indicators,
     collapse_threshold,
+    count_collapse,
     nlm_cosine,
     nlm_cosine_from_sums,
     nlm_cosine_per_tensor,
     nlm_sums,
+    runner_up_gap,
 )
 from ..nn import CrossEntropyLoss
-from ._capture import LogitsCapture, TargetsArg, batch_targets
+from ._capture import LogitsCapture, LogProbsTap, TargetsArg, batch_targets
 from ._logits import StepWindow, take_logits
 from .base import (
     Chart,
@@ -27,6 +30,10 @@ from .base import (
 )
 
 Remedy = Literal["stablemax", "float64"]
+
+#: Samples whose per-sample indicators a monitor keeps before counting them ahead of the log
+#: (about 9 MB): small batches are counted many steps at a time, large ones bound the memory.
+PENDING_SAMPLES = 2**20
 
 
 def _losses(pl_module: torch.nn.Module) -> list[CrossEntropyLoss]:
@@ -128,6 +135,7 @@ class SoftmaxCollapseMonitor(Monitor):
                 f"Expected `targets` 'auto', None or a function batch -> targets, got {targets!r}."
             )
         self.capture = LogitsCapture(logits_module)
+        self.tap = LogProbsTap()
         self.targets = targets
         self.activation = activation
         self.dtype = dtype
@@ -141,9 +149,13 @@ class SoftmaxCollapseMonitor(Monitor):
         #: The latest logged values, by quantity name.
         self.latest: dict[str, float] = {}
         self.remedy_applied = False
-        # measured steps not logged yet: (logging step, [samples, collapsed, zero-loss] counts)
-        self._rows: list[tuple[int, torch.Tensor]] = []
-        self._step: torch.Tensor | None = None  # the counts of the step being measured
+        # measured steps not logged yet: their indicators, one per micro-batch, not yet counted
+        # (logging step, indicators), and those counted ahead of the log, as blocks of
+        # (logging steps, [samples, collapsed, zero-loss] counts per step)
+        self._found: list[CollapseIndicators] = []  # the step being measured
+        self._pending: list[tuple[int, list[CollapseIndicators]]] = []
+        self._pending_samples = 0
+        self._counted: list[tuple[list[int], torch.Tensor]] = []
         self._gaps: list[torch.Tensor] = []  # per-sample gaps of the step to be logged
         self._has_targets = True
         self._measured_in: tuple[str, torch.dtype] = ("softmax", torch.float32)
@@ -185,7 +197,8 @@ class SoftmaxCollapseMonitor(Monitor):
         if stage != "fit":
             return
         # a new fit starts a new logging interval (a checkpoint restored next may carry one)
-        self._rows, self._step, self._gaps, self._cosines = [], None, [], {}
+        self._found, self._pending, self._pending_samples = [], [], 0
+        self._counted, self._gaps, self._cosines = [], [], {}
         self._pending_since_log = False
         # found once: walking every module at each measured step would cost a large model dearly
         self._loss_modules = _losses(pl_module)
@@ -207,11 +220,18 @@ class SoftmaxCollapseMonitor(Monitor):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.capture.detach()
+        self.tap.disarm()
         self._window.close()
+
+    def disable(self, reason: str) -> None:
+        # a step that failed half-way must not leave the capture or the loss's hooks recording
+        self.capture.disarm()
+        self.tap.disarm()
+        super().disable(reason)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
-        self._rows = [(s, c.to(pl_module.device)) for s, c in self._rows]  # restored: on the host
+        self._counted = [(s, c.to(pl_module.device)) for s, c in self._counted]  # restored
         if self.remedy_applied:  # restored from a checkpoint: the loss modules are not
             self._switch_losses()
 
@@ -236,6 +256,7 @@ class SoftmaxCollapseMonitor(Monitor):
         if self.is_due(trainer):
             self._window.open(trainer)
             self.capture.arm()
+            self.tap.arm(self._loss_modules)
             self._logging = self._logs_now(trainer)
 
     @fail_soft
@@ -266,8 +287,11 @@ class SoftmaxCollapseMonitor(Monitor):
     ) -> None:
         if not self._window.is_open:
             return
-        for logits in take_logits(self.capture, outputs, type(self).__name__):
-            self._accumulate(logits, batch_targets(batch, self.targets, logits))
+        try:
+            for logits in take_logits(self.capture, outputs, type(self).__name__):
+                self._accumulate(logits, batch_targets(batch, self.targets, logits))
+        finally:
+            self.tap.disarm()
         if self._window.close_if_stepped(trainer):  # the optimizer stepped: the step is whole
             step = logging_step(trainer)
             self._end_step(step)
@@ -278,44 +302,72 @@ class SoftmaxCollapseMonitor(Monitor):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # a run stopped before max_steps (EarlyStopping, max_epochs) may have steps not logged
         if self._pending_since_log:
-            self._flush(trainer, self._rows[-1][0], last=True)
+            last_step = self._pending[-1][0] if self._pending else self._counted[-1][0][-1]
+            self._flush(trainer, last_step, last=True)
 
     def _accumulate(self, logits: torch.Tensor, targets: Any) -> None:
         activation, dtype = self._precision(logits)
-        stats = collapse_stats(
-            logits, targets, activation=activation, dtype=dtype, with_gap=self._logging
+        # the log-probabilities the loss computed from these very logits, when it is a
+        # dynlens.CrossEntropyLoss in the precision measured in: no second log_softmax pass
+        log_probs = self.tap.log_probs_of(logits) if activation == "softmax" else None
+        if log_probs is not None and log_probs.dtype != dtype:
+            log_probs = None
+        found = collapse_indicators(
+            logits, targets, activation=activation, dtype=dtype, log_probs=log_probs
         )
+        self._found.append(found)
         self._measured_in = (activation, dtype)
-        zero_loss = stats.num_zero_loss
-        if zero_loss is None:
-            zero_loss = stats.num_collapsed.new_zeros(())
-        counts = torch.stack([stats.num_samples, stats.num_collapsed, zero_loss])
-        self._step = counts if self._step is None else self._step + counts
-        self._has_targets &= stats.num_zero_loss is not None
-        if stats.gap is not None:
-            self._gaps.append(stats.gap.float())
+        self._has_targets &= found.target is not None
+        if self._logging:
+            gap = runner_up_gap(logits, activation=activation, dtype=dtype, log_probs=log_probs)
+            self._gaps.append(gap.float())
 
     def _end_step(self, step: int) -> None:
-        if self._step is not None:
-            self._rows.append((step, self._step))
-            self._step = None
-            self._pending_since_log = True
+        if not self._found:
+            return
+        self._pending.append((step, self._found))
+        self._pending_samples += sum(found.top.numel() for found in self._found)
+        self._found = []
+        self._pending_since_log = True
+        if self._pending_samples > PENDING_SAMPLES:  # count now, keep the counts
+            self._counted = [self._counts()]
+            self._pending, self._pending_samples = [], 0
+
+    def _counts(self) -> tuple[list[int], torch.Tensor]:
+        """Logging steps and ``[samples, collapsed, zero-loss]`` counts of every step measured
+        since the last log, one row per step; the indicators kept are counted all at once."""
+        steps = [step for block, _ in self._counted for step in block]
+        blocks = [counts for _, counts in self._counted]
+        if self._pending:
+            items = [found for _, step_found in self._pending for found in step_found]
+            counts = count_collapse(items)
+            if len(items) > len(self._pending):  # several micro-batches per step: add them up
+                owner = [k for k, (_, step_found) in enumerate(self._pending) for _ in step_found]
+                counts = counts.new_zeros(len(self._pending), 3).index_add_(
+                    0, torch.tensor(owner, device=counts.device), counts
+                )
+            steps += [step for step, _ in self._pending]
+            blocks.append(counts)
+        return steps, torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
     def _flush(self, trainer: Any, step: int, last: bool = False) -> None:
         """Log the steps measured since the last log. When a run ends inside a logging interval
         (``last``) they are also kept: a checkpoint saved now carries them, and a run resumed
         from it pools them into the same interval as an uninterrupted run would."""
-        rows, gaps, cosines = self._rows, self._gaps, self._cosines
-        has_targets = self._has_targets
-        self._gaps, self._cosines = [], {}
-        if not last:
-            self._rows, self._has_targets = [], True
-        self._pending_since_log = False
-        if not rows:
+        if not (self._pending or self._counted):
+            self._gaps, self._cosines, self._pending_since_log = [], {}, False
             return
+        steps, per_step = self._counts()
+        gaps, cosines, has_targets = self._gaps, self._cosines, self._has_targets
+        self._gaps, self._cosines = [], {}
+        self._pending, self._pending_samples = [], 0
+        self._counted = [(steps, per_step)] if last else []
+        if not last:
+            self._has_targets = True
+        self._pending_since_log = False
         activation, dtype = self._measured_in
         # every pooled step's counts in one collective and, with the rest, one host copy
-        per_step = self.reduce(trainer, torch.stack([c for _, c in rows]), "sum")
+        per_step = self.reduce(trainer, per_step, "sum")
         wide = torch.float32 if per_step.device.type == "mps" else torch.float64  # MPS: no f64
         parts = [per_step.reshape(-1).to(wide)]
         if gaps:
@@ -325,8 +377,8 @@ class SoftmaxCollapseMonitor(Monitor):
             parts += [worst.reshape(1).to(wide), median.reshape(1).to(wide)]
         parts += [c.reshape(-1).to(wide) for c in cosines.values()]
         values = torch.cat(parts).tolist()
-        counts = [values[3 * k : 3 * k + 3] for k in range(len(rows))]
-        rest = values[3 * len(rows) :]
+        counts = [values[3 * k : 3 * k + 3] for k in range(len(steps))]
+        rest = values[3 * len(steps) :]
         samples = max(sum(c[0] for c in counts), 1.0)
         threshold = collapse_threshold(dtype, activation)
         scalars: dict[str, float] = {
@@ -348,11 +400,11 @@ class SoftmaxCollapseMonitor(Monitor):
             self._announced_precision = precision
             self.log_event(
                 trainer,
-                rows[0][0],
+                steps[0],
                 "precision",
                 f"measuring {activation} collapse in {precision[1]} (threshold {threshold:.2f})",
             )
-        fractions = [(s, c[1] / max(c[0], 1.0)) for (s, _), c in zip(rows, counts, strict=True)]
+        fractions = [(s, c[1] / max(c[0], 1.0)) for s, c in zip(steps, counts, strict=True)]
         self.peak_sc_fraction = max(
             self.peak_sc_fraction or 0.0, *(fraction for _, fraction in fractions)
         )
@@ -396,11 +448,17 @@ class SoftmaxCollapseMonitor(Monitor):
             "announced_precision": self._announced_precision,
             # measured steps not logged yet, so a resumed run logs the same pooled values
             "pending": {
-                "rows": [(s, c.tolist()) for s, c in self._rows],
+                "rows": self._pending_rows(),
                 "has_targets": self._has_targets,
                 "measured_in": (self._measured_in[0], str(self._measured_in[1])),
             },
         }
+
+    def _pending_rows(self) -> list[tuple[int, list[int]]]:
+        if not (self._pending or self._counted):
+            return []
+        steps, counts = self._counts()
+        return list(zip(steps, counts.tolist(), strict=True))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -410,10 +468,13 @@ class SoftmaxCollapseMonitor(Monitor):
         self._announced_precision = None if announced is None else tuple(announced)
         self.remedy_applied = bool(state_dict.get("remedy_applied", False))
         pending = state_dict.get("pending") or {}
-        self._rows = [
-            (int(s), torch.tensor(c, dtype=torch.int64)) for s, c in pending.get("rows", [])
-        ]
-        self._pending_since_log = bool(self._rows)
+        rows = pending.get("rows", [])
+        self._found, self._pending, self._pending_samples = [], [], 0
+        self._counted = []
+        if rows:
+            steps = [int(s) for s, _ in rows]
+            self._counted = [(steps, torch.tensor([c for _, c in rows], dtype=torch.int64))]
+        self._pending_since_log = bool(rows)
         self._has_targets = bool(pending.get("has_targets", True))
         activation, dtype = pending.get("measured_in", ("softmax", "torch.float32"))
         self._measured_in = (activation, getattr(torch, str(dtype).removeprefix("torch.")))

@@ -252,6 +252,115 @@ def test_every_n_steps_and_gradient_accumulation(tmp_path):
     assert [v for _, v in logged] == pytest.approx([softmax_collapse_fraction(p) for p in pooled])
 
 
+class SequenceModel(Classifier):
+    """Logits of shape (B, T, C), its loss a dynlens.CrossEntropyLoss on them flattened to rows,
+    as a language model computes it."""
+
+    def __init__(self, scale):
+        super().__init__(scale=scale)
+        self.loss_fn = dynlens.CrossEntropyLoss()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = (self.head(torch.tanh(self.body(x))) * self.scale).view(-1, 4, 3)
+        self.seen.append((logits.detach().clone(), y.view(-1, 4)))
+        return {"loss": self.loss_fn(logits.flatten(0, 1), y), "logits": logits.detach()}
+
+
+def sequence_targets(batch):
+    return batch[1].view(-1, 4)
+
+
+def test_reads_the_log_probs_of_a_dynlens_loss_and_pools_micro_batches(tmp_path, monkeypatch):
+    import dynlens.callbacks.collapse as module
+
+    given = []
+    measure = module.collapse_indicators
+
+    def spy(*args, log_probs=None, **kwargs):
+        given.append(log_probs is not None)
+        return measure(*args, log_probs=log_probs, **kwargs)
+
+    monkeypatch.setattr(module, "collapse_indicators", spy)
+
+    def run(logdir):
+        model = SequenceModel(scale=30.0)
+        monitor = SoftmaxCollapseMonitor(every_n_steps=1, targets=sequence_targets, verbose=False)
+        t = trainer(
+            max_steps=4,
+            logger=tb_logger(logdir),
+            callbacks=[monitor],
+            accumulate_grad_batches=2,
+            log_every_n_steps=2,
+        )
+        t.fit(model, classification_loader(n=256, batch_size=32))
+        assert not model.loss_fn._log_probs_hooks  # the loss is left as it was
+        return model, scalars(logdir)
+
+    model, logged = run(tmp_path / "a")
+    assert given == [True] * 8  # every micro-batch's log-probabilities came from the loss
+    # logged at steps 1 and 3, each pooling two optimizer steps of two micro-batches each
+    assert [s for s, _ in logged["dynlens/collapse/sc_fraction"]] == [1, 3]
+    pooled = [model.seen[0:4], model.seen[4:8]]
+    expected_sc = [softmax_collapse_fraction(torch.cat([lg for lg, _ in p])) for p in pooled]
+    expected_zero = [
+        torch.cat(
+            [
+                nn.functional.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none")
+                for lg, y in p
+            ]
+        )
+        .eq(0)
+        .float()
+        .mean()
+        .item()
+        for p in pooled
+    ]
+    assert 0 < expected_sc[0] < 1
+    assert [v for _, v in logged["dynlens/collapse/sc_fraction"]] == pytest.approx(expected_sc)
+    assert [v for _, v in logged["dynlens/collapse/zero_loss_fraction"]] == pytest.approx(
+        expected_zero
+    )
+    # counting the indicators every step (a memory bound reached at once) changes nothing
+    monkeypatch.setattr(module, "PENDING_SAMPLES", 1)
+    _, recounted = run(tmp_path / "b")
+    for key in ("sc_fraction", "zero_loss_fraction"):
+        assert recounted[f"dynlens/collapse/{key}"] == logged[f"dynlens/collapse/{key}"]
+
+
+def test_reading_the_losss_log_probs_has_no_observer_effect():
+    def train(with_monitor):
+        model = SequenceModel(scale=20.0)
+        monitor = SoftmaxCollapseMonitor(every_n_steps=2, targets=sequence_targets, verbose=False)
+        t = trainer(max_steps=5, logger=False, callbacks=[monitor] if with_monitor else [])
+        t.fit(model, classification_loader(batch_size=16))
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(train(True), train(False), strict=True))
+
+
+def test_a_monitor_that_fails_mid_step_leaves_no_hook_behind(monkeypatch):
+    import dynlens.callbacks.collapse as module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no gradient rule")
+
+    monkeypatch.setattr(module, "nlm_cosine", broken)  # between the step's start and its end
+    model = SequenceModel(scale=20.0)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, targets=sequence_targets, verbose=False)
+    left = []
+
+    class Probe(lightning().Callback):  # runs after the monitor's hooks
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            left.append((len(pl_module.loss_fn._log_probs_hooks), monitor.capture._armed))
+
+    t = trainer(max_steps=3, logger=False, callbacks=[monitor, Probe()])
+    with pytest.warns(RuntimeWarning, match="disabled itself"):
+        t.fit(model, classification_loader(batch_size=16))
+    assert t.global_step == 3 and monitor.disabled_reason is not None
+    assert left == [(0, False)] * 3  # nothing keeps recording while training goes on
+
+
 def test_nlm_cosine_against_hand_computation(tmp_path):
     pl = lightning()
     c = torch.tensor([3.0, 1.0])
