@@ -73,6 +73,28 @@ def test_output_sums_merge_equals_one_pass():
         assert merged[key].item() == pytest.approx(value.item(), rel=1e-6), key
 
 
+@pytest.mark.parametrize("shift", [0.0, -3e4, 5e3])
+def test_log_z_equals_logsumexp_far_from_zero_too(shift):
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(300, 50, generator=gen) * torch.logspace(-2, 2, 300)[:, None] + shift
+    row_logz = torch.stack([output_logit_sums(row[None]).logz_sum for row in z]).double()
+    exact = torch.logsumexp(z.double(), dim=-1)
+    # float32 rounding of m + log S (as logsumexp's own result in float32), and of S's sum
+    eps = torch.finfo(torch.float32).eps
+    assert ((row_logz - exact).abs() <= 2 * eps * exact.abs() + 8 * eps).all()
+    assert output_logit_sums(z).logz_max.item() == row_logz.max().item()
+
+
+def test_log_z_of_infinite_rows_is_that_of_logsumexp():
+    inf = math.inf
+    z = torch.tensor([[1.0, -inf, 0.0], [-inf, -inf, -inf], [inf, 0.0, 1.0]])
+    expected = torch.logsumexp(z, dim=-1)  # [log(e + 1), -inf, inf]
+    assert output_logit_sums(z[:1]).logz_max.item() == pytest.approx(math.log(math.e + 1))
+    assert output_logit_sums(z[1:2]).logz_max.item() == -inf == expected[1].item()
+    assert output_logit_sums(z[2:]).logz_max.item() == inf == expected[2].item()
+    assert output_logit_sums(z).logz_max.item() == inf
+
+
 def test_half_precision_logits_are_measured_in_float32():
     z = torch.tensor([[3.0, 2.0, 1.0]], dtype=torch.bfloat16)
     sums = output_logit_sums(z)
