@@ -43,8 +43,8 @@ __all__ = [
 ]
 
 Activation = Literal["softmax", "stablemax"]
-#: ``hook(module, input, log_probs)`` of :meth:`CrossEntropyLoss.register_log_probs_hook`
-LogProbsHook = Callable[[nn.Module, Tensor, Tensor], None]
+#: ``hook(module, input, target, log_probs)`` of :meth:`CrossEntropyLoss.register_log_probs_hook`
+LogProbsHook = Callable[[nn.Module, Tensor, Tensor, Tensor], None]
 Reduction = Literal["none", "mean", "sum"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -323,7 +323,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self._log_probs_hooks: OrderedDict[int, LogProbsHook] = OrderedDict()
 
     def register_log_probs_hook(self, hook: LogProbsHook) -> RemovableHandle:
-        """Call ``hook(module, input, log_probs)`` with the log-probabilities of each forward.
+        """Call ``hook(module, input, target, log_probs)`` with each forward's log-probabilities.
 
         ``F.cross_entropy`` with class-index targets and no label smoothing is
         ``F.nll_loss(F.log_softmax(input, class_dim), ...)``. While a hook is registered, the
@@ -333,8 +333,10 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         (StableMax, label smoothing, class-probability targets, autocast regions, whose casting
         rules differ between the whole and its steps) do not call the hook.
 
-        ``log_probs`` is saved for the backward pass: the hook must not modify it in place. A
-        reference kept after the hook returns keeps a tensor as large as the logits alive.
+        ``log_probs`` is saved for the backward pass: the hook must not modify it in place, and
+        should not keep it. Read what you need in the hook: kept until after the backward pass, a
+        tensor as large as the logits stops the allocator from reusing its memory there (on a
+        CPU that cost more than computing ``log_softmax`` again).
 
         Returns:
             A handle whose ``remove()`` unregisters the hook.
@@ -389,7 +391,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             weight = weight.to(compute)
         log_probs = F.log_softmax(input.to(compute), dim=0 if input.dim() == 1 else 1)
         for hook in tuple(self._log_probs_hooks.values()):
-            hook(self, input, log_probs.detach())
+            hook(self, input, target, log_probs.detach())
         loss = F.nll_loss(
             log_probs, target, weight, ignore_index=self.ignore_index, reduction=self.reduction
         )

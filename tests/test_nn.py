@@ -380,8 +380,9 @@ def test_log_probs_hook_sees_the_log_probs_and_changes_nothing(shape, dtype, com
         (grad,) = torch.autograd.grad(loss.sum(), x)
         results.append((loss, grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    ((module, input, log_probs),) = seen
+    ((module, input, seen_target, log_probs),) = seen
     assert module is loss_fn and input.shape == shape and not log_probs.requires_grad
+    assert seen_target is target
     expected = F.log_softmax(logits.to(compute or dtype), dim=0 if len(shape) == 1 else 1)
     assert log_probs.dtype == (compute or dtype) and torch.equal(log_probs, expected)
     handle.remove()

@@ -113,55 +113,64 @@ class LogitsCapture:
 
 
 class LogProbsTap:
-    """The log-probabilities the run's :class:`dynlens.CrossEntropyLoss` computes in a step.
+    """Measures the log-probabilities a :class:`dynlens.CrossEntropyLoss` computes, as it does.
 
     A monitor that needs ``log_softmax`` of the logits the loss sees reads the loss's own (through
-    :meth:`dynlens.CrossEntropyLoss.register_log_probs_hook`) instead of running the pass again.
-    The hooks are registered only while armed (a measured step), so at other steps the loss runs
-    ``F.cross_entropy`` as it always does, and a copy of the module never carries them.
+    :meth:`dynlens.CrossEntropyLoss.register_log_probs_hook`) instead of running the pass again:
+    ``measure(input, target, log_probs)`` runs inside the loss's forward, and only its result is
+    kept, so the log-probabilities are freed with the autograd graph as they would be without the
+    monitor. The hooks are registered only while armed (a measured step): at other steps the loss
+    runs ``F.cross_entropy`` as it always does, and a copy of the module never carries them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, measure: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> None:
+        self._measure = measure
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._seen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
 
     def arm(self, losses: list[nn.Module]) -> None:
-        """Start recording the log-probabilities of ``losses`` (idempotent within a step)."""
+        """Start measuring the forwards of ``losses`` (idempotent within a step)."""
         if not self._handles:
             self._handles = [loss.register_log_probs_hook(self._record) for loss in losses]
 
-    def _record(self, module: nn.Module, input: torch.Tensor, log_probs: torch.Tensor) -> None:
-        if not in_own_forward():  # not another monitor's replay of the step
-            self._seen.append((input.detach(), log_probs))
+    def _record(
+        self, module: nn.Module, input: torch.Tensor, target: torch.Tensor, log_probs: torch.Tensor
+    ) -> None:
+        # (N, C) rows only, and not another monitor's replay of the step
+        if input.dim() == 2 and not in_own_forward():
+            input = input.detach()
+            self._seen.append((input, target, self._measure(input, target, log_probs)))
 
-    def log_probs_of(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """The recorded log-probabilities of exactly ``logits`` — a loss input of shape ``(N, C)``
-        in the same memory, as ``logits.flatten(0, -2)`` is — shaped like ``logits``; ``None``
-        when no loss saw them."""
+    def measured(self, logits: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+        """``(target, measurement)`` of the loss's call on exactly ``logits`` — an input of shape
+        ``(N, C)`` in the same memory, as ``logits.flatten(0, -2)`` is; ``None`` when no loss saw
+        them."""
         if not self._seen or logits.dim() == 0:
             return None
-        address = logits.data_ptr()
-        for input, log_probs in self._seen:
-            same = (
-                input.data_ptr() == address
-                and input.dim() == 2
-                and input.shape[-1] == logits.shape[-1]
-                and input.numel() == logits.numel()
-                and input.dtype == logits.dtype
-                and input.is_contiguous()
-                and logits.is_contiguous()
-                and input.device == logits.device
-            )
-            if same:
-                return log_probs if input.shape == logits.shape else log_probs.view(logits.shape)
+        for input, target, measurement in self._seen:
+            if same_memory(input, logits) and input.shape[-1] == logits.shape[-1]:
+                return target, measurement
         return None
 
     def disarm(self) -> None:
-        """Stop recording and drop what was recorded."""
+        """Stop measuring and drop what was measured."""
         if self._handles:
             for handle in self._handles:
                 handle.remove()
             self._handles, self._seen = [], []
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` hold the same elements in the same memory, whatever their shapes (a
+    contiguous view of the other)."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.numel() == b.numel()
+        and a.dtype == b.dtype
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.device == b.device
+    )
 
 
 def batch_targets(batch: Any, targets: TargetsArg, logits: torch.Tensor) -> torch.Tensor | None:

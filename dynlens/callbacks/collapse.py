@@ -18,7 +18,7 @@ from ..collapse import (
     runner_up_gap,
 )
 from ..nn import CrossEntropyLoss
-from ._capture import LogitsCapture, LogProbsTap, TargetsArg, batch_targets
+from ._capture import LogitsCapture, LogProbsTap, TargetsArg, batch_targets, same_memory
 from ._logits import StepWindow, take_logits
 from .base import (
     Chart,
@@ -135,7 +135,7 @@ class SoftmaxCollapseMonitor(Monitor):
                 f"Expected `targets` 'auto', None or a function batch -> targets, got {targets!r}."
             )
         self.capture = LogitsCapture(logits_module)
-        self.tap = LogProbsTap()
+        self.tap = LogProbsTap(self._measure_in_loss)
         self.targets = targets
         self.activation = activation
         self.dtype = dtype
@@ -305,21 +305,37 @@ class SoftmaxCollapseMonitor(Monitor):
             last_step = self._pending[-1][0] if self._pending else self._counted[-1][0][-1]
             self._flush(trainer, last_step, last=True)
 
+    def _measure_in_loss(
+        self, input: torch.Tensor, target: torch.Tensor, log_probs: torch.Tensor
+    ) -> tuple[torch.dtype, CollapseIndicators, torch.Tensor | None]:
+        # inside a dynlens.CrossEntropyLoss's forward: its own log-probabilities, which are then
+        # freed with the autograd graph as without the monitor
+        found = collapse_indicators(input, target, dtype=log_probs.dtype, log_probs=log_probs)
+        gap = None
+        if self._logging:
+            gap = runner_up_gap(input, dtype=log_probs.dtype, log_probs=log_probs)
+        return log_probs.dtype, found, gap
+
     def _accumulate(self, logits: torch.Tensor, targets: Any) -> None:
         activation, dtype = self._precision(logits)
-        # the log-probabilities the loss computed from these very logits, when it is a
-        # dynlens.CrossEntropyLoss in the precision measured in: no second log_softmax pass
-        log_probs = self.tap.log_probs_of(logits) if activation == "softmax" else None
-        if log_probs is not None and log_probs.dtype != dtype:
-            log_probs = None
-        found = collapse_indicators(
-            logits, targets, activation=activation, dtype=dtype, log_probs=log_probs
-        )
+        tapped = self.tap.measured(logits) if activation == "softmax" else None
+        if tapped is not None:
+            loss_target, (measured_in, found, gap) = tapped
+            # the loss's measurement serves when it is in the precision measured in, and its
+            # targets are the monitor's own (or the monitor counts none)
+            if measured_in != dtype or not (targets is None or same_memory(targets, loss_target)):
+                tapped = None
+            elif targets is None:
+                found = found._replace(target=None, valid=None)
+        if tapped is None:
+            found = collapse_indicators(logits, targets, activation=activation, dtype=dtype)
+            gap = None
+            if self._logging:
+                gap = runner_up_gap(logits, activation=activation, dtype=dtype)
         self._found.append(found)
         self._measured_in = (activation, dtype)
         self._has_targets &= found.target is not None
-        if self._logging:
-            gap = runner_up_gap(logits, activation=activation, dtype=dtype, log_probs=log_probs)
+        if gap is not None:
             self._gaps.append(gap.float())
 
     def _end_step(self, step: int) -> None:

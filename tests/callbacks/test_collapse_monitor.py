@@ -328,6 +328,37 @@ def test_reads_the_log_probs_of_a_dynlens_loss_and_pools_micro_batches(tmp_path,
         assert recounted[f"dynlens/collapse/{key}"] == logged[f"dynlens/collapse/{key}"]
 
 
+@pytest.mark.parametrize("which", ["none", "others", "float64"])
+def test_the_losss_measurement_serves_only_for_the_same_targets_and_precision(tmp_path, which):
+    def shifted(batch):  # targets of the monitor's own, not the loss's
+        return (batch[1].view(-1, 4) + 1) % 3
+
+    targets = {"none": None, "others": shifted, "float64": sequence_targets}[which]
+    dtype = torch.float64 if which == "float64" else "auto"
+    model = SequenceModel(scale=200.0)  # collapse in float32 and float64 alike
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, targets=targets, dtype=dtype, verbose=False)
+    t = trainer(max_steps=2, logger=tb_logger(tmp_path), callbacks=[monitor])
+    t.fit(model, classification_loader(n=64, batch_size=64))
+    logged = scalars(tmp_path)
+    measure_in = torch.float64 if which == "float64" else torch.float32
+    expected = [softmax_collapse_fraction(lg, dtype=measure_in) for lg, _ in model.seen]
+    assert 0 < expected[0] < 1
+    assert [v for _, v in logged["dynlens/collapse/sc_fraction"]] == pytest.approx(expected)
+    if which == "none":
+        assert "dynlens/collapse/zero_loss_fraction" not in logged
+    else:
+        pick = shifted if which == "others" else sequence_targets
+        zero = []
+        for lg, y in model.seen:
+            picked = pick((None, y.flatten())).flatten()
+            per_sample = nn.functional.cross_entropy(
+                lg.flatten(0, 1).to(measure_in), picked, reduction="none"
+            )
+            zero.append((per_sample == 0).float().mean().item())
+        assert zero[0] > 0
+        assert [v for _, v in logged["dynlens/collapse/zero_loss_fraction"]] == pytest.approx(zero)
+
+
 def test_reading_the_losss_log_probs_has_no_observer_effect():
     def train(with_monitor):
         model = SequenceModel(scale=20.0)
