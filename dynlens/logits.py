@@ -165,7 +165,8 @@ def output_logit_sums(logits: Tensor) -> OutputLogitSums:
             f"Expected logits of shape (..., C) with C >= 1 classes last, got {tuple(logits.shape)}"
         )
     z = logits.detach().reshape(-1, logits.shape[-1])
-    z = z.to(_compute_dtype(z.dtype))
+    if z.dtype != _compute_dtype(z.dtype):
+        z = z.to(_compute_dtype(z.dtype))
     n, c = z.shape
     if n == 0:
         raise ValueError("Expected at least one sample of logits, got an empty batch")
@@ -173,8 +174,8 @@ def output_logit_sums(logits: Tensor) -> OutputLogitSums:
     # log Z = m + log S (m the row maximum, S = Σ exp(z - m)): log_softmax, one fused pass,
     # returns (z - m) - log S, whose largest entry is -log S; logsumexp takes several passes
     row_max = z.amax(dim=-1)
-    logz = row_max - F.log_softmax(z, dim=-1).amax(dim=-1)
-    logz = torch.where(row_max.isinf(), row_max, logz)  # a ±inf row: logsumexp's ±inf, not NaN
+    # -log S is NaN only for a row whose maximum is ±inf (or NaN): there log Z = m, as logsumexp
+    logz = row_max - F.log_softmax(z, dim=-1).amax(dim=-1).nan_to_num_(nan=0.0)
     # the population std per row, written out: Tensor.std(dim) is ~15x slower on CPU here
     centred = z - z.mean(dim=-1, keepdim=True)
     spread = centred.square_().mean(dim=-1).sqrt_()
