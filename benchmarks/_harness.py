@@ -30,6 +30,12 @@ def arguments(doc: str, *, steps: int) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="switch each monitor on and off in alternate blocks of one run (Toggled) and report "
+        "the median over runs of the run's on/off ratio, instead of alternating whole runs",
+    )
     return parser
 
 
@@ -74,6 +80,75 @@ class StepTimer(pl.Callback):
             raise ValueError(f"no whole block of {self.block} steps after warm-up {warmup}")
         return statistics.median(blocks)
 
+    def paired(self, warmup: int) -> float:
+        """With a :class:`Toggled` callback of the same ``block``: the median step time of the
+        "on" blocks over that of the "off" blocks (whole blocks after ``warmup``)."""
+        first = -(-warmup // self.block) * self.block
+        sides: tuple[list[float], list[float]] = ([], [])
+        for start in range(first, max(self.times) + 1, self.block):
+            steps = [self.times.get(s) for s in range(start, start + self.block)]
+            if None not in steps:
+                sides[(start // self.block) % 2].append(sum(steps) / self.block)
+        if not (sides[0] and sides[1]):
+            raise ValueError(f"need whole on and off blocks of {self.block} steps after {warmup}")
+        return statistics.median(sides[0]) / statistics.median(sides[1])
+
+
+class Toggled(pl.Callback):
+    """``callback``, switched on and off in alternate blocks of ``block`` steps of one run.
+
+    In "on" blocks (steps ``s`` with ``(s // block) % 2 == 0``) the per-step hooks reach
+    ``callback``; in "off" blocks they do not. Set-up, the start and end of training and state
+    always do. With :meth:`StepTimer.paired`, one training run gives the step time with and
+    without the callback, block by block: the model, the process and the state of the machine are
+    the same on both sides, which from one run to the next (a few percent apart here) they are
+    not. The callback measures every other block of steps, and pools and logs what it measured.
+    """
+
+    def __init__(self, callback: pl.Callback, block: int = 10) -> None:
+        self.callback = callback
+        self.block = block
+        self._on = False
+
+    @property
+    def state_key(self) -> str:
+        return self.callback.state_key
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.callback.setup(trainer, pl_module, stage)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self.callback.teardown(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.callback.on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.callback.on_train_end(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return self.callback.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.callback.load_state_dict(state_dict)
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._on = (trainer.global_step // self.block) % 2 == 0
+        if self._on:
+            self.callback.on_train_batch_start(trainer, *args)
+
+    def on_before_backward(self, *args) -> None:
+        if self._on:
+            self.callback.on_before_backward(*args)
+
+    def on_before_optimizer_step(self, *args) -> None:
+        if self._on:
+            self.callback.on_before_optimizer_step(*args)
+
+    def on_train_batch_end(self, *args) -> None:
+        if self._on:
+            self.callback.on_train_batch_end(*args)
+
 
 def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Call every run once per round for ``repeats`` rounds; the median cost of each.
@@ -97,3 +172,29 @@ def report(costs: dict[str, float], *, steps: int, repeats: int) -> None:
     print(f"{names[0]}: {1e3 * base:.2f} ms per step (median of {repeats} alternating runs)")
     for name in names[1:]:
         print(f"{name}: {costs[name] / base:.3f}x  ({1e3 * costs[name]:.2f} ms per step)")
+
+
+def paired(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call every run (each returning :meth:`StepTimer.paired`'s on/off ratio) once per round
+    for ``repeats`` rounds, rotating their order; every run's ratios."""
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            ratios[name].append(runs[name]())
+    return ratios
+
+
+def report_paired(ratios: dict[str, list[float]], *, steps: int, block: int) -> None:
+    """Print each configuration's median on/off ratio over its runs, with the quartiles."""
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps per run, "
+        f"monitor on and off in alternate blocks of {block} steps"
+    )
+    for name, values in ratios.items():
+        q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        print(
+            f"{name}: {statistics.median(values):.3f}x on/off (median of {len(values)} runs; "
+            f"quartiles {q1:.3f}–{q3:.3f})"
+        )

@@ -4,14 +4,27 @@ Trains the demo's modular-addition MLP (p = 113, 40% split, full batch of 5,107 
 with and without the monitor, alternating the two in one process, and prints the ratio of their
 step times (see ``_harness``). Target: ≤ 1.02×.
 
+With ``--paired`` each run switches the monitor on and off in alternate blocks of 10 steps and
+the median over runs of each run's on/off step-time ratio is printed (``_harness.Toggled``).
+
     python benchmarks/collapse.py [--steps 200] [--repeats 5] [--threads N] [--accelerator gpu]
+                                  [--paired]
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from _harness import StepTimer, alternate, arguments, report, start
+from _harness import (
+    StepTimer,
+    Toggled,
+    alternate,
+    arguments,
+    paired,
+    report,
+    report_paired,
+    start,
+)
 
 from dynlens import SoftmaxCollapseMonitor
 from dynlens.data import ModularArithmetic
@@ -19,11 +32,19 @@ from dynlens.demo import ModularMLP
 
 
 def train(
-    datamodule: ModularArithmetic, steps: int, monitors: list, warmup: int, accelerator: str
+    datamodule: ModularArithmetic,
+    steps: int,
+    monitors: list,
+    warmup: int,
+    accelerator: str,
+    toggled: bool = False,
 ) -> float:
+    """The run's step cost (seconds), or with ``toggled`` its on/off step-time ratio."""
     torch.manual_seed(0)
     model = ModularMLP(p=datamodule.p, lr=5e-3, weight_decay=0.0)
     timer = StepTimer()
+    if toggled:
+        monitors = [Toggled(monitor, block=timer.block) for monitor in monitors]
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator=accelerator,
@@ -35,7 +56,7 @@ def train(
         limit_val_batches=0,
     )
     trainer.fit(model, datamodule=datamodule)
-    return timer.cost(warmup)
+    return timer.paired(warmup) if toggled else timer.cost(warmup)
 
 
 def main() -> None:
@@ -44,6 +65,22 @@ def main() -> None:
     datamodule = ModularArithmetic(p=113, train_fraction=0.4)
     accelerator = args.accelerator
     train(datamodule, 30, [], 5, accelerator)  # warm-up
+    if args.paired:
+        ratios = paired(
+            {
+                "SoftmaxCollapseMonitor(every_n_steps=1)": lambda: train(
+                    datamodule,
+                    args.steps,
+                    [SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)],
+                    args.warmup,
+                    accelerator,
+                    toggled=True,
+                ),
+            },
+            args.repeats,
+        )
+        report_paired(ratios, steps=args.steps, block=10)
+        return
     costs = alternate(
         {
             "no monitor": lambda: train(datamodule, args.steps, [], args.warmup, accelerator),

@@ -12,7 +12,10 @@ process, and prints each one's median step time relative to no monitor:
 Step times as in ``_harness`` (blocks of 10 steps = the default attention cadence, so every
 block holds one attention step); the first ``--warmup`` steps of each run are left out.
 
-    python benchmarks/logits.py [--steps 120] [--repeats 5] [--accelerator gpu]
+With ``--paired`` each run switches the monitor on and off in alternate blocks of 10 steps and
+the median over runs of each run's on/off step-time ratio is printed (``_harness.Toggled``).
+
+    python benchmarks/logits.py [--steps 120] [--repeats 5] [--accelerator gpu] [--paired]
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from _harness import StepTimer, alternate, arguments, report, start
+from _harness import (
+    StepTimer,
+    Toggled,
+    alternate,
+    arguments,
+    paired,
+    report,
+    report_paired,
+    start,
+)
 
 from dynlens import LogitGrowthMonitor
 
@@ -45,14 +57,22 @@ CONFIGS = {
 
 
 def run(
-    example, loader, config: dict | None, steps: int, warmup: int, accelerator: str = "cpu"
+    example,
+    loader,
+    config: dict | None,
+    steps: int,
+    warmup: int,
+    accelerator: str = "cpu",
+    toggled: bool = False,
 ) -> float:
+    """The run's step cost (seconds), or with ``toggled`` its on/off step-time ratio."""
     torch.manual_seed(0)
     model = example.TransformerLM()
     timer = StepTimer()
-    callbacks = [timer]
+    callbacks: list = [timer]
     if config is not None:
-        callbacks.append(LogitGrowthMonitor(logits_module="head", verbose=False, **config))
+        monitor = LogitGrowthMonitor(logits_module="head", verbose=False, **config)
+        callbacks.append(Toggled(monitor, block=timer.block) if toggled else monitor)
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator=accelerator,
@@ -63,7 +83,7 @@ def run(
         enable_model_summary=False,
     )
     trainer.fit(model, loader)
-    return timer.cost(warmup)
+    return timer.paired(warmup) if toggled else timer.cost(warmup)
 
 
 def main() -> None:
@@ -72,6 +92,27 @@ def main() -> None:
     example = load_example()
     loader = example.loader()
     run(example, loader, None, 30, 5, args.accelerator)  # warm-up
+    if args.paired:
+        ratios = paired(
+            {
+                f"LogitGrowthMonitor, {name}": (
+                    lambda config=config: run(
+                        example,
+                        loader,
+                        config,
+                        args.steps,
+                        args.warmup,
+                        args.accelerator,
+                        toggled=True,
+                    )
+                )
+                for name, config in CONFIGS.items()
+                if config is not None
+            },
+            args.repeats,
+        )
+        report_paired(ratios, steps=args.steps, block=10)
+        return
     costs = alternate(
         {
             name if config is None else f"LogitGrowthMonitor, {name}": (
