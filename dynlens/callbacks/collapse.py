@@ -75,6 +75,12 @@ class SoftmaxCollapseMonitor(Monitor):
     A remedy changes training by design. Steps measured but not yet logged are kept in
     checkpoints, so a resumed run logs what an uninterrupted one would.
 
+    When the loss is a :class:`dynlens.CrossEntropyLoss` computed on the very logits measured (the
+    same memory, e.g. ``logits.flatten(0, 1)``), in the precision measured in and with the
+    monitor's targets, the monitor measures the loss's own log-probabilities inside its forward
+    (:meth:`~dynlens.CrossEntropyLoss.register_log_probs_hook`) instead of computing them again;
+    the loss and its gradients stay bit-identical. Otherwise it runs its own ``log_softmax``.
+
     Args:
         logits_module: name of the submodule producing the logits (a forward hook records them
             during measured steps); ``None`` reads ``outputs["logits"]`` from ``training_step``.
@@ -87,9 +93,10 @@ class SoftmaxCollapseMonitor(Monitor):
         onset_threshold: ``sc_fraction`` above which SC onset is declared (default 0.5).
         remedy: ``None``, ``"stablemax"`` or ``"float64"``.
         per_layer: also log the NLM cosine of every parameter tensor.
-        every_n_steps: measure every this many steps (default 10; every step costs 1.03–1.04×
-            a step of the demo's MLP on a 2-core CPU, see ``benchmarks/collapse.py``: one
-            ``log_softmax`` pass over its 5,107 × 113 logits and the counts).
+        every_n_steps: measure every this many steps (default 10; every step costs 1.015× a
+            step of the demo's MLP on a 2-core CPU, ``benchmarks/collapse.py --paired``: a pass
+            over the loss's log-probabilities of its 5,107 × 113 logits, the targets' lookup and
+            a dozen small operations).
         prefix, verbose: as for every monitor.
 
     Under DDP the counts are summed over ranks; ``headroom_min`` is exact (max over ranks of the

@@ -119,17 +119,17 @@ class LogitGrowthMonitor(Monitor):
         attention_every_n_steps: attention cadence, in optimizer steps. Capturing attention
             costs about as much as the attention forward itself plus a little per torch call of
             the forward (the interception), so every step is too often for a default: on the
-            example Transformer (``benchmarks/logits.py``, a 2-core CPU, 20–30 rounds) output
-            logits at every step cost 1.01–1.02×, with attention at every step 1.095×, and both
-            at the default 10 within noise of none.
+            example Transformer (``benchmarks/logits.py --paired``, a 2-core CPU) output logits
+            at every step cost 1.019×, with attention at every step 1.099×, and both at the
+            default 10 1.014×.
         window: measurements in the growth-rate fit (≥ 2).
         attention_warning, attention_divergence: max-attention-logit event thresholds (``None``
             for no event).
         logz_threshold: ``|logz_mean|`` event threshold (``None`` for no event).
         attention_chunk_elements: most attention logits one piece of a measurement holds
             (default 2²² = 16 MiB in float32): memory stays bounded for any attention size.
-        every_n_steps: output-logit cadence (default 10; every step costs about 1.02× a step of
-            the example Transformer on a 2-core CPU, about 0.4 ms of a 20 ms step, nearly all of
+        every_n_steps: output-logit cadence (default 10; every step costs 1.019× a step of
+            the example Transformer on a 2-core CPU, about 0.4 ms of a 21 ms step, nearly all of
             it the statistics' fifteen-odd small tensor operations).
         prefix, verbose: as for every monitor.
 
