@@ -137,9 +137,14 @@ class LogProbsTap:
         self, module: nn.Module, input: torch.Tensor, target: torch.Tensor, log_probs: torch.Tensor
     ) -> None:
         # (N, C) rows only, and not another monitor's replay of the step
-        if input.dim() == 2 and not in_own_forward():
-            input = input.detach()
-            self._seen.append((input, target, self._measure(input, target, log_probs)))
+        if input.dim() != 2 or in_own_forward():
+            return
+        input = input.detach()
+        try:
+            measurement = self._measure(input, target, log_probs)
+        except Exception:  # never break the training step: the monitor measures the logits itself
+            return
+        self._seen.append((input, target, measurement))
 
     def measured(self, logits: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
         """``(target, measurement)`` of the loss's call on exactly ``logits`` — an input of shape

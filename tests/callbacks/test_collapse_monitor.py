@@ -359,6 +359,29 @@ def test_the_losss_measurement_serves_only_for_the_same_targets_and_precision(tm
         assert [v for _, v in logged["dynlens/collapse/zero_loss_fraction"]] == pytest.approx(zero)
 
 
+def test_a_measurement_failing_inside_the_loss_never_breaks_the_training_step(
+    tmp_path, monkeypatch
+):
+    import dynlens.callbacks.collapse as module
+
+    measure = module.collapse_indicators
+
+    def fails_on_the_losss(*args, log_probs=None, **kwargs):
+        if log_probs is not None:
+            raise RuntimeError("inside the loss")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(module, "collapse_indicators", fails_on_the_losss)
+    model = SequenceModel(scale=200.0)
+    monitor = SoftmaxCollapseMonitor(every_n_steps=1, targets=sequence_targets, verbose=False)
+    t = trainer(max_steps=2, logger=tb_logger(tmp_path), callbacks=[monitor])
+    t.fit(model, classification_loader(n=64, batch_size=64))
+    assert t.global_step == 2 and monitor.disabled_reason is None
+    expected = [softmax_collapse_fraction(lg) for lg, _ in model.seen]
+    logged = scalars(tmp_path)["dynlens/collapse/sc_fraction"]
+    assert [v for _, v in logged] == pytest.approx(expected)  # measured from the logits instead
+
+
 def test_reading_the_losss_log_probs_has_no_observer_effect():
     def train(with_monitor):
         model = SequenceModel(scale=20.0)
