@@ -93,8 +93,8 @@ class SoftmaxCollapseMonitor(Monitor):
         onset_threshold: ``sc_fraction`` above which SC onset is declared (default 0.5).
         remedy: ``None``, ``"stablemax"`` or ``"float64"``.
         per_layer: also log the NLM cosine of every parameter tensor.
-        every_n_steps: measure every this many steps (default 10; every step costs 1.015× a
-            step of the demo's MLP on a 2-core CPU, ``benchmarks/collapse.py --paired``: a pass
+        every_n_steps: measure every this many steps (default 10; every step costs 1.015–1.021×
+            a step of the demo's MLP on a 2-core CPU, ``benchmarks/collapse.py --paired``: a pass
             over the loss's log-probabilities of its 5,107 × 113 logits, the targets' lookup and
             a dozen small operations).
         prefix, verbose: as for every monitor.
