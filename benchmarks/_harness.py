@@ -150,18 +150,23 @@ class Toggled(pl.Callback):
             self.callback.on_train_batch_end(*args)
 
 
-def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Call every run once per round for ``repeats`` rounds; the median cost of each.
+def rounds(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call every run once per round for ``repeats`` rounds; every run's results, in order.
 
     Each round starts one configuration later than the previous one, so that no configuration
     always runs in the same place of a round (first after the previous round's clean-up, say)."""
-    costs: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            costs[name].append(runs[name]())
-    return {name: statistics.median(values) for name, values in costs.items()}
+            results[name].append(runs[name]())
+    return results
+
+
+def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """:func:`rounds` of runs returning step costs; the median cost of each."""
+    return {name: statistics.median(values) for name, values in rounds(runs, repeats).items()}
 
 
 def report(costs: dict[str, float], *, steps: int, repeats: int) -> None:
@@ -172,18 +177,6 @@ def report(costs: dict[str, float], *, steps: int, repeats: int) -> None:
     print(f"{names[0]}: {1e3 * base:.2f} ms per step (median of {repeats} alternating runs)")
     for name in names[1:]:
         print(f"{name}: {costs[name] / base:.3f}x  ({1e3 * costs[name]:.2f} ms per step)")
-
-
-def paired(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Call every run (each returning :meth:`StepTimer.paired`'s on/off ratio) once per round
-    for ``repeats`` rounds, rotating their order; every run's ratios."""
-    ratios: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            ratios[name].append(runs[name]())
-    return ratios
 
 
 def report_paired(ratios: dict[str, list[float]], *, steps: int, block: int) -> None:

@@ -20,9 +20,9 @@ from _harness import (
     Toggled,
     alternate,
     arguments,
-    paired,
     report,
     report_paired,
+    rounds,
     start,
 )
 
@@ -65,32 +65,20 @@ def main() -> None:
     datamodule = ModularArithmetic(p=113, train_fraction=0.4)
     accelerator = args.accelerator
     train(datamodule, 30, [], 5, accelerator)  # warm-up
+    name = "SoftmaxCollapseMonitor(every_n_steps=1)"
+
+    def monitored(toggled: bool = False) -> float:
+        monitor = SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)
+        return train(datamodule, args.steps, [monitor], args.warmup, accelerator, toggled)
+
     if args.paired:
-        ratios = paired(
-            {
-                "SoftmaxCollapseMonitor(every_n_steps=1)": lambda: train(
-                    datamodule,
-                    args.steps,
-                    [SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)],
-                    args.warmup,
-                    accelerator,
-                    toggled=True,
-                ),
-            },
-            args.repeats,
-        )
+        ratios = rounds({name: lambda: monitored(toggled=True)}, args.repeats)
         report_paired(ratios, steps=args.steps, block=10)
         return
     costs = alternate(
         {
             "no monitor": lambda: train(datamodule, args.steps, [], args.warmup, accelerator),
-            "SoftmaxCollapseMonitor(every_n_steps=1)": lambda: train(
-                datamodule,
-                args.steps,
-                [SoftmaxCollapseMonitor(every_n_steps=1, verbose=False)],
-                args.warmup,
-                accelerator,
-            ),
+            name: monitored,
         },
         args.repeats,
     )

@@ -30,9 +30,9 @@ from _harness import (
     Toggled,
     alternate,
     arguments,
-    paired,
     report,
     report_paired,
+    rounds,
     start,
 )
 
@@ -93,7 +93,7 @@ def main() -> None:
     loader = example.loader()
     run(example, loader, None, 30, 5, args.accelerator)  # warm-up
     if args.paired:
-        ratios = paired(
+        ratios = rounds(
             {
                 f"LogitGrowthMonitor, {name}": (
                     lambda config=config: run(
