@@ -67,28 +67,31 @@ class StepTimer(pl.Callback):
             self.times[trainer.global_step - 1] = now - self._last
         self._last = now
 
-    def cost(self, warmup: int) -> float:
-        """Median over whole blocks of ``block`` steps (aligned to multiples of ``block``, after
-        ``warmup``) of the block's mean step time, in seconds."""
+    def _blocks(self, warmup: int) -> dict[int, float]:
+        """Mean step time of every whole block of ``block`` steps after ``warmup`` (blocks
+        aligned to multiples of ``block``), by block index."""
         first = -(-warmup // self.block) * self.block
-        blocks = []
+        blocks = {}
         for start in range(first, max(self.times) + 1, self.block):
             steps = [self.times.get(s) for s in range(start, start + self.block)]
             if None not in steps:
-                blocks.append(sum(steps) / self.block)
+                blocks[start // self.block] = sum(steps) / self.block
+        return blocks
+
+    def cost(self, warmup: int) -> float:
+        """Median over whole blocks of ``block`` steps (aligned to multiples of ``block``, after
+        ``warmup``) of the block's mean step time, in seconds."""
+        blocks = self._blocks(warmup)
         if not blocks:
             raise ValueError(f"no whole block of {self.block} steps after warm-up {warmup}")
-        return statistics.median(blocks)
+        return statistics.median(blocks.values())
 
     def paired(self, warmup: int) -> float:
         """With a :class:`Toggled` callback of the same ``block``: the median step time of the
         "on" blocks over that of the "off" blocks (whole blocks after ``warmup``)."""
-        first = -(-warmup // self.block) * self.block
         sides: tuple[list[float], list[float]] = ([], [])
-        for start in range(first, max(self.times) + 1, self.block):
-            steps = [self.times.get(s) for s in range(start, start + self.block)]
-            if None not in steps:
-                sides[(start // self.block) % 2].append(sum(steps) / self.block)
+        for index, mean in self._blocks(warmup).items():
+            sides[index % 2].append(mean)
         if not (sides[0] and sides[1]):
             raise ValueError(f"need whole on and off blocks of {self.block} steps after {warmup}")
         return statistics.median(sides[0]) / statistics.median(sides[1])
