@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .base import (
 )
 
 Estimator = Literal["hutchinson", "hutchpp"]
+Memory = Literal["auto"] | int | None
 UserLossFn = Callable[[Any, Any], Any]  # (pl_module, batch) -> loss tensor (or {"loss": ...})
 
 ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
@@ -41,6 +43,12 @@ ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
 #: BatchNorm buffers replaced by ``None`` during a train-mode measurement: BatchNorm then uses
 #: the batch statistics, exactly as the training step does, and updates nothing (also under vmap).
 _BATCHNORM_STATE = ("running_mean", "running_var", "num_batches_tracked")
+
+#: ``memory="auto"``: a measurement may bring the memory in use to this many times the peak of
+#: a training step (DESIGN.md, the monitor contract: bounded memory).
+MEMORY_FACTOR = 2.0
+#: Training steps metered for that peak (the first may allocate the optimizer's state lazily).
+METERED_STEPS = 2
 
 #: The quantities measured on each rank, in the order they are reduced across ranks.
 _REDUCED = ("failed", "loss", "trace", "trace_var", "frobenius", "lambda_max", "precond_lambda_max")
@@ -419,8 +427,29 @@ class HessianMonitor(Monitor):
     at measurement steps only. FSDP and DeepSpeed shard the parameters and are refused at
     ``setup``.
 
-    Failing soft: a non-finite loss, or a loss with an op that has no second derivative (e.g. a
-    custom ``autograd.Function`` whose backward is ``@once_differentiable``), gives one warning
+    Memory (``memory``): every pass of Hessian-vector products is metered (CUDA: the allocator's
+    ``max_memory_allocated``; CPU: the process's peak RSS) and planned under a
+    :class:`dynlens.curvature.MemoryLimit`, starting from one probe per pass and vectorising only
+    as many probes as the measured peaks say fit. With ``memory="auto"`` (default) the limit is
+    2× the peak that training reaches: the monitor meters the first two training steps, and a
+    measurement before any of them (step 0) meters one gradient of the measured loss first
+    (what a training step's forward and backward hold) and takes 2× that peak. An int is an
+    absolute limit in bytes; ``None`` plans nothing (every batch of probes in one pass, as the
+    routes do by themselves). Out of memory inside a measurement: what it held is freed and the
+    pass retried with half the probes; where even one product does not fit (or runs out of
+    memory), the monitor falls back to finite differences (below), and where that does not fit
+    either it warns once and switches itself off; training goes on. On CUDA metering resets the
+    allocator's peak statistics at measured steps and the first two training steps.
+
+    Finite differences: where the exact routes fail (an op without a second derivative, e.g. a
+    custom ``autograd.Function`` whose backward is ``@once_differentiable``, fused attention
+    kernels, ``torch.compile``) or do not fit under the memory limit, and ``route`` is
+    ``"auto"`` or ``"tuned"``, the monitor switches to ``route="finite_difference"`` (central
+    differences of gradients at perturbed copies of θ; memory of one gradient; relative error
+    about 1e-4 in float32) with one :class:`~dynlens.curvature.CurvatureFallbackWarning` and an
+    event ``finite_difference`` naming the reason, and keeps measuring.
+
+    Failing soft: a non-finite loss, or an explicit exact ``route`` that fails, gives one warning
     and the monitor switches itself off on every rank; training goes on.
 
     State (``state_dict``): the schedule, timing totals, the last values, a history of every
@@ -453,6 +482,9 @@ class HessianMonitor(Monitor):
         cold_start_every: start Lanczos from a random vector every this many measurements
             (1: always cold).
         optimizer_index: which of ``trainer.optimizers`` η and the Adam state come from.
+        memory: ``"auto"`` (2× training's peak), a limit in bytes, or ``None``; see Memory above.
+        memory_meter: what reads memory (a :class:`dynlens.curvature.MemoryMeter`); default the
+            device's (:func:`dynlens.curvature.memory_meter`). Inject a fake one in tests.
         route: Hessian-vector-product route, see :class:`dynlens.curvature.HessianOperator`.
             The default ``"tuned"`` lets the first measurement time the two double-backward
             routes on CPU and keep the faster for the rest of the run (kept in checkpoints);
@@ -490,6 +522,8 @@ class HessianMonitor(Monitor):
         cold_start_every: int = 10,
         optimizer_index: int = 0,
         route: curvature.Route = "tuned",
+        memory: Memory = "auto",
+        memory_meter: curvature.MemoryMeter | None = None,
         seed: int = 0,
         clock: Callable[[], float] = time.perf_counter,
         prefix: str = "dynlens",
@@ -546,6 +580,21 @@ class HessianMonitor(Monitor):
             )
         if not callable(clock):
             raise ConfigurationError(f"Expected `clock` to be a callable, got {clock!r}.")
+        if not (
+            memory is None
+            or memory == "auto"
+            or (isinstance(memory, int) and not isinstance(memory, bool) and memory > 0)
+        ):
+            raise ConfigurationError(
+                f"Expected `memory` to be 'auto' (at most {MEMORY_FACTOR:g}x the peak training "
+                f"reaches), a positive number of bytes (e.g. 16 * 2**30) or None (no limit), got "
+                f"{memory!r}."
+            )
+        if memory_meter is not None and not isinstance(memory_meter, curvature.MemoryMeter):
+            raise ConfigurationError(
+                f"Expected `memory_meter` to be a dynlens.curvature.MemoryMeter, got "
+                f"{memory_meter!r}."
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigurationError(f"Expected `seed` to be an int, got {seed!r}.")
 
@@ -563,8 +612,15 @@ class HessianMonitor(Monitor):
         self.cold_start_every = cold_start_every
         self.optimizer_index = optimizer_index
         self.route = route
+        self.memory = memory
+        self.memory_meter = memory_meter
         self.seed = seed
         self.clock = clock
+        # memory: the limit (learns the products' peaks), training's metered peak
+        self._limit: curvature.MemoryLimit | None = None
+        self._train_peak: int | None = None
+        self._metered_steps = 0
+        self._metering = False
 
         #: The values logged at the last measurement, by quantity (without the prefix).
         self.last: dict[str, float] = {}
@@ -737,8 +793,50 @@ class HessianMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._due(trainer):
-            return
+        if self._due(trainer):
+            self._measure_step(trainer, pl_module, batch, batch_idx)
+        if (
+            self.memory == "auto"
+            and self.disabled_reason is None
+            and self._metered_steps < METERED_STEPS
+            and not trainer.sanity_checking
+        ):
+            # The training step that follows is metered: its peak sets the limit.
+            self._memory(pl_module.device).reset_peak()
+            self._metering = True
+
+    @fail_soft
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._metering:
+            self._metering = False
+            self._metered_steps += 1
+            peak = self._memory(pl_module.device).peak()
+            self._train_peak = max(self._train_peak or 0, peak)
+
+    def _memory(self, device: torch.device) -> curvature.MemoryMeter:
+        if self.memory_meter is None:
+            self.memory_meter = curvature.memory_meter(device)
+        return self.memory_meter
+
+    def _memory_limit(self, device: torch.device) -> curvature.MemoryLimit | None:
+        """The limit of this measurement (``None`` without one); ``"auto"`` follows training's
+        metered peak."""
+        if self.memory is None:
+            return None
+        if self.memory == "auto":
+            limit = int(MEMORY_FACTOR * (self._train_peak or 0))
+        else:
+            limit = int(self.memory)
+        if self._limit is None:
+            self._limit = curvature.MemoryLimit(max(limit, 1), meter=self._memory(device))
+        if self._limit.meter is None:  # restored from a checkpoint
+            self._limit.meter = self._memory(device)
+        self._limit.limit = max(limit, 1)
+        return self._limit
+
+    def _measure_step(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = logging_step(trainer)
         self._last_step = step
         device = pl_module.device
@@ -773,6 +871,32 @@ class HessianMonitor(Monitor):
     def _measure(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> dict[str, float]:
+        try:
+            return self._measure_on(trainer, pl_module, batch, batch_idx)
+        except curvature.CurvatureError as exc:
+            if self.route not in ("auto", "tuned") or self._route == "finite_difference":
+                raise
+            self._fall_back(trainer, exc)
+        return self._measure_on(trainer, pl_module, batch, batch_idx)
+
+    def _fall_back(self, trainer: Any, exc: curvature.CurvatureError) -> None:
+        """Switch to finite differences for the rest of the run, with one warning and event."""
+        self._route = "finite_difference"
+        why = "memory" if isinstance(exc, curvature.CurvatureMemoryError) else "no_exact_route"
+        message = (
+            f"curvature by finite differences of gradients from now on (relative error about "
+            f"1e-4 in float32), because the exact Hessian-vector products "
+            f"{'do not fit in memory' if why == 'memory' else 'cannot be taken'}: {exc}"
+        )
+        warnings.warn(
+            f"dynlens HessianMonitor: {message}", curvature.CurvatureFallbackWarning, stacklevel=2
+        )
+        self.log_event(trainer, logging_step(trainer), "finite_difference", message)
+        self.events[-1]["why"] = why
+
+    def _measure_on(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> dict[str, float]:
         if self.probe_batch is not None:
             if self._probe_on_device is None:
                 self._probe_on_device = pl_module.transfer_batch_to_device(
@@ -783,7 +907,11 @@ class HessianMonitor(Monitor):
         device = next(iter(params.values())).device
         # Grad stays enabled: a training_step may differentiate inside (e.g. a gradient penalty).
         with _rng_restored(device):
-            loss = float(loss_of(params).detach())
+            if self.memory == "auto" and self._train_peak is None:
+                loss = self._meter_gradient(loss_of, params, device)
+            else:
+                loss = float(loss_of(params).detach())
+        memory = self._memory_limit(device)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"the loss is {loss} at step {logging_step(trainer)}: curvature is undefined there"
@@ -795,7 +923,14 @@ class HessianMonitor(Monitor):
                 curvature.hutchpp_trace
                 if self.estimator == "hutchpp"
                 else curvature.hutchinson_trace
-            )(loss_of, params, num_probes=self.num_probes, generator=generator, route=self._route)
+            )(
+                loss_of,
+                params,
+                num_probes=self.num_probes,
+                generator=generator,
+                route=self._route,  # type: ignore[arg-type]
+                memory=memory,
+            )
             self._route = estimate.route or self._route  # skip a failed route next time
             out["trace"] = estimate.value
             out["trace_var"] = estimate.stderr**2
@@ -812,6 +947,7 @@ class HessianMonitor(Monitor):
                 tol=self.tol,
                 generator=generator,
                 route=self._route,  # type: ignore[arg-type]
+                memory=memory,
             )
             self._eigvec, self._route = eig.vector, eig.route or self._route
             out["lambda_max"] = eig.value
@@ -827,10 +963,25 @@ class HessianMonitor(Monitor):
                     generator=generator,
                     preconditioner=preconditioner,
                     route=self._route,  # type: ignore[arg-type]
+                    memory=memory,
                 )
                 self._precond_eigvec = peig.vector
                 out["precond_lambda_max"] = peig.value
         return out
+
+    def _meter_gradient(
+        self, loss_of: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor], device
+    ) -> float:
+        """The loss, and the peak memory of its gradient as a stand-in for a training step's
+        (no training step has been metered yet); returns the loss."""
+        meter = self._memory(device)
+        leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        meter.reset_peak()
+        loss = loss_of(leaves)
+        if loss.requires_grad:
+            torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        self._train_peak = meter.peak()
+        return float(loss.detach())
 
     def _optimizer(self, trainer: Any) -> torch.optim.Optimizer | None:
         optimizers = trainer.optimizers
@@ -959,6 +1110,9 @@ class HessianMonitor(Monitor):
             "since_cold": self._since_cold,
             "num_measurements": self.num_measurements,
             "route": self._route,
+            "train_peak": self._train_peak,
+            "metered_steps": self._metered_steps,
+            "memory_plan": None if self._limit is None else self._limit.state_dict(),
             "last": dict(self.last),
             "history": [dict(h) for h in self.history],
             # the warm starts, so a resumed run measures exactly as an uninterrupted one would
@@ -979,6 +1133,13 @@ class HessianMonitor(Monitor):
         self._since_cold = int(state_dict.get("since_cold", 0))
         self.num_measurements = int(state_dict.get("num_measurements", 0))
         self._route = str(state_dict.get("route", self.route))
+        peak = state_dict.get("train_peak")
+        self._train_peak = None if peak is None else int(peak)
+        self._metered_steps = int(state_dict.get("metered_steps", 0))
+        plan = state_dict.get("memory_plan")
+        if plan is not None:
+            self._limit = curvature.MemoryLimit(max(int(plan.get("limit", 1)), 1))
+            self._limit.load_state_dict(plan)
         self.last = {k: float(v) for k, v in state_dict.get("last", {}).items()}
         self.history = [dict(h) for h in state_dict.get("history", [])]
         # Older checkpoints have no warm-start vectors: the next measurement then starts cold.

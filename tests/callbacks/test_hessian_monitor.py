@@ -23,6 +23,7 @@ from dynlens.callbacks.hessian import (
     logging_suppressed,
     probe_generator,
 )
+from dynlens.curvature import CurvatureFallbackWarning
 from tests.helpers import (
     PACKAGES,
     custom_scalars_layout,
@@ -144,8 +145,9 @@ class Snapshot(Callback):
         )
 
 
-def exact_hessian(net, batch):
-    """Dense float64 Hessian of the MSE loss of ``net`` on ``batch`` over its parameters."""
+def exact_hessian(net, batch, square=False):
+    """Dense float64 Hessian of the MSE loss of ``net`` (its output squared with ``square``, as
+    ``tiny_module(once_differentiable_op=True)`` has it) on ``batch`` over its parameters."""
     net = copy.deepcopy(net).double()
     x, y = (b.double() for b in batch)
     names = [n for n, _ in net.named_parameters()]
@@ -157,7 +159,8 @@ def exact_hessian(net, batch):
         for name, shape in zip(names, shapes, strict=True):
             params[name] = theta[i : i + shape.numel()].reshape(shape)
             i += shape.numel()
-        return F.mse_loss(functional_call(net, params, (x,)), y)
+        out = functional_call(net, params, (x,))
+        return F.mse_loss(out * out if square else out, y)
 
     return torch.autograd.functional.hessian(loss, flat)
 
@@ -726,8 +729,37 @@ def _disable_warnings(record):
     return [w for w in record if "disabled itself" in str(w.message)]
 
 
-def test_an_op_without_double_backward_disables_the_monitor_and_training_goes_on(tmp_path):
-    monitor = HessianMonitor(every_n_steps=1, verbose=False)
+def test_an_op_without_double_backward_falls_back_to_finite_differences(tmp_path):
+    snap = Snapshot()
+    monitor = exact_monitor(every_n_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = fit(tmp_path, [monitor, snap], tiny_module(once_differentiable_op=True), max_steps=3)
+    (fallback,) = [w for w in record if issubclass(w.category, CurvatureFallbackWarning)]
+    message = str(fallback.message)
+    assert "finite differences" in message and "Square" in message
+    assert "once_differentiable" in message
+    assert not _disable_warnings(record) and monitor.disabled_reason is None
+    (event,) = monitor.events
+    assert (event["reason"], event["why"], event["step"]) == (
+        "finite_difference",
+        "no_exact_route",
+        0,
+    )
+    assert t.global_step == 3 and monitor.state_dict()["route"] == "finite_difference"
+    logged = scalars(tmp_path)
+    assert [s for s, _ in logged[KEY + "trace"]] == [0, 1, 2]
+    for step in (0, 1, 2):
+        h = exact_hessian(*snap.at[step][:2], square=True)
+        # float32 central differences: within 1e-3 of the float64 reference, relative to ‖H‖_F
+        scale = torch.linalg.matrix_norm(h).item()
+        trace, lam = values(logged, "trace")[step], values(logged, "lambda_max")[step]
+        assert abs(trace - torch.trace(h).item()) <= 1e-3 * scale, (trace, scale)
+        assert abs(lam - torch.linalg.eigvalsh(h)[-1].item()) <= 1e-3 * scale, (lam, scale)
+
+
+def test_an_explicit_exact_route_that_fails_disables_the_monitor_and_training_goes_on(tmp_path):
+    monitor = HessianMonitor(every_n_steps=1, route="double_backward", verbose=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         t = fit(tmp_path, monitor, tiny_module(once_differentiable_op=True), max_steps=4)
