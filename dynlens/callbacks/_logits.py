@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ._capture import LogitsCapture
-from .base import ConfigurationError
+from ._capture import AUTO, LogitsCapture
+from .base import ConfigurationError, Monitor
 
 
 class StepWindow:
@@ -46,7 +46,21 @@ class StepWindow:
 def take_logits(capture: LogitsCapture, outputs: Any, owner: str) -> list[torch.Tensor]:
     """The micro-batch's logits from ``capture``; a :class:`ConfigurationError` with the two ways
     to provide them when there are none."""
-    logits = capture.take(outputs)
+    logits = capture.take(outputs, owner)
     if not logits:
         raise ConfigurationError(capture.advice(owner))
     return logits
+
+
+def announce_logits(
+    monitor: Monitor, trainer: Any, step: int, capture: LogitsCapture, *, targets: str = ""
+) -> None:
+    """Say once per run (an event with reason ``"logits_found"``) which module
+    ``logits_module="auto"`` found the logits in (logits that ``training_step`` returns itself
+    need no word); ``targets`` adds how the targets are read."""
+    if capture.logits_module != AUTO or capture.found is None or capture.found[0] is None:
+        return
+    if any(e["reason"] == "logits_found" for e in monitor.events):
+        return
+    message = f"reading the output logits from {capture.found[1]}"
+    monitor.log_event(trainer, step, "logits_found", message + (f"; {targets}" if targets else ""))

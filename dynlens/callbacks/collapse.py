@@ -19,7 +19,7 @@ from ..collapse import (
 )
 from ..nn import CrossEntropyLoss
 from ._capture import LogitsCapture, LogProbsTap, TargetsArg, batch_targets, same_memory
-from ._logits import StepWindow, take_logits
+from ._logits import StepWindow, announce_logits, take_logits
 from .base import (
     Chart,
     ConfigurationError,
@@ -82,10 +82,21 @@ class SoftmaxCollapseMonitor(Monitor):
     the loss and its gradients stay bit-identical. Otherwise it runs its own ``log_softmax``.
 
     Args:
-        logits_module: name of the submodule producing the logits (a forward hook records them
-            during measured steps); ``None`` reads ``outputs["logits"]`` from ``training_step``.
+        logits_module: ``"auto"`` (default) finds the logits at the first measured step:
+            ``training_step``'s ``"logits"`` when it returns them, else the outermost module whose
+            output carries ``.logits`` (a Hugging Face ``ModelOutput``), else the output of the
+            LightningModule's own ``forward``; the choice is said once (event ``logits_found``).
+            Or the name of the submodule producing the logits (a forward hook records them during
+            measured steps); ``None`` reads ``outputs["logits"]`` from ``training_step``.
         targets: ``"auto"`` (the second element of a ``(x, y)`` batch, or a ``labels``/``targets``/
-            ``y`` entry of a dict batch), a function ``batch -> targets``, or ``None``.
+            ``y`` entry of a dict batch; ``(B, T)`` labels also serve logits flattened to
+            ``(B·T, C)``), a function ``batch -> targets``, or ``None``. Targets outside
+            ``[0, C)``, such as the ``-100`` of ignored positions, never count as zero-loss.
+        shift_targets: ``"auto"`` shifts the targets when the logits come from a Hugging Face
+            causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``: the model scores the logits at
+            position t against ``labels[t + 1]`` inside its loss); ``True`` always shifts (a
+            causal LM written by hand that is given unshifted labels), ``False`` never (labels
+            already aligned with the logits).
         activation: ``"auto"`` follows the first :class:`dynlens.CrossEntropyLoss` in the module
             (softmax if there is none); or ``"softmax"``/``"stablemax"``.
         dtype: precision to measure in; ``"auto"`` is the loss's ``dtype`` when a
@@ -108,8 +119,9 @@ class SoftmaxCollapseMonitor(Monitor):
     def __init__(
         self,
         *,
-        logits_module: str | None = None,
+        logits_module: str | None = "auto",
         targets: TargetsArg = "auto",
+        shift_targets: bool | Literal["auto"] = "auto",
         activation: Literal["auto", "softmax", "stablemax"] = "auto",
         dtype: torch.dtype | Literal["auto"] = "auto",
         onset_threshold: float = 0.5,
@@ -137,6 +149,10 @@ class SoftmaxCollapseMonitor(Monitor):
             raise ConfigurationError(
                 f"Expected `remedy` None, 'stablemax' or 'float64', got {remedy!r}."
             )
+        if not (shift_targets == "auto" or isinstance(shift_targets, bool)):
+            raise ConfigurationError(
+                f"Expected `shift_targets` 'auto', True or False, got {shift_targets!r}."
+            )
         if not (targets is None or targets == "auto" or callable(targets)):
             raise ConfigurationError(
                 f"Expected `targets` 'auto', None or a function batch -> targets, got {targets!r}."
@@ -144,6 +160,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self.capture = LogitsCapture(logits_module)
         self.tap = LogProbsTap(self._measure_in_loss)
         self.targets = targets
+        self.shift_targets = shift_targets
         self.activation = activation
         self.dtype = dtype
         self.onset_threshold = float(onset_threshold)
@@ -295,8 +312,21 @@ class SoftmaxCollapseMonitor(Monitor):
         if not self._window.is_open:
             return
         try:
-            for logits in take_logits(self.capture, outputs, type(self).__name__):
-                self._accumulate(logits, batch_targets(batch, self.targets, logits))
+            taken = take_logits(self.capture, outputs, type(self).__name__)
+            shift = self._shifts()
+            announce_logits(
+                self,
+                trainer,
+                logging_step(trainer),
+                self.capture,
+                targets=(
+                    "targets: the batch's labels shifted by one position (causal LM)"
+                    if shift and self.targets is not None
+                    else ""
+                ),
+            )
+            for logits in taken:
+                self._accumulate(logits, batch_targets(batch, self.targets, logits, shift))
         finally:
             self.tap.disarm()
         if self._window.close_if_stepped(trainer):  # the optimizer stepped: the step is whole
@@ -311,6 +341,13 @@ class SoftmaxCollapseMonitor(Monitor):
         if self._pending_since_log:
             last_step = self._pending[-1][0] if self._pending else self._counted[-1][0][-1]
             self._flush(trainer, last_step, last=True)
+
+    def _shifts(self) -> bool:
+        """Whether the targets are shifted: a causal LM's logits at position t are scored against
+        ``labels[t + 1]``."""
+        if self.shift_targets == "auto":
+            return self.capture.causal_lm
+        return self.shift_targets
 
     def _measure_in_loss(
         self, input: torch.Tensor, target: torch.Tensor, log_probs: torch.Tensor
