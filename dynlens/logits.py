@@ -49,6 +49,7 @@ __all__ = [
     "multi_head_attention_logit_sums",
     "output_logit_stats",
     "output_logit_sums",
+    "softmax_logit_sums",
 ]
 
 #: Largest number of attention logits one chunk of a measurement holds (2**22: 16 MiB in float32).
@@ -284,12 +285,69 @@ class AttentionLogitSums:
 
 def _keep_mask(mask: Tensor | None) -> Tensor | None:
     """SDPA's ``attn_mask`` as 'takes part' booleans: bool masks as they are (True = attend),
-    additive float masks ``!= -inf``. Finite additive values (ALiBi-style biases, soft masks such
-    as -1e9) leave their positions in: the statistic is of the q·k product, which is what grows and
-    what qk-layernorm bounds, so the bias itself is not added."""
+    additive float masks where they are above :func:`masked_below` (``-inf``, or the dtype's
+    minimum as Hugging Face masks add it, drop their positions). Other finite additive values
+    (ALiBi-style biases, soft masks such as -1e9) leave their positions in: the statistic is of
+    the q·k product, which is what grows and what qk-layernorm bounds, so the bias itself is not
+    added."""
     if mask is None or mask.dtype == torch.bool:
         return mask
-    return mask != float("-inf")
+    return mask > masked_below(mask.dtype)
+
+
+def masked_below(dtype: torch.dtype) -> float:
+    """Scores at or below this value are masked out, not logits: half the dtype's most negative
+    number, which an additive mask of ``finfo(dtype).min`` (or ``-inf``) leaves a score at
+    whatever the q·k product was."""
+    return torch.finfo(dtype).min / 2
+
+
+def softmax_logit_sums(
+    scores: Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> AttentionLogitSums:
+    """Max and mean square of attention scores that a model hands to a softmax itself.
+
+    For attention written by hand, ``softmax(q·kᵀ·scale + mask, dim=-1)`` (Hugging Face's
+    ``"eager"`` attention, nanoGPT's non-flash path): ``scores`` are the ``(..., queries, keys)``
+    values entering the softmax. Positions at or below :func:`masked_below` — ``-inf`` from
+    ``masked_fill``, or the dtype's minimum added as a mask — take no part; every other score
+    counts as it is (so an additive bias such as ALiBi is included, as the softmax sees it).
+
+    Runs on the detached scores under ``no_grad`` with autocast off, in pieces of at most
+    ``chunk_elements`` scores (float16/bfloat16 measured in float32).
+
+    Example (the second row's last key is masked by the dtype's minimum):
+        >>> m = torch.finfo(torch.float32).min
+        >>> z = torch.tensor([[[[1.0, -2.0], [3.0, 0.0 + m]]]])
+        >>> s = softmax_logit_sums(z)
+        >>> s.max_logit.item(), s.count.item(), round(s.compute()["rms"].item(), 4)
+        (3.0, 3.0, 2.1602)
+    """
+    if (
+        isinstance(chunk_elements, bool)
+        or not isinstance(chunk_elements, int)
+        or chunk_elements < 1
+    ):
+        raise ValueError(f"Expected `chunk_elements` a positive int, got {chunk_elements!r}")
+    dtype = _compute_dtype(scores.dtype)
+    if scores.numel() == 0:
+        return _no_logits(dtype, scores.device)
+    with torch.no_grad(), torch.autocast(scores.device.type, enabled=False):
+        below = masked_below(scores.dtype)
+        rows = scores.detach().reshape(-1, scores.shape[-1])
+        step = max(1, chunk_elements // rows.shape[-1])
+        maxima, squares, counts = [], [], []
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start : start + step].to(dtype)
+            keep = chunk > below
+            counts.append(keep.sum(dtype=torch.float64))
+            squares.append(torch.linalg.vector_norm(chunk.where(keep, 0.0)))
+            maxima.append(chunk.where(keep, -math.inf).max())
+        one = len(maxima) == 1
+        best = maxima[0] if one else torch.stack(maxima).max()
+        total = (squares[0] if one else torch.stack(squares)).double().square().sum()
+        count = counts[0] if one else torch.stack(counts).sum()
+        return AttentionLogitSums(best, total, count, len(maxima))
 
 
 def _canonical(t: Tensor, batch: tuple[int, ...]) -> Tensor:

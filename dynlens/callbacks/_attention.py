@@ -1,10 +1,14 @@
 """Seeing a model's attention logits without changing the model.
 
 :class:`AttentionCapture` intercepts, while it is armed, every call of
-:func:`torch.nn.functional.scaled_dot_product_attention` (SDPA) and of
+:func:`torch.nn.functional.scaled_dot_product_attention` (SDPA), of
 :func:`torch.nn.functional.multi_head_attention_forward` (what :class:`torch.nn.MultiheadAttention`
-runs; it may or may not call SDPA inside) through a :class:`torch.overrides.TorchFunctionMode`, and
-measures each call's logits with the pure functions of :mod:`dynlens.logits`. It sees attention
+runs; it may or may not call SDPA inside), and of a softmax over the last dimension of a
+``(batch, heads, queries, keys)`` tensor — attention written by hand, ``softmax(q·kᵀ·scale + mask)``
+(Hugging Face's ``"eager"`` attention, nanoGPT's non-flash path) — through a
+:class:`torch.overrides.TorchFunctionMode`, and measures each call's logits with the pure
+functions of :mod:`dynlens.logits` (for a softmax: the scores it receives, masked positions left
+out, :func:`dynlens.logits.softmax_logit_sums`). It sees attention
 however the model imported SDPA (``F.scaled_dot_product_attention``, ``from torch.nn.functional
 import scaled_dot_product_attention``), without hooks on the attention modules.
 
@@ -44,11 +48,14 @@ from ..logits import (
     AttentionLogitSums,
     attention_logit_sums,
     multi_head_attention_logit_sums,
+    softmax_logit_sums,
 )
 from .base import in_own_forward
 
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
+# the three spellings of a softmax a hand-written attention may call
+_SOFTMAX = (F.softmax, torch.Tensor.softmax, torch.softmax)
 _MHA_SIGNATURE = inspect.signature(_MHA)
 # the arguments of multi_head_attention_forward that shape q·k (value, dropout, out_proj do not)
 _MHA_QK_ARGS = (
@@ -89,16 +96,38 @@ def _sdpa_arguments(
     }
 
 
+def _eager_name(name: str) -> str:
+    """A module's name as in the eager model: ``torch.compile``'s wrapper adds ``_orig_mod``."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 class _Interceptor(TorchFunctionMode):
     def __init__(self, capture: AttentionCapture) -> None:
         super().__init__()
         self.capture = capture
 
+    # Never traced by Dynamo: inside a torch.compile'd model, Dynamo would otherwise compile this
+    # handler anew for each kind of call it sees (tens of graphs, up to its recompile limit);
+    # disabled, the measured forward adds one graph, once
+    @torch.compiler.disable
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
-        result = func(*args, **(kwargs or {}))
-        if func is _SDPA or func is _MHA:
-            self.capture._record(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        attention = func is _SDPA or func is _MHA
+        if attention or (func in _SOFTMAX and _attention_scores(args, kwargs) is not None):
+            self.capture._record(func, args, kwargs)
         return result
+
+
+def _attention_scores(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The scores of a softmax call that is attention written by hand: over the last dimension
+    of a ``(batch, heads, queries, keys)`` tensor that records gradients. An output softmax
+    (``(N, C)``, ``(B, T, V)``) or a mixture-of-experts router (``(tokens, experts)``) is not."""
+    scores = args[0] if args else kwargs.get("input")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4 or dim not in (-1, 3):
+        return None
+    return scores if scores.requires_grad and scores.is_floating_point() else None
 
 
 class AttentionCapture:
@@ -127,7 +156,7 @@ class AttentionCapture:
     def attach(self, model: nn.Module) -> None:
         """Learn the names of ``model``'s submodules (the model itself names nothing)."""
         self.detach()
-        self._names = {module: name for name, module in model.named_modules() if name}
+        self._names = {module: _eager_name(name) for name, module in model.named_modules() if name}
 
     def detach(self) -> None:
         self.pause()
@@ -182,7 +211,7 @@ class AttentionCapture:
     def _name(self) -> str:
         for module in reversed(self._stack):
             name = self._names.get(module)
-            if name is not None:
+            if name is not None and not isinstance(module, nn.Softmax):
                 return name
         return f"call_{self._calls}"
 
@@ -199,6 +228,9 @@ class AttentionCapture:
                 sums = attention_logit_sums(
                     **_sdpa_arguments(*args, **kwargs), chunk_elements=self.chunk_elements
                 )
+            elif func in _SOFTMAX:
+                scores = _attention_scores(args, kwargs)
+                sums = softmax_logit_sums(scores, chunk_elements=self.chunk_elements)
             else:
                 bound = _MHA_SIGNATURE.bind(*args, **kwargs)
                 bound.apply_defaults()
