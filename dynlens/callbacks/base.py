@@ -297,6 +297,13 @@ class Monitor(Callback):
         """This monitor's TensorBoard custom-scalars charts: ``{chart title: chart}``."""
         return {}
 
+    @property
+    def panel_ready(self) -> bool:
+        """Whether :meth:`panel` knows its charts. A monitor whose charts depend on what the run
+        turns out to have (attention layers) says False until it knows, then calls
+        :func:`write_layout`; the run's one layout waits for it."""
+        return True
+
     def multiline(self, *quantities: str) -> Chart:
         """A multiline chart of exactly these quantities (anchored tag regexes)."""
         return ["Multiline", [tag_regex(self.key(q)) for q in quantities]]
@@ -368,9 +375,15 @@ def layout(monitors: list[Monitor]) -> dict[str, dict[str, Chart]]:
     return merged
 
 
-def write_layout(trainer: Any) -> None:
-    """Write the layout of every dynlens monitor attached to ``trainer``, once per writer."""
+def write_layout(trainer: Any, *, final: bool = False) -> None:
+    """Write the layout of every dynlens monitor attached to ``trainer``, once per writer.
+
+    TensorBoard reads a run's first layout only, so it is written once every monitor's panel is
+    :attr:`~Monitor.panel_ready` (a chart appears only for what the run logs); ``final`` (the
+    end of training) writes it whatever is ready. Called again and again, it writes once."""
     monitors = [cb for cb in trainer.callbacks if isinstance(cb, Monitor)]
+    if not final and not all(m.panel_ready for m in monitors):
+        return
     merged = layout(monitors)
     if not merged:
         return

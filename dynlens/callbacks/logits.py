@@ -20,8 +20,16 @@ from ..logits import (
 )
 from ._attention import AttentionCapture
 from ._capture import LogitsCapture
-from ._logits import StepWindow, take_logits
-from .base import Chart, ConfigurationError, Monitor, check_positive_int, fail_soft, logging_step
+from ._logits import StepWindow, announce_logits, take_logits
+from .base import (
+    Chart,
+    ConfigurationError,
+    Monitor,
+    check_positive_int,
+    fail_soft,
+    logging_step,
+    write_layout,
+)
 
 
 def _stack(sums: Any, names: tuple[str, ...]) -> torch.Tensor:
@@ -112,8 +120,12 @@ class LogitGrowthMonitor(Monitor):
     (8 significant bits: spacing 0.125 between 16 and 32) is already ±0.06 nats.
 
     Args:
-        logits_module: name of the submodule producing the output logits (a forward hook records
-            them during measured steps); ``None`` reads ``outputs["logits"]`` of ``training_step``.
+        logits_module: ``"auto"`` (default) finds the output logits at the first measured step
+            as :class:`SoftmaxCollapseMonitor` does (``training_step``'s ``"logits"``, else the
+            outermost module returning ``.logits``, else the LightningModule's ``forward``) and
+            says once what it found (event ``logits_found``); or the name of the submodule
+            producing them (a forward hook records them during measured steps); ``None`` reads
+            ``outputs["logits"]`` of ``training_step``.
         output_logits: measure output logits (``False``: attention only).
         attention: measure attention logits (``False``: output logits only).
         attention_every_n_steps: attention cadence, in optimizer steps. Capturing attention
@@ -146,7 +158,7 @@ class LogitGrowthMonitor(Monitor):
     def __init__(
         self,
         *,
-        logits_module: str | None = None,
+        logits_module: str | None = "auto",
         output_logits: bool = True,
         attention: bool = True,
         attention_every_n_steps: int = 10,
@@ -170,7 +182,7 @@ class LogitGrowthMonitor(Monitor):
                 "LogitGrowthMonitor(output_logits=False, attention=False) measures nothing: "
                 "set at least one of them to True."
             )
-        if logits_module is not None and not output_logits:
+        if logits_module not in (None, "auto") and not output_logits:
             raise ConfigurationError(
                 f"`logits_module={logits_module!r}` names the output-logit module, but "
                 "output_logits=False: drop `logits_module` or set output_logits=True."
@@ -204,6 +216,8 @@ class LogitGrowthMonitor(Monitor):
         self.latest: dict[str, float] = {}
         #: Layers whose attention was measured at the latest attention step, in call order.
         self.layers: list[str] = []
+        #: Whether a measured step saw attention calls (``None`` before the first attention step).
+        self.attention_seen: bool | None = None
         #: Largest ``attn_max`` logged so far (``None`` before the first attention measurement).
         self.peak_attention_logit: float | None = None
         # (step, max |z|) of the last `window` output-logit measurements: the growth-rate fit
@@ -229,15 +243,24 @@ class LogitGrowthMonitor(Monitor):
         }
 
     def panel(self) -> dict[str, Chart]:
-        per_layer = ["Multiline", [f"^{self.key('attn_max')}$", f"^{self.key('attn_max')}/.*$"]]
-        rms_layer = ["Multiline", [f"^{self.key('attn_rms')}$", f"^{self.key('attn_rms')}/.*$"]]
-        return {
-            "max attention logit per layer": per_layer,
-            "attention logit RMS per layer": rms_layer,
-            "output logits": self.multiline("max_abs", "rms", "spread"),
-            "log Z = logsumexp(output logits)": self.multiline("logz_mean", "logz_max"),
-            "output-logit growth (e-folds per 1000 steps)": self.multiline("growth_rate"),
-        }
+        charts: dict[str, Chart] = {}
+        if self.attention_seen:
+            for quantity, title in (
+                ("attn_max", "max attention logit per layer"),
+                ("attn_rms", "attention logit RMS per layer"),
+            ):
+                key = self.key(quantity)
+                charts[title] = ["Multiline", [f"^{key}$", f"^{key}/.*$"]]
+        if self.output_logits:
+            charts["output logits"] = self.multiline("max_abs", "rms", "spread")
+            charts["log Z = logsumexp(output logits)"] = self.multiline("logz_mean", "logz_max")
+            charts["output-logit growth (e-folds per 1000 steps)"] = self.multiline("growth_rate")
+        return charts
+
+    @property
+    def panel_ready(self) -> bool:
+        # the attention charts exist once an attention step showed whether there is attention
+        return not self.attention or self.attention_seen is not None
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -265,6 +288,8 @@ class LogitGrowthMonitor(Monitor):
         }
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":  # a run that never got to (or past) its first attention step
+            write_layout(trainer, final=True)
         self.capture.detach()
         self.attention_capture.detach()
         self._window.close()
@@ -313,10 +338,10 @@ class LogitGrowthMonitor(Monitor):
         # the forward is done: no interception during backward (where activation checkpointing
         # would run the attention a second time) or the optimizer step
         self.attention_capture.pause()
-        if self._output_armed and self.capture.logits_module is not None:
+        if self._output_armed and self.capture.hooked:
             # hooked logits are measured now, while they are still in the CPU's caches: after
             # the backward and the optimizer step the same work takes twice as long
-            self._take_output(None)
+            self._take_output(trainer, None)
 
     @fail_soft
     def on_train_batch_end(
@@ -326,12 +351,15 @@ class LogitGrowthMonitor(Monitor):
             return
         self.attention_capture.pause()
         if self._output_armed:
-            self._take_output(outputs)
+            self._take_output(trainer, outputs)
         if not self._window.close_if_stepped(trainer):
             return
         if self._attention_armed:  # the step is whole: pool its attention statistics
             self._attention_armed = False
             layers = self.attention_capture.take()
+            if not self.attention_seen:
+                self.attention_seen = bool(layers)
+                write_layout(trainer)  # the panel now knows whether to chart attention
             self._attention_steps += 1
             self._pending_since_log = True
             for name, sums in layers.items():
@@ -348,9 +376,11 @@ class LogitGrowthMonitor(Monitor):
         if self._pending_since_log:
             self._flush(trainer, self._last_measured, last=True)
 
-    def _take_output(self, outputs: Any) -> None:
+    def _take_output(self, trainer: Any, outputs: Any) -> None:
         self._output_armed = False
-        for logits in take_logits(self.capture, outputs, type(self).__name__):
+        taken = take_logits(self.capture, outputs, type(self).__name__)
+        announce_logits(self, trainer, logging_step(trainer), self.capture)
+        for logits in taken:
             self._outputs.append(output_logit_sums(logits))  # pooled at the log, in one go
         self._pending_since_log = True
 
@@ -483,6 +513,7 @@ class LogitGrowthMonitor(Monitor):
             **super().state_dict(),
             "history": [list(p) for p in self._history],
             "peak_attention_logit": self.peak_attention_logit,
+            "attention_seen": self.attention_seen,
             # measured since the last log, so a resumed run logs the same pooled values
             "pending": {
                 "output": _as_floats(OutputLogitSums.pool(self._outputs))
@@ -502,6 +533,7 @@ class LogitGrowthMonitor(Monitor):
             ((int(s), float(v)) for s, v in state_dict.get("history", [])), maxlen=self.window
         )
         self.peak_attention_logit = state_dict.get("peak_attention_logit")
+        self.attention_seen = state_dict.get("attention_seen", self.attention_seen)
         pending = state_dict.get("pending") or {}
         output = pending.get("output")
         self._outputs = [] if output is None else [OutputLogitSums(**output)]
