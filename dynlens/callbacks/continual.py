@@ -153,8 +153,13 @@ class _EvalSource:
             yield _to_device(batch, device)
 
     def _build_loader(self, sampler: _IndexSampler) -> DataLoader:
+        # Each pass over a DataLoader draws its workers' base seed from the loader's generator,
+        # by default the global RNG: an own generator leaves training's random streams untouched
+        generator = torch.Generator().manual_seed(0)
         if not isinstance(self.data, DataLoader):
-            return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
+            return DataLoader(
+                self.data, batch_size=self.batch_size, sampler=sampler, generator=generator
+            )
         user = self.data
         return DataLoader(
             user.dataset,
@@ -166,6 +171,7 @@ class _EvalSource:
             worker_init_fn=user.worker_init_fn,
             persistent_workers=user.persistent_workers,
             multiprocessing_context=user.multiprocessing_context,
+            generator=generator,
         )
 
 
