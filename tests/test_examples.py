@@ -33,3 +33,18 @@ def test_softmax_collapse_example_logs_the_monitor(tmp_path, capsys):
     assert [s for s, _ in logged["dynlens/collapse/sc_fraction"]] == [0, 5, 10]
     assert "dynlens/collapse/nlm_cosine/net.0.weight" in logged
     assert "loss now uses softmax" in capsys.readouterr().out
+
+
+def test_hf_causal_lm_example_logs_every_monitor_with_nothing_named(tmp_path, capsys):
+    collapse, logits, *_ = load("hf_causal_lm").main(
+        max_steps=6, attention="eager", logdir=str(tmp_path)
+    )
+    logged = scalars(tmp_path / "hf_causal_lm_eager")
+    layers = ["model.transformer.h.0.attn", "model.transformer.h.1.attn"]
+    assert logits.layers == layers
+    assert all(f"dynlens/logits/attn_max/{layer}" in logged for layer in layers)
+    assert "dynlens/collapse/zero_loss_fraction" in logged and "dynlens/hessian/trace" in logged
+    assert collapse.capture.causal_lm and logits.capture.found[0] == "model"
+    out = capsys.readouterr().out
+    assert "labels shifted by one position (causal LM)" in out
+    assert f"tensorboard --logdir {tmp_path}" in out
