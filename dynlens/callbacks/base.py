@@ -378,7 +378,7 @@ def layout(monitors: list[Monitor]) -> dict[str, dict[str, Chart]]:
 def write_layout(trainer: Any, *, final: bool = False) -> None:
     """Write the layout of every dynlens monitor attached to ``trainer``, once per writer.
 
-    TensorBoard reads a run's first layout only, so it is written once every monitor's panel is
+    TensorBoard shows one layout per run, so it is written once, when every monitor's panel is
     :attr:`~Monitor.panel_ready` (a chart appears only for what the run logs); ``final`` (the
     end of training) writes it whatever is ready. Called again and again, it writes once."""
     monitors = [cb for cb in trainer.callbacks if isinstance(cb, Monitor)]
