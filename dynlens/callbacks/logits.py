@@ -100,9 +100,12 @@ class LogitGrowthMonitor(Monitor):
       every 1000 steps); from the second measurement on.
 
     Attention logits, from every call of
-    ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` during the training step's
-    forward (not under ``no_grad``, not in validation; masks, ``is_causal`` and grouped-query
-    heads honoured; see :mod:`dynlens.callbacks._attention`):
+    ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``, and every hand-written
+    ``softmax(q·kᵀ·scale + mask)`` over a ``(batch, heads, queries, keys)`` tensor (Hugging
+    Face's ``"eager"`` attention), during the training step's forward (not under ``no_grad``, not
+    in validation; masks — ``-inf`` or the dtype's minimum —, ``is_causal`` and grouped-query
+    heads honoured; see :mod:`dynlens.callbacks._attention`). The attention charts of the panel
+    appear once a measured step has seen attention:
 
     * ``attn_max``, ``attn_rms``: max and RMS of ``q·kᵀ·scale`` over every call;
     * ``attn_max/<layer>``, ``attn_rms/<layer>``: the same per layer, named by the module that
