@@ -59,8 +59,9 @@ def _on_device(sums: Any, device: torch.device) -> Any:
 
 NO_ATTENTION_WARNING = (
     "LogitGrowthMonitor saw no attention call in a measured training step: the model calls "
-    "neither torch.nn.functional.scaled_dot_product_attention nor nn.MultiheadAttention (or "
-    "only under no_grad). Attention logits are not measured; pass attention=False to silence this."
+    "neither torch.nn.functional.scaled_dot_product_attention nor nn.MultiheadAttention, nor a "
+    "softmax over (batch, heads, queries, keys) scores (or only under no_grad). Attention logits "
+    "are not measured; pass attention=False to silence this."
 )
 
 
