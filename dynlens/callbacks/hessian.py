@@ -32,6 +32,8 @@ from .base import (
     own_forward,
     sharding_strategy,
 )
+from .schedule import BudgetSchedule
+from .schedule import budget_schedule as budget_schedule  # its former home re-exports it
 
 Estimator = Literal["hutchinson", "hutchpp"]
 Memory = Literal["auto"] | int | None
@@ -52,56 +54,6 @@ METERED_STEPS = 2
 
 #: The quantities measured on each rank, in the order they are reduced across ranks.
 _REDUCED = ("failed", "loss", "trace", "trace_var", "frobenius", "lambda_max", "precond_lambda_max")
-
-
-# --------------------------------------------------------------------------------------------
-# Scheduling within a compute budget
-# --------------------------------------------------------------------------------------------
-
-
-def budget_schedule(
-    step: int,
-    *,
-    train_time: float,
-    train_steps: int,
-    measure_time: float,
-    measure_count: int,
-    budget: float,
-    measured: bool,
-    last_measure_time: float | None = None,
-) -> int | None:
-    """The next step to measure at so that measuring takes at most ``budget`` × training time.
-
-    With T = ``train_time`` / ``train_steps`` the mean time of a training step so far and
-    M = ``measure_time`` / ``measure_count`` the mean time of a measurement, the next measurement
-    comes once the training time has grown enough to pay for it as well:
-
-        (measure_time + M) / budget ≤ train_time + gap · T
-        next = step + max(⌈((measure_time + M) / budget − train_time) / T⌉, 1 if measured else 0)
-
-    So, as long as measurements cost about what they have cost so far, measurement time stays
-    within ``budget`` × training time after every measurement but the very first (which has no
-    training to amortise it yet). Totals are cumulative: a measurement dearer than predicted is
-    paid back by a longer gap. After a measurement that took ``last_measure_time`` L, the gap is
-    also at least ⌈L / (budget · T)⌉, the training that pays for that measurement alone: budget
-    left over while earlier measurements were dearer (the first ones carry warm-up) is spread
-    out rather than spent in a burst of back-to-back measurements. ``None`` when no training step
-    has been timed yet.
-
-        >>> budget_schedule(16, train_time=16.0, train_steps=16, measure_time=4.0,
-        ...                 measure_count=2, budget=0.25, measured=True)
-        24
-    """
-    if train_steps <= 0:
-        return None
-    step_time = max(train_time / train_steps, 1e-12)
-    expected = measure_time / max(measure_count, 1)
-    owed = (measure_time + expected) / budget - train_time
-    # The small slack keeps an exact multiple (8.0 step times) from rounding up through float error.
-    gap = max(0, math.ceil(owed / step_time - 1e-9))
-    if measured and last_measure_time is not None:
-        gap = max(gap, math.ceil(last_measure_time / budget / step_time - 1e-9))
-    return step + max(gap, 1 if measured else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,12 +295,6 @@ def probe_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """
     mixed = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
-
-
-def _synchronize(device: torch.device) -> None:
-    # Only at measurement steps: makes the clock see the device work it is charged for.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,7 +561,6 @@ class HessianMonitor(Monitor):
         self.memory = memory
         self.memory_meter = memory_meter
         self.seed = seed
-        self.clock = clock
         # memory: the limit (learns the products' peaks), training's metered peak
         self._limit: curvature.MemoryLimit | None = None
         self._train_peak: int | None = None
@@ -628,19 +573,11 @@ class HessianMonitor(Monitor):
         #: and ``iterations`` (Lanczos products spent on λ_max).
         self.history: list[dict[str, float]] = []
         self.num_measurements = 0
-        # schedule (budget mode) and timing totals
-        self._next_step = 0
-        self._calibrating = False
+        # the budget's schedule (only timing with every_n_steps) and the last measured step
+        self._schedule = BudgetSchedule(self.budget, clock)
         self._last_step: int | None = None
-        self._train_time = 0.0
-        self._train_steps = 0
-        self._measure_time = 0.0
-        self._last_measure_time = 0.0
-        self._measure_count = 0
         self._since_cold = 0
         # in memory only
-        self._mark: float | None = None
-        self._mark_step = 0
         self._route: str = route
         self._eigvec: dict[str, Tensor] | None = None
         self._precond_eigvec: dict[str, Tensor] | None = None
@@ -734,15 +671,12 @@ class HessianMonitor(Monitor):
         if self._last_step is not None and step <= self._last_step:
             # A new Trainer restarted the step counter (a resume never lands at or before the last
             # measured step): start a fresh schedule and budget.
-            self._last_step, self._next_step, self._calibrating = None, step, False
-            self._train_time = self._measure_time = 0.0
-            self._train_steps = self._measure_count = 0
-        self._mark, self._mark_step = self.clock(), step
+            self._last_step = None
+            self._schedule.reset(step)
+        self._schedule.train_start(step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._mark is not None:  # the steps since the last measurement count too
-            self._tick(logging_step(trainer))
-            self._mark = None
+        self._schedule.train_end(logging_step(trainer))
 
     # ----------------------------------------------------------------------------- cadence
     def _due(self, trainer: Any) -> bool:
@@ -753,40 +687,7 @@ class HessianMonitor(Monitor):
             return False
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0
-        if self._calibrating and step >= self._next_step:
-            # One training step has run since the first measurement: its time sets the first gap.
-            now = self._tick(step)
-            self._mark, self._mark_step = now, step
-            self._schedule(trainer, step, measured=False)
-        return step >= self._next_step
-
-    def _tick(self, step: int) -> float:
-        """Clock reading now; charges the time since the last mark to training."""
-        now = self.clock()
-        if self._mark is not None:
-            self._train_time += now - self._mark
-            self._train_steps += step - self._mark_step
-        return now
-
-    def _schedule(self, trainer: Any, step: int, *, measured: bool) -> None:
-        nxt = None
-        if trainer.is_global_zero:
-            nxt = budget_schedule(
-                step,
-                train_time=self._train_time,
-                train_steps=self._train_steps,
-                measure_time=self._measure_time,
-                measure_count=self._measure_count,
-                budget=self.budget,  # type: ignore[arg-type]
-                measured=measured,
-                last_measure_time=self._last_measure_time if measured else None,
-            )
-        # Every rank, at this same step: rank 0's clock decides for all.
-        nxt = trainer.strategy.broadcast(nxt, src=0)
-        if nxt is None:
-            self._next_step, self._calibrating = step + 1, True
-        else:
-            self._next_step, self._calibrating = int(nxt), False
+        return self._schedule.due(trainer, step)
 
     # ----------------------------------------------------------------------------- measuring
     @fail_soft
@@ -840,18 +741,10 @@ class HessianMonitor(Monitor):
         step = logging_step(trainer)
         self._last_step = step
         device = pl_module.device
-        _synchronize(device)
-        start = self._tick(step)
+        start = self._schedule.measure_start(step, device)
         local, failure = self._measure_locally(trainer, pl_module, batch, batch_idx)
         values = self._reduce(trainer, local, device)
-        _synchronize(device)
-        end = self.clock()
-        self._measure_time += end - start
-        self._last_measure_time = end - start
-        self._measure_count += 1
-        self._mark, self._mark_step = end, step
-        if self.budget is not None:
-            self._schedule(trainer, step, measured=True)
+        self._schedule.measured(trainer, step, start, device)
         if values["failed"] > 0:
             self.disable(failure or "the measurement failed on another rank")
             return
@@ -1056,8 +949,9 @@ class HessianMonitor(Monitor):
             if rule.precond_threshold is not None and "precond_lambda_max" in logged:
                 logged["precond_threshold"] = rule.precond_threshold
                 logged["precond_ratio"] = logged["precond_lambda_max"] / rule.precond_threshold
-        if self._train_steps > 0 and self._train_time > 0:
-            logged["overhead"] = self._measure_time / self._train_time
+        overhead = self._schedule.overhead
+        if overhead is not None:
+            logged["overhead"] = overhead
         self.log_metrics(trainer, logged, step=step)
         self.num_measurements += 1
         self.last = dict(logged)
@@ -1094,19 +988,12 @@ class HessianMonitor(Monitor):
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer() if self._trainer is not None else None
-        if trainer is not None and self._mark is not None:
-            # A checkpoint mid-run: charge the training since the last measurement now, or a
-            # resumed run would never count it and measure too seldom.
-            self._mark, self._mark_step = self._tick(logging_step(trainer)), logging_step(trainer)
+        if trainer is not None:  # a checkpoint mid-run: the training so far counts
+            self._schedule.charge(logging_step(trainer))
         return {
             **super().state_dict(),
-            "next_step": self._next_step,
-            "calibrating": self._calibrating,
+            **self._schedule.state_dict(),  # flat keys, as checkpoints have always had them
             "last_step": self._last_step,
-            "train_time": self._train_time,
-            "train_steps": self._train_steps,
-            "measure_time": self._measure_time,
-            "measure_count": self._measure_count,
             "since_cold": self._since_cold,
             "num_measurements": self.num_measurements,
             "route": self._route,
@@ -1122,14 +1009,9 @@ class HessianMonitor(Monitor):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._next_step = int(state_dict.get("next_step", 0))
-        self._calibrating = bool(state_dict.get("calibrating", False))
+        self._schedule.load_state_dict(state_dict)
         last_step = state_dict.get("last_step")
         self._last_step = None if last_step is None else int(last_step)
-        self._train_time = float(state_dict.get("train_time", 0.0))
-        self._train_steps = int(state_dict.get("train_steps", 0))
-        self._measure_time = float(state_dict.get("measure_time", 0.0))
-        self._measure_count = int(state_dict.get("measure_count", 0))
         self._since_cold = int(state_dict.get("since_cold", 0))
         self.num_measurements = int(state_dict.get("num_measurements", 0))
         self._route = str(state_dict.get("route", self.route))
