@@ -7,7 +7,7 @@ logger holds what was logged.
     python tests/ddp_run.py OUTDIR [contract|values]
 
 ``contract`` (the default) runs the conformance model (Dropout, BatchNorm, a budgeted
-HessianMonitor) and records each rank's Hessian schedule. ``values`` runs a deterministic model
+HessianMonitor and ContinualEvaluation) and records each rank's schedules. ``values`` runs a deterministic model
 (no Dropout, no BatchNorm: its forward on a shard equals the single-process forward on the same
 samples) for comparison with a single process on the same global batches, logging every second
 step (so pooled statistics are reduced too), and records each rank's own trace estimate so the
@@ -78,6 +78,23 @@ def fit(out: Path, mode: str, devices: int) -> tuple[pl.Trainer, dict]:
         budgeted = dynlens.HessianMonitor(budget=0.3, num_probes=2, max_iter=3, prefix="budget")
         callbacks.append(budgeted)
         extra["budget_steps"] = lambda: [int(h["step"]) for h in budgeted.history]
+        evaluated: list[int] = []  # global_step of every budgeted evaluation (one batch each)
+
+        def forward(module, batch, task):
+            evaluated.append(module.global_step)
+            return module(batch[0]), batch[1]
+
+        callbacks.append(
+            dynlens.ContinualEvaluation(
+                {0: data(1, 32)},
+                subset_size=16,
+                budget=0.3,
+                forward_fn=forward,
+                prefix="budget",
+                verbose=False,
+            )
+        )
+        extra["continual_budget_steps"] = lambda: evaluated
         max_steps, log_every = 4, 1
     else:
         model = deterministic_model()

@@ -53,10 +53,14 @@ def test_every_monitor_under_two_process_ddp(tmp_path):
     assert families == {"grokking", "collapse", "hessian", "logits", "continual"}
     # rank 0 decides the budget schedule and broadcasts it: the same steps on every rank
     assert rank0["budget_steps"] and rank0["budget_steps"] == rank1["budget_steps"]
+    evaluated = rank0["continual_budget_steps"]
+    assert evaluated and evaluated == rank1["continual_budget_steps"]
     # side effects on rank 0 only: one CSV, each value once per step (checked by `logged`)
     values = logged(tmp_path / "ddp")
     assert any(key.startswith("dynlens/hessian/") for key in values)
     assert sorted(values["budget/hessian/trace"]) == rank0["budget_steps"]
+    # an evaluation after optimizer step k is logged at Lightning's step k - 1
+    assert sorted(values["budget/continual/acc_task_0"]) == [k - 1 for k in evaluated]
 
 
 # Quantities that do not decompose over shards: each rank's median of its own samples (their

@@ -19,6 +19,7 @@ import contextlib
 import math
 import numbers
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from .base import (
     own_forward,
     sharding_strategy,
 )
+from .schedule import BudgetSchedule, check_cadence
 
 __all__ = ["ContinualEvaluation", "accuracy_counts"]
 
@@ -183,8 +185,22 @@ class ContinualEvaluation(Monitor):
     (the current one included) is evaluated on a subset of its evaluation set, and
     :class:`dynlens.continual.ContinualMetrics` turns the accuracies into ACC, min-ACC, WC-ACC,
     windowed forgetting WF^w and plasticity WP^w, per-task gap and recovery and
-    the learning-curve area. The paper's defaults: every iteration (``every_n_steps=1``), a fresh
-    random subset of 1,000 samples per task (``subset_size=1000``), windows 10 and 100.
+    the learning-curve area. The paper's defaults: every iteration (``every_n_steps=1``, the
+    default here too), a fresh random subset of 1,000 samples per task (``subset_size=1000``),
+    windows 10 and 100.
+
+    **Within a compute budget.** Evaluating every iteration is the paper's protocol, and it can
+    cost more than training itself. With ``budget`` (say 0.03) the callback chooses the steps:
+    it times training and each evaluation with ``clock`` and evaluates again once the training
+    time can pay for the evaluations so far and the next one, so that after every evaluation but
+    the first (after the first step), evaluation time is at most ``budget`` × training time, as
+    long as evaluations cost about what they have cost so far — the schedule
+    :class:`~dynlens.HessianMonitor` uses (:func:`~dynlens.callbacks.schedule.budget_schedule`).
+    End-of-fit evaluations are made whatever the budget, and paid back by a longer gap after
+    them. Rank 0 decides the steps and
+    broadcasts them, so every rank evaluates at the same steps; the schedule is kept in
+    checkpoints, so a resumed run continues it. The windows of WF^w, WP^w and the LCA still
+    count evaluations, which are then further apart than one step.
 
     **Task boundaries.** Which task is being trained is decided, in this order of precedence:
 
@@ -235,7 +251,8 @@ class ContinualEvaluation(Monitor):
     Logged under ``<prefix>/continual/`` at each evaluation: ``acc_task_<t>`` for every seen
     task, ``acc``, ``min_acc`` and ``wf_<w>`` (once a task has ended), ``wc_acc``, ``wp_<w>``,
     ``gap_task_<t>`` and ``recovery_task_<t>`` for every previous task, ``lca`` (once a task
-    has 10 evaluations while trained) and ``task`` (the task being trained). Text events: a task
+    has 10 evaluations while trained), ``task`` (the task being trained) and, with a ``budget``,
+    ``overhead`` (evaluation time ÷ training time so far). Text events: a task
     starts (``task_start``), a previous task falls ``gap_threshold`` below its end-of-task
     accuracy (``gap``), regains ``gap_threshold`` from its minimum (``recovery``), and a
     ``summary`` at the end of every fit.
@@ -243,7 +260,10 @@ class ContinualEvaluation(Monitor):
     Args:
         eval_sets: ``{task id: Dataset or DataLoader}`` (task ids: non-negative ints), or a
             sequence of them for tasks 0, 1, …; e.g. ``SplitDigits().test_sets()``.
-        every_n_steps: evaluate after every this many optimizer steps (paper: 1).
+        every_n_steps: evaluate after every this many optimizer steps (exclusive with
+            ``budget``); 1 when neither is given, every iteration as in the paper.
+        budget: fraction of training time to spend evaluating, in (0, 1), instead of a fixed
+            ``every_n_steps``; see above.
         subset_size: samples per task and evaluation (paper: 1000); ``None`` for all.
         subset: ``"random"`` (a new subset every evaluation) or ``"fixed"`` (one per task).
         windows: window sizes w of WF^w and WP^w, in evaluations (paper: 10 and 100).
@@ -255,6 +275,8 @@ class ContinualEvaluation(Monitor):
         seed: seeds the subset generator.
         gap_threshold: accuracy drop (fraction) that counts as a stability gap in the events.
         evaluate_on_train_end: also evaluate when a fit ends, unless that step was evaluated.
+        clock: a ``() -> seconds`` function timing training and evaluations under a ``budget``;
+            inject a fake one for deterministic tests.
         prefix: first part of the metric keys.
         verbose: print event lines to the console (rank 0).
 
@@ -274,7 +296,8 @@ class ContinualEvaluation(Monitor):
         self,
         eval_sets: Mapping[int, Dataset | DataLoader] | Sequence[Dataset | DataLoader],
         *,
-        every_n_steps: int = 1,
+        every_n_steps: int | None = None,
+        budget: float | None = None,
         subset_size: int | None = 1000,
         subset: SubsetMode = "random",
         windows: Sequence[int] = (10, 100),
@@ -284,10 +307,14 @@ class ContinualEvaluation(Monitor):
         seed: int = 0,
         gap_threshold: float = 0.1,
         evaluate_on_train_end: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
         prefix: str = "dynlens",
         verbose: bool = True,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, prefix=prefix, verbose=verbose)
+        super().__init__(prefix=prefix, verbose=verbose)
+        check_cadence(every_n_steps, budget)
+        if not callable(clock):
+            raise ConfigurationError(f"Expected `clock` to be a callable, got {clock!r}.")
         self.eval_sets = _check_eval_sets(eval_sets)
         if subset_size is not None:
             check_positive_int("subset_size", subset_size)
@@ -324,6 +351,12 @@ class ContinualEvaluation(Monitor):
         self.seed = seed
         self.gap_threshold = float(gap_threshold)
         self.evaluate_on_train_end = evaluate_on_train_end
+        if every_n_steps is None and budget is None:
+            every_n_steps = 1  # the paper's protocol: every iteration
+        self.every_n_steps: int | None = every_n_steps  # type: ignore[assignment]
+        self.budget = None if budget is None else float(budget)
+        # with a budget: the evaluations' schedule, in total_steps
+        self._schedule = None if self.budget is None else BudgetSchedule(self.budget, clock)
 
         self.generator = torch.Generator().manual_seed(seed)
         #: Optimizer steps taken under this callback, over every fit so far.
@@ -355,6 +388,8 @@ class ContinualEvaluation(Monitor):
             "subset_size": self.subset_size,
             "subset": self.subset,
             "windows": list(self.windows),
+            # only when set, so the key of every_n_steps runs is what it always was
+            **({"budget": self.budget} if self.budget is not None else {}),
         }
 
     def summary(self) -> ContinualSummary:
@@ -438,6 +473,8 @@ class ContinualEvaluation(Monitor):
                 self._begin_task(trainer, dm_task, self.total_steps)
         elif not restored or self.metrics.current_task is None:
             self._begin_task(trainer, self._next_task(), self.total_steps)
+        if self._schedule is not None:
+            self._schedule.train_start(self.total_steps)
 
     def _follow_task_changes(self, trainer: Any, step: int) -> None:
         """Apply a start_task() made during the fit, or a change of the datamodule's task.
@@ -457,9 +494,12 @@ class ContinualEvaluation(Monitor):
                 self._begin_task(trainer, dm_task, step)
 
     def is_due(self, trainer: Any) -> bool:
-        """True after every ``every_n_steps``-th optimizer step; never in the sanity check."""
+        """True after every ``every_n_steps``-th optimizer step, or where the ``budget``'s
+        schedule says (the same steps on every rank); never in the sanity check."""
         if trainer.sanity_checking or not trainer.training:
             return False
+        if self._schedule is not None:
+            return self._schedule.due(trainer, self.total_steps)
         return self.total_steps > 0 and self.total_steps % self.every_n_steps == 0
 
     @fail_soft
@@ -482,6 +522,8 @@ class ContinualEvaluation(Monitor):
         ):
             self._evaluate_and_log(trainer, pl_module)
         self._summarise(trainer)
+        if self._schedule is not None:
+            self._schedule.train_end(self.total_steps)
 
     # ----------------------------------------------------------------------------- measuring
     def _subset_indices(
@@ -625,11 +667,20 @@ class ContinualEvaluation(Monitor):
     def _evaluate_and_log(self, trainer: Any, pl_module: Any) -> None:
         step = self.total_steps - 1  # Lightning's step of the batch just trained
         self._follow_task_changes(trainer, step)
-        accuracies = self.measure(trainer, pl_module)
+        if self._schedule is None:
+            accuracies = self.measure(trainer, pl_module)
+        else:  # timed: the schedule keeps evaluation time within the budget
+            start = self._schedule.measure_start(self.total_steps, pl_module.device)
+            accuracies = self.measure(trainer, pl_module)
+            self._schedule.measured(trainer, self.total_steps, start, pl_module.device)
         self.metrics.update(step, accuracies)
         self._last_eval_steps = self.total_steps
         summary = self.metrics.summary()
-        self.log_metrics(trainer, self._scalars(accuracies, summary), step=step)
+        scalars = self._scalars(accuracies, summary)
+        overhead = self._schedule.overhead if self._schedule is not None else None
+        if overhead is not None:
+            scalars["overhead"] = overhead
+        self.log_metrics(trainer, scalars, step=step)
         self._announce(trainer, step, summary)
 
     def _scalars(self, accuracies: Mapping[int, float], s: ContinualSummary) -> dict[str, float]:
@@ -705,7 +756,7 @@ class ContinualEvaluation(Monitor):
             return "^" + re.escape(self.key(stem)) + r"\d+$"
 
         windows = [f"wf_{w}" for w in self.windows] + [f"wp_{w}" for w in self.windows]
-        return {
+        charts = {
             "accuracy per task": ["Multiline", [family("acc_task_")]],
             "ACC, min-ACC, WC-ACC": self.multiline("acc", "min_acc", "wc_acc"),
             "windowed forgetting WF and plasticity WP": self.multiline(*windows),
@@ -716,10 +767,13 @@ class ContinualEvaluation(Monitor):
             "learning-curve area LCA": self.multiline("lca"),
             "task being trained": self.multiline("task"),
         }
+        if self._schedule is not None:
+            charts["evaluation time ÷ training time"] = self.multiline("overhead")
+        return charts
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             **super().state_dict(),
             "metrics": self.metrics.state_dict(),
             "total_steps": self.total_steps,
@@ -729,6 +783,10 @@ class ContinualEvaluation(Monitor):
             "gap_announced": sorted(self._gap_announced),
             "recovery_announced": sorted(self._recovery_announced),
         }
+        if self._schedule is not None:
+            self._schedule.charge(self.total_steps)  # mid-run, the training so far counts
+            state["schedule"] = self._schedule.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -745,6 +803,8 @@ class ContinualEvaluation(Monitor):
         self._last_eval_steps = state_dict.get("last_eval_steps")
         self._gap_announced = set(state_dict.get("gap_announced", []))
         self._recovery_announced = set(state_dict.get("recovery_announced", []))
+        if self._schedule is not None:
+            self._schedule.load_state_dict(state_dict.get("schedule", {}))
         self._restored = True
 
 

@@ -32,7 +32,7 @@ from .base import (
     own_forward,
     sharding_strategy,
 )
-from .schedule import BudgetSchedule
+from .schedule import BudgetSchedule, check_cadence
 from .schedule import budget_schedule as budget_schedule  # its former home re-exports it
 
 Estimator = Literal["hutchinson", "hutchpp"]
@@ -476,25 +476,9 @@ class HessianMonitor(Monitor):
         verbose: bool = True,
     ) -> None:
         super().__init__(prefix=prefix, verbose=verbose)
-        if every_n_steps is not None and budget is not None:
-            raise ConfigurationError(
-                f"Pass either `every_n_steps` or `budget`, not both (got every_n_steps="
-                f"{every_n_steps!r}, budget={budget!r}): `every_n_steps` fixes the cadence, "
-                "`budget` lets the monitor choose it."
-            )
-        if every_n_steps is not None:
-            check_positive_int("every_n_steps", every_n_steps)
-        elif budget is None:
+        check_cadence(every_n_steps, budget)
+        if every_n_steps is None and budget is None:
             budget = 0.05
-        if budget is not None and (
-            isinstance(budget, bool)
-            or not isinstance(budget, (int, float))
-            or not 0.0 < budget < 1.0
-        ):
-            raise ConfigurationError(
-                f"Expected `budget` to be a fraction of training time in (0, 1), e.g. 0.05, "
-                f"got {budget!r}."
-            )
         if estimator not in ESTIMATORS:
             raise ConfigurationError(
                 f"Expected `estimator` to be one of {ESTIMATORS}, got {estimator!r}."

@@ -16,6 +16,27 @@ from typing import Any
 
 import torch
 
+from .base import ConfigurationError, check_positive_int
+
+
+def check_cadence(every_n_steps: object, budget: object) -> None:
+    """Validate a monitor's ``every_n_steps`` and ``budget``: at most one, each well-formed."""
+    if every_n_steps is not None and budget is not None:
+        raise ConfigurationError(
+            f"Pass either `every_n_steps` or `budget`, not both (got every_n_steps="
+            f"{every_n_steps!r}, budget={budget!r}): `every_n_steps` fixes the cadence, "
+            "`budget` lets the monitor choose it."
+        )
+    if every_n_steps is not None:
+        check_positive_int("every_n_steps", every_n_steps)
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget < 1.0
+    ):
+        raise ConfigurationError(
+            f"Expected `budget` to be a fraction of training time in (0, 1), e.g. 0.05, "
+            f"got {budget!r}."
+        )
+
 
 def budget_schedule(
     step: int,

@@ -504,6 +504,99 @@ def test_cadence_and_end_of_fit_evaluation(tmp_path):
     assert boundaries.summary()["min_acc"] == pytest.approx(0.9)  # blind to the gap (0.2)
 
 
+class FakeClock:
+    """Seconds advance only when the test says: a training step costs 1, an evaluation 4."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def clocked(clock):
+    """A scripted module on task 2 (accuracy 0.5 throughout) whose steps advance ``clock`` by
+    1 s, and a forward_fn advancing it by 4 s once per evaluation."""
+    module = scripted_module()
+    step = module.training_step
+
+    def timed_step(batch, batch_idx):
+        clock.now += 1.0
+        return step(batch, batch_idx)
+
+    module.training_step = timed_step
+    charged = set()
+
+    def forward_fn(m, batch, task):
+        if int(m.k) not in charged:  # one charge per evaluation, however many batches
+            charged.add(int(m.k))
+            clock.now += 4.0
+        return m(batch[0]), batch[1]
+
+    return module, forward_fn
+
+
+def budgeted(clock, forward_fn):
+    return ContinualEvaluation(
+        scripted_sets((2,)), budget=0.25, clock=clock, forward_fn=forward_fn, verbose=False
+    )
+
+
+def test_budget_schedules_evaluations_deterministically_with_a_fake_clock(tmp_path):
+    clock = FakeClock()
+    module, forward_fn = clocked(clock)
+    evaluation = budgeted(clock, forward_fn)
+    t = trainer(max_steps=50, logger=tb_logger(tmp_path), callbacks=[evaluation])
+    t.fit(module, one_batch_loader())
+    logged = scalars(tmp_path)
+    # after step 1 (4 s of evaluation for 1 s of training); then once training pays for the
+    # evaluations so far and the next at 25%: (4 + 4)/0.25 = 32 s, after step 32; then every
+    # 4/(0.25·1) = 16 steps: 48; and the fit's end, 50. Logged at Lightning's step, one less.
+    assert [s for s, _ in logged["dynlens/continual/acc_task_2"]] == [0, 31, 47, 49]
+    assert logged["dynlens/continual/overhead"] == [
+        (0, 4.0),
+        (31, 0.25),
+        (47, 0.25),
+        (49, pytest.approx(16 / 50)),  # the end-of-fit evaluation, made whatever the budget
+    ]
+    # paid back by a longer gap: (16 + 4)/0.25 = 80 s of training, after step 80, not 66
+    assert evaluation.state_dict()["schedule"]["next_step"] == 80
+    (category,) = custom_scalars_layout(tmp_path).category
+    charts = {c.title: list(c.multiline.tag) for c in category.chart}
+    assert charts["evaluation time ÷ training time"] == ["^dynlens/continual/overhead$"]
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_budget_schedule_survives_resume_from_a_mid_run_checkpoint(tmp_path):
+    pl = lightning()
+    clock = FakeClock()
+    module, forward_fn = clocked(clock)
+    whole = budgeted(clock, forward_fn)
+    saver = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1, filename="{step}"
+    )
+    t = trainer(
+        max_steps=50,
+        logger=tb_logger(tmp_path / "whole"),
+        callbacks=[whole, saver],
+        enable_checkpointing=True,
+    )
+    t.fit(module, one_batch_loader())
+
+    clock = FakeClock()
+    module, forward_fn = clocked(clock)
+    resumed = budgeted(clock, forward_fn)
+    t = trainer(max_steps=50, logger=tb_logger(tmp_path / "resumed"), callbacks=[resumed])
+    # saved after step 20: the 19 steps since the evaluation after step 1 were charged
+    t.fit(module, one_batch_loader(), ckpt_path=tmp_path / "ckpt" / "step=20.ckpt")
+    steps = [s for s, _ in scalars(tmp_path / "whole")["dynlens/continual/acc_task_2"]]
+    assert steps == [0, 31, 47, 49]
+    tail = [s for s, _ in scalars(tmp_path / "resumed")["dynlens/continual/acc_task_2"]]
+    assert tail == [s for s in steps if s >= 20]
+    assert resumed.metrics.state_dict() == whole.metrics.state_dict()
+    assert resumed.state_dict()["schedule"] == whole.state_dict()["schedule"]
+
+
 def test_resume_mid_task_continues_the_task_the_steps_and_the_subsets(tmp_path):
     def make():
         # random subsets smaller than the sets, so the generator state matters
@@ -541,6 +634,10 @@ def test_state_dict_round_trip_and_older_checkpoints():
     empty = ContinualEvaluation(scripted_sets(), verbose=False)
     empty.load_state_dict({})  # a checkpoint from before this callback existed
     assert empty.metrics.tasks == () and empty.total_steps == 0
+    assert "schedule" not in evaluation.state_dict()  # every_n_steps: no schedule to keep
+    budget = ContinualEvaluation(scripted_sets(), subset_size=5, budget=0.1, verbose=False)
+    budget.load_state_dict(evaluation.state_dict())  # a checkpoint from before the budget
+    assert budget.total_steps == 20 and budget.state_dict()["schedule"]["next_step"] == 0
     with pytest.raises(ConfigurationError, match="windows"):
         ContinualEvaluation(scripted_sets(), windows=(5,)).load_state_dict(evaluation.state_dict())
 
@@ -549,8 +646,16 @@ def test_state_key_identifies_the_configuration():
     sets = scripted_sets()
     key = ContinualEvaluation(sets).state_key
     assert key == ContinualEvaluation(scripted_sets()).state_key
+    # the paper's every-step default keeps the key checkpoints have always had
+    assert key == ContinualEvaluation(sets, every_n_steps=1).state_key
+    assert key == (
+        "ContinualEvaluation{'prefix': 'dynlens', 'tasks': [0, 1], 'every_n_steps': 1, "
+        "'subset_size': 1000, 'subset': 'random', 'windows': [10, 100]}"
+    )
     for kwargs in ({"every_n_steps": 2}, {"subset_size": 10}, {"windows": (5,)}, {"prefix": "x"}):
         assert ContinualEvaluation(sets, **kwargs).state_key != key
+    budget = ContinualEvaluation(sets, budget=0.03).state_key
+    assert budget != key and budget != ContinualEvaluation(sets, budget=0.05).state_key
     assert ContinualEvaluation(scripted_sets((0, 1, 2))).state_key != key
 
 
@@ -579,6 +684,12 @@ class Stream(IterableDataset):
         ({"batch_size": 0}, "batch_size"),
         ({"seed": -1}, "seed"),
         ({"gap_threshold": 0}, "gap_threshold"),
+        ({"every_n_steps": 2, "budget": 0.1}, "either `every_n_steps` or `budget`"),
+        ({"budget": 0.0}, r"budget.*\(0, 1\)"),
+        ({"budget": 1.0}, r"budget.*\(0, 1\)"),
+        ({"budget": True}, r"budget.*\(0, 1\)"),
+        ({"budget": "3%"}, r"budget.*\(0, 1\)"),
+        ({"clock": 3.0}, "clock"),
     ],
 )
 def test_bad_arguments_fail_at_construction_saying_what_to_do(kwargs, match):
