@@ -7,11 +7,11 @@ logger holds what was logged.
     python tests/ddp_run.py OUTDIR [contract|values]
 
 ``contract`` (the default) runs the conformance model (Dropout, BatchNorm, a budgeted
-HessianMonitor and ContinualEvaluation) and records each rank's schedules. ``values`` runs a deterministic model
-(no Dropout, no BatchNorm: its forward on a shard equals the single-process forward on the same
-samples) for comparison with a single process on the same global batches, logging every second
-step (so pooled statistics are reduced too), and records each rank's own trace estimate so the
-logged trace can be checked to be their mean.
+HessianMonitor and ContinualEvaluation) and records each rank's schedules. ``values`` runs a
+deterministic model (no Dropout, no BatchNorm: its forward on a shard equals the single-process
+forward on the same samples) for comparison with a single process on the same global batches,
+logging every second step (so pooled statistics are reduced too), and records each rank's own
+trace estimate so the logged trace can be checked to be their mean.
 """
 
 import json
