@@ -8,6 +8,7 @@ GPU; the products themselves are always the real ones, checked against dense Hes
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -23,6 +24,7 @@ from dynlens.curvature import (
     HessianOperator,
     MemoryLimit,
     MemoryMeter,
+    RssMemoryMeter,
     finite_difference_step,
     hutchinson_trace,
     hvp,
@@ -228,6 +230,20 @@ def test_probe_rows_are_chunked_to_a_quarter_of_the_headroom():
     assert HessianOperator(loss_fn, params).rows_that_fit(16) == 16
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_rss_meter_reads_the_peak_of_a_pass_and_resets_it():
+    meter = RssMemoryMeter()
+    assert meter.available
+    size = 256 * 2**20  # well above glibc's largest mmap threshold (32 MiB): mapped, then unmapped
+    before = meter.in_use()
+    out, peak = meter.measure(lambda: torch.ones(size // 4, dtype=torch.float32), 1)
+    # pages are touched by the fill; the RSS counters may lag by a few pages, not by half
+    assert peak - before >= size // 2, (before, peak)
+    del out
+    meter.reset_peak()
+    assert meter.peak() - before < size // 2  # the high-water mark starts again from now
+
+
 def test_memory_limit_validation():
     with pytest.raises(ValueError, match="positive number of bytes"):
         MemoryLimit(0)
@@ -255,7 +271,9 @@ def test_the_plan_round_trips_through_its_state():
 
 def test_finite_difference_step_formula():
     u = torch.finfo(torch.float64).eps
-    assert finite_difference_step(3.0, 2.0, torch.float64) == pytest.approx(u ** (1 / 3) * 4 / 2)
+    assert finite_difference_step(3.0, 2.0, torch.float64) == pytest.approx(
+        u ** (1 / 3) / 4 * 4 / 2
+    )
     with pytest.raises(ValueError):
         finite_difference_step(1.0, 0.0, torch.float32)
 
@@ -324,3 +342,57 @@ def test_finite_differences_of_an_affine_loss_and_a_zero_probe_are_zero():
         2.0,
         rel_tol=1e-9,
     )
+
+
+def _relu_problem(dtype: torch.dtype):
+    """A ReLU MLP: piecewise quadratic in θ, with kinks wherever a hidden unit's input is 0."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
+    ).to(dtype)
+    x = torch.randn(64, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (64,), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return (lambda p: F.cross_entropy(functional_call(model, p, (x,)), y)), params
+
+
+def _relative_errors(loss_fn, params, v) -> tuple[Tensor, HessianOperator]:
+    exact = HessianOperator(loss_fn, params, route="double_backward") @ v
+    op = HessianOperator(loss_fn, params, route="finite_difference")
+    fd = op @ v
+    return (fd - exact).double().norm(dim=1) / exact.double().norm(dim=1), op
+
+
+@pytest.mark.parametrize("layernorm", [False, True])
+def test_the_finite_difference_self_check_estimates_the_error_on_a_smooth_loss(layernorm):
+    loss_fn, params = mlp_problem(torch.float32, layernorm=layernorm)
+    n = sum(p.numel() for p in params.values())
+    errors, op = _relative_errors(loss_fn, params, probes(6, n, torch.float32).sign())
+    estimate = op.finite_difference_error
+    # the estimate is of the right order (it leans high: its ε/2 half is the noisier one)
+    assert errors.max().item() / 3 <= estimate <= 10 * errors.max().item(), (estimate, errors)
+    assert estimate < 1e-3
+
+
+def test_the_finite_difference_self_check_flags_kinks_the_step_crosses():
+    # float32: the step (0.12% of the parameters' scale) crosses ReLU kinks, and the central
+    # difference no longer approximates the Hessian; the self-check says so
+    loss_fn, params = _relu_problem(torch.float32)
+    n = sum(p.numel() for p in params.values())
+    errors, op = _relative_errors(loss_fn, params, probes(2, n, torch.float32).sign())
+    assert errors.min().item() > 1.0 and op.finite_difference_error > 0.3
+    # float64: its step (1.5e-6) crosses none, and the products are right
+    loss_fn, params = _relu_problem(D)
+    errors, op = _relative_errors(loss_fn, params, probes(2, n).sign())
+    assert errors.max().item() < 1e-8 and op.finite_difference_error < 1e-8
+
+
+def test_estimates_carry_the_product_error_of_finite_differences_only():
+    loss_fn, params = mlp_problem(torch.float32)
+    fd = hutchinson_trace(loss_fn, params, num_probes=4, route="finite_difference")
+    exact = hutchinson_trace(loss_fn, params, num_probes=4, route="double_backward")
+    assert fd.route == "finite_difference" and 0 < fd.product_error < 1e-3
+    assert exact.product_error is None
+    eigen = top_eigenvalue(loss_fn, params, max_iter=4, route="finite_difference")
+    assert 0 < eigen.product_error < 1e-3
+    assert top_eigenvalue(loss_fn, params, max_iter=4).product_error is None
