@@ -53,7 +53,20 @@ MEMORY_FACTOR = 2.0
 METERED_STEPS = 2
 
 #: The quantities measured on each rank, in the order they are reduced across ranks.
-_REDUCED = ("failed", "loss", "trace", "trace_var", "frobenius", "lambda_max", "precond_lambda_max")
+_REDUCED = (
+    "failed",
+    "loss",
+    "trace",
+    "trace_var",
+    "frobenius",
+    "lambda_max",
+    "precond_lambda_max",
+    "product_error",
+)
+#: Finite differences whose self-check estimates a larger relative error than this switch the
+#: monitor off: the loss is not smooth at the step's scale (e.g. ReLU kinks), and the values
+#: would not be the Hessian's.
+FD_TOLERANCE = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,8 +405,13 @@ class HessianMonitor(Monitor):
     kernels, ``torch.compile``) or do not fit under the memory limit, and ``route`` is
     ``"auto"`` or ``"tuned"``, the monitor switches to ``route="finite_difference"`` (central
     differences of gradients at perturbed copies of θ; memory of one gradient; relative error
-    about 1e-4 in float32) with one :class:`~dynlens.curvature.CurvatureFallbackWarning` and an
-    event ``finite_difference`` naming the reason, and keeps measuring.
+    about 1e-4 in float32 on smooth losses) with one
+    :class:`~dynlens.curvature.CurvatureFallbackWarning` and an event ``finite_difference``
+    naming the reason, and keeps measuring. Each measurement checks the products against the
+    same product at half the step and logs the estimated relative error as ``product_error``;
+    above ``FD_TOLERANCE`` (0.05) — a loss that is not smooth at the step's scale, e.g. a ReLU
+    network in float32, where the step crosses kinks — the monitor switches itself off rather
+    than log values that are not the Hessian's.
 
     Failing soft: a non-finite loss, or an explicit exact ``route`` that fails, gives one warning
     and the monitor switches itself off on every rank; training goes on.
@@ -761,8 +779,9 @@ class HessianMonitor(Monitor):
         self._route = "finite_difference"
         why = "memory" if isinstance(exc, curvature.CurvatureMemoryError) else "no_exact_route"
         message = (
-            f"curvature by finite differences of gradients from now on (relative error about "
-            f"1e-4 in float32), because the exact Hessian-vector products "
+            f"curvature by finite differences of gradients from now on (each measurement "
+            f"estimates their relative error, logged as product_error), because the exact "
+            f"Hessian-vector products "
             f"{'do not fit in memory' if why == 'memory' else 'cannot be taken'}: {exc}"
         )
         warnings.warn(
@@ -809,6 +828,7 @@ class HessianMonitor(Monitor):
                 memory=memory,
             )
             self._route = estimate.route or self._route  # skip a failed route next time
+            self._check_product_error(estimate.product_error, out)
             out["trace"] = estimate.value
             out["trace_var"] = estimate.stderr**2
             if estimate.frobenius is not None:
@@ -827,6 +847,7 @@ class HessianMonitor(Monitor):
                 memory=memory,
             )
             self._eigvec, self._route = eig.vector, eig.route or self._route
+            self._check_product_error(eig.product_error, out)
             out["lambda_max"] = eig.value
             out["cold"], out["iterations"] = float(cold), float(eig.iterations)
             preconditioner = self._adam_preconditioner(trainer, pl_module, params)
@@ -843,8 +864,24 @@ class HessianMonitor(Monitor):
                     memory=memory,
                 )
                 self._precond_eigvec = peig.vector
+                self._check_product_error(peig.product_error, out)
                 out["precond_lambda_max"] = peig.value
         return out
+
+    @staticmethod
+    def _check_product_error(error: float | None, out: dict[str, float]) -> None:
+        """Keep the largest estimated error of finite-difference products; refuse values the
+        self-check says are not the Hessian's."""
+        if error is None:
+            return
+        out["product_error"] = max(error, out.get("product_error", 0.0))
+        if not error <= FD_TOLERANCE:
+            raise curvature.CurvatureError(
+                f"finite differences of gradients estimate their own relative error at {error:.2g} "
+                f"(more than {FD_TOLERANCE}): the loss is not smooth at the scale of their step "
+                "(e.g. ReLU or max kinks), so their values are not the Hessian's. Give the exact "
+                "products room: a larger `memory`, or a smaller `probe_batch`"
+            )
 
     def _meter_gradient(
         self, loss_of: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor], device
@@ -915,6 +952,8 @@ class HessianMonitor(Monitor):
             )
             if not math.isnan(values["frobenius"]):
                 logged["frobenius"] = values["frobenius"]
+        if not math.isnan(values["product_error"]):
+            logged["product_error"] = values["product_error"]
         if self.sharpness:
             logged["lambda_max"] = values["lambda_max"]
             if not math.isnan(values["precond_lambda_max"]):

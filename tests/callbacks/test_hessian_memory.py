@@ -20,6 +20,7 @@ from tests.callbacks.test_hessian_monitor import (
     exact_hessian,
     exact_monitor,
     fit,
+    loader,
     scalars,
     tiny_module,
     values,
@@ -79,6 +80,7 @@ def test_auto_limit_is_twice_the_training_peak_and_no_pass_exceeds_it(tmp_path):
     # a pass of k probes costs 0.2·k GB over 1 GB in use: at most ⌊0.9·2/0.2⌋ = 9 per pass
     assert max(device.peaks) <= 3 * 10**9 and max(device.passes) == 9
     assert device.passes[:2] == [1, 1]  # the graph, then one probe while nothing was known
+    assert KEY + "product_error" not in logged  # exact products: nothing to estimate
 
 
 def test_products_that_do_not_fit_fall_back_to_finite_differences(tmp_path):
@@ -93,7 +95,11 @@ def test_products_that_do_not_fit_fall_back_to_finite_differences(tmp_path):
     assert [(e["reason"], e["why"]) for e in monitor.events] == [("finite_difference", "memory")]
     assert monitor.disabled_reason is None and t.global_step == 2
     assert monitor.state_dict()["route"] == "finite_difference"
-    _check_exact(scalars(tmp_path), snap, [0, 1], tolerance=1e-3)
+    logged = scalars(tmp_path)
+    _check_exact(logged, snap, [0, 1], tolerance=1e-3)
+    # each measurement logs the self-check's estimate of the products' error
+    assert sorted(values(logged, "product_error")) == [0, 1]
+    assert all(0 < e < 1e-3 for e in values(logged, "product_error").values())
 
 
 def test_out_of_memory_on_every_route_disables_the_monitor_and_training_goes_on(tmp_path):
@@ -171,3 +177,43 @@ def test_finite_difference_fallback_on_the_once_differentiable_op_keeps_the_defa
         fit(tmp_path, monitor, tiny_module(once_differentiable_op=True), max_steps=2)
     assert monitor.num_measurements == 2 and max(device.peaks) <= monitor._limit.limit
     assert "finite_difference" in monitor._limit.state_dict()["passes"]
+
+
+def relu_module():
+    """A ReLU MLP on a classification batch: in float32 the finite-difference step crosses kinks."""
+    import pytorch_lightning as pl
+
+    class Relu(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.net = torch.nn.Sequential(
+                    torch.nn.Linear(3, 64),
+                    torch.nn.ReLU(),
+                    torch.nn.Linear(64, 64),
+                    torch.nn.ReLU(),
+                    torch.nn.Linear(64, 1),
+                )
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Relu()
+
+
+def test_finite_differences_across_kinks_switch_the_monitor_off_instead_of_logging(tmp_path):
+    monitor = HessianMonitor(
+        every_n_steps=1, num_probes=3, max_iter=3, route="finite_difference", verbose=False
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = fit(tmp_path, monitor, relu_module(), max_steps=3, dl=loader(256))
+    (disabled,) = [w for w in record if "disabled itself" in str(w.message)]
+    assert "not smooth at the scale of their step" in str(disabled.message)
+    assert t.global_step == 3 and monitor.history == []
+    assert not any(k.startswith(KEY + "trace") for k in scalars(tmp_path))
