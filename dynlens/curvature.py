@@ -729,10 +729,13 @@ class HessianOperator:
     def _memory_message(self, route: str) -> str:
         memory = self.memory
         assert memory is not None
-        need = memory.predict(route, 1) or 0.0
+        product = memory.predict(route, 1) or 0.0
+        graph = memory.predict(f"{route}:graph", 1) or 0.0
+        held = f" (its gradient graph {_gib(graph)}, one product {_gib(product)})" if graph else ""
         return (
-            f"one Hessian-vector product on the {route!r} route needs about {_gib(need)} more "
-            f"memory, but only {_gib(max(memory.headroom(), 0))} is left under the limit of "
+            f"one Hessian-vector product on the {route!r} route needs about "
+            f"{_gib(graph + product)} more memory{held}, but only "
+            f"{_gib(max(memory.headroom(), 0))} is left under the limit of "
             f"{_gib(memory.limit)}. " + _MEMORY_FIX
         )
 
