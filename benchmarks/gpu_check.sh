@@ -2,7 +2,7 @@
 # One pass of the checks that need a GPU, for a lent one-GPU machine (H100/H200) where python3
 # already has torch, pytorch-lightning, lightning, tensorboard and rich and nothing can be installed.
 #
-#   benchmarks/gpu_check.sh          # run from anywhere; about 8 minutes at most
+#   benchmarks/gpu_check.sh          # run from anywhere; about 9 minutes at most
 #   benchmarks/gpu_check.sh --cpu    # only the monitor smoke check, on the CPU, 5 steps
 #
 # 1. nvidia-smi summary; torch, CUDA and Lightning versions.
@@ -10,12 +10,14 @@
 #    precision "bf16-mixed" and "32", then under strategy "fsdp" (one device) where
 #    HessianMonitor must refuse at set-up; every dynlens metric family must reach
 #    trainer.callback_metrics with finite values, and no monitor may disable itself.
-# 3. The benchmarks that can run on CUDA: hessian_routes.py (--device cuda), collapse.py,
+# 3. benchmarks/scale.py at GPT-2 small (124M parameters, sequence 1,024): each product route's
+#    time and peak memory against a training step, and the monitors at their defaults.
+# 4. The benchmarks that can run on CUDA: hessian_routes.py (--device cuda), collapse.py,
 #    logits.py and overhead.py (--accelerator gpu), continual.py (--device cuda). hessian.py has no
 #    device option and report_read.py measures file reading: skipped, with a note.
-# 4. The callback and conformance tests (not slow), when pytest is installed.
+# 5. The callback and conformance tests (not slow), when pytest is installed.
 #
-# Each step runs under `timeout`, clamped so the whole script ends within GPU_CHECK_SECONDS (470).
+# Each step runs under `timeout`, clamped so the whole script ends within GPU_CHECK_SECONDS (560).
 # A failing step does not stop the others; failures are listed at the end and the exit status is 1.
 # With $OUT set, everything printed is also written to $OUT/gpu_check.log.
 set -u
@@ -24,7 +26,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python3}
-DEADLINE=${GPU_CHECK_SECONDS:-470}
+DEADLINE=${GPU_CHECK_SECONDS:-560}
 CPU_ONLY=0
 [[ "${1:-}" == "--cpu" ]] && CPU_ONLY=1
 
@@ -248,6 +250,8 @@ else:
 PY
 
     run_step "monitor smoke check (CUDA)" 120 "$PYTHON" "$SMOKE"
+    run_step "benchmarks/scale.py --device cuda --size gpt2-small" 240 \
+        "$PYTHON" benchmarks/scale.py --device cuda --size gpt2-small --fit-steps 30
     run_step "benchmarks/hessian_routes.py --device cuda" 60 \
         "$PYTHON" benchmarks/hessian_routes.py --device cuda
     run_step "benchmarks/collapse.py --accelerator gpu" 60 \
