@@ -5,10 +5,11 @@ Two models, each against its own anchor (a training step: forward, backward, Ada
 same run:
 
 * ``gpt2``: a GPT-2 causal LM built from a config (Hugging Face ``GPT2LMHeadModel`` when
-  ``transformers`` is installed, else an equivalent pre-LayerNorm GPT-2 written here; the line
-  printed first says which). ``--size cpu`` (default): 4 layers, d = 256, 4 heads, sequence
-  256, batch 8, vocabulary 2,048 (3.9M parameters). ``--size gpt2-small``: GPT-2 small, 12
-  layers, d = 768, 12 heads, sequence 1,024, batch 8, vocabulary 50,257 (124M parameters).
+  ``transformers`` is installed, else an equivalent pre-LayerNorm GPT-2 written here; each
+  result line says which, and ``--plain`` asks for the one written here). ``--size cpu``
+  (default): 4 layers, d = 256, 4 heads, sequence 256, batch 8, vocabulary 2,048 (3.75M
+  parameters). ``--size gpt2-small``: GPT-2 small, 12 layers, d = 768, 12 heads, sequence
+  1,024, batch 8, vocabulary 50,257 (124M parameters).
 * ``convnet``: a residual convolutional network with BatchNorm on 32×32 RGB images (``cpu``:
   width 64, batch 64; ``gpt2-small``: width 128, batch 128).
 
@@ -58,7 +59,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from dynlens.curvature import EXPLICIT_ROUTES, HessianOperator, memory_meter
+from dynlens.curvature import EXPLICIT_ROUTES, HessianOperator, MemoryMeter, memory_meter
 
 SIZES = {
     "cpu": {
@@ -138,6 +139,8 @@ def gpt2(device: torch.device, size: dict) -> Workload:
         return logits[:, :-1].flatten(0, 1), batch[0][:, 1:].flatten()
 
     try:
+        if os.environ.get("DYNLENS_SCALE_PLAIN"):
+            raise ImportError("the plain GPT-2 was asked for")
         from transformers import GPT2Config, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
     except ImportError:
@@ -149,7 +152,7 @@ def gpt2(device: torch.device, size: dict) -> Workload:
             logits = m(tokens)[:, :-1]
             return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
-        impl = "plain GPT-2 (transformers not installed)"
+        impl = "the plain GPT-2 of scale.py"
         return Workload(model.to(device), loss, impl, eval_set, forward_fn)
     hf_logging.set_verbosity_error()
     config = GPT2Config(
@@ -338,7 +341,8 @@ def measure_fit(
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
-    hessian = HessianMonitor(verbose=False)
+    meter = RunPeak(memory_meter(device))
+    hessian = HessianMonitor(memory_meter=meter, verbose=False)
     monitors: list = {
         "none": [],
         "hessian": [hessian],
@@ -356,7 +360,6 @@ def measure_fit(
             ),
         ],
     }[config]
-    meter = memory_meter(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(steps, 1)))
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(
@@ -372,19 +375,19 @@ def measure_fit(
         gc.collect()
         _sync(device)
         before = meter.in_use()
-        meter.reset_peak()
+        meter.start()
         start = time.perf_counter()
         trainer.fit(Module(), loader)
         _sync(device)
         elapsed = time.perf_counter() - start
-        peak = meter.peak() - before
+        peak = meter.run_peak() - before
     result = {
         "model": model_name,
         "impl": impl,
         "config": config,
         "fit_s": elapsed,
         "peak": peak,
-        "process_peak": meter.peak(),
+        "process_peak": meter.run_peak(),
     }
     if config != "none":
         schedule = hessian._schedule
@@ -401,6 +404,32 @@ def measure_fit(
             disabled=[type(m).__name__ for m in monitors if m.disabled_reason is not None],
         )
     return result
+
+
+class RunPeak(MemoryMeter):
+    """The device's meter, keeping the peak over the whole run across the resets that
+    HessianMonitor's metering makes (each reset would otherwise hide the peak before it)."""
+
+    def __init__(self, inner: MemoryMeter) -> None:
+        self.inner, self.available, self._peak = inner, inner.available, 0
+
+    def in_use(self) -> int:
+        return self.inner.in_use()
+
+    def reset_peak(self) -> None:
+        self._peak = max(self._peak, self.inner.peak())
+        self.inner.reset_peak()
+
+    def peak(self) -> int:
+        return self.inner.peak()
+
+    def start(self) -> None:
+        """Forget every peak so far: the run's starts now."""
+        self.inner.reset_peak()
+        self._peak = 0
+
+    def run_peak(self) -> int:
+        return max(self._peak, self.inner.peak())
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +464,9 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=4)
     parser.add_argument("--fit-steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--plain", action="store_true", help="the GPT-2 written here even with transformers"
+    )
     parser.add_argument("--child", nargs=2, metavar=("PART", "WHAT"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -451,6 +483,8 @@ def main() -> None:
         return
 
     threads = ["--threads", str(args.threads)] if args.threads else []
+    if args.plain:
+        os.environ["DYNLENS_SCALE_PLAIN"] = "1"  # the children inherit it
     print(
         f"torch {torch.__version__}, device {device}, size {args.size}, "
         f"{torch.get_num_threads()} threads"
