@@ -12,7 +12,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -21,6 +20,10 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import curvature
+from ..curvature.thresholds import Stability, stability
+from ..curvature.thresholds import (  # its former home re-exports it
+    nesterov_sharpness_threshold as nesterov_sharpness_threshold,
+)
 from .base import (
     Chart,
     ConfigurationError,
@@ -67,90 +70,6 @@ _REDUCED = (
 #: monitor off: the loss is not smooth at the step's scale (e.g. ReLU kinks), and the values
 #: would not be the Hessian's.
 FD_TOLERANCE = 0.05
-
-
-# --------------------------------------------------------------------------------------------
-# Stability thresholds of the optimizer in use
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stability:
-    """The step size and thresholds that the measured curvature is compared with.
-
-    Attributes:
-        lr: η, the largest ``lr`` among the parameter groups that hold measured parameters.
-        eos_threshold: the sharpness threshold of the optimizer on H itself (see
-            :class:`HessianMonitor` for which formula applies).
-        rule: the threshold's formula, for messages.
-        trace_threshold: 2/η, the SGD linear-stability bound on tr(H) (Wu & Su 2023).
-        adaptive: an Adam-family optimizer (its group has ``betas``): ``eos_threshold`` is then
-            only a gradient-descent reference.
-        precond_threshold: (2 + 2β₁)/((1 − β₁)η) for Adam-family optimizers once they have
-            ``exp_avg_sq`` state, else None.
-    """
-
-    lr: float
-    eos_threshold: float
-    rule: str
-    trace_threshold: float
-    adaptive: bool = False
-    precond_threshold: float | None = None
-
-
-def nesterov_sharpness_threshold(lr: float, momentum: float) -> float:
-    """Stability threshold of Nesterov momentum β: λ_max(H) = (2 + 2β)/((1 + 2β)η).
-
-    Cohen et al. (2021), *Gradient Descent on Neural Networks Typically Occurs at the Edge of
-    Stability*, appendix on momentum (quadratic analysis, as for heavy ball).
-
-        >>> round(nesterov_sharpness_threshold(0.01, 0.9), 6)
-        135.714286
-    """
-    return curvature.momentum_sharpness_threshold(lr, momentum) / (1.0 + 2.0 * momentum)
-
-
-def stability(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> Stability | None:
-    """Read η and the thresholds live from ``optimizer`` for the measured ``params``.
-
-    Several parameter groups: η is the largest ``lr`` among the groups holding measured
-    parameters (the fastest-moving direction sets the tightest threshold), and momentum/β₁ come
-    from that group. ``None`` when the group has no positive ``lr`` (e.g. a warm-up at 0).
-    """
-    ids = {id(p) for p in params.values()}
-    groups = [g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])]
-    groups = groups or list(optimizer.param_groups)
-    group = max(groups, key=lambda g: float(g.get("lr", 0.0)))
-    lr = float(group.get("lr", 0.0))
-    if not lr > 0:
-        return None
-    trace_threshold = curvature.sgd_trace_threshold(lr)
-    momentum = float(group.get("momentum", 0.0) or 0.0)
-    if "betas" in group:  # the Adam family
-        has_state = any("exp_avg_sq" in optimizer.state.get(p, {}) for p in group["params"])
-        return Stability(
-            lr=lr,
-            eos_threshold=curvature.gd_sharpness_threshold(lr),
-            rule="2/η (a gradient-descent reference: Adam's own threshold is on P⁻¹H)",
-            trace_threshold=trace_threshold,
-            adaptive=True,
-            precond_threshold=(
-                curvature.adam_sharpness_threshold(lr, float(group["betas"][0]))
-                if has_state
-                else None
-            ),
-        )
-    # SGD's signature (RMSprop also has "momentum", but no heavy-ball threshold applies to it).
-    if momentum > 0 and "dampening" in group:
-        dampening = float(group.get("dampening", 0.0))
-        if group.get("nesterov", False):  # PyTorch requires dampening 0 with Nesterov
-            threshold, rule = nesterov_sharpness_threshold(lr, momentum), "(2+2β)/((1+2β)η)"
-        else:
-            # PyTorch's heavy ball scales the gradient by (1 − dampening): an effective η(1 − d).
-            threshold = curvature.momentum_sharpness_threshold(lr * (1.0 - dampening), momentum)
-            rule = "2(1+β)/(η(1−dampening))" if dampening else "2(1+β)/η"
-        return Stability(lr, threshold, rule, trace_threshold)
-    return Stability(lr, curvature.gd_sharpness_threshold(lr), "2/η", trace_threshold)
 
 
 # --------------------------------------------------------------------------------------------

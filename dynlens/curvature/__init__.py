@@ -1,0 +1,115 @@
+"""Curvature of a loss: Hessian-vector products, trace and top-eigenvalue estimators, thresholds.
+
+This is the pure measurement layer behind ``HessianMonitor``: plain torch, no Lightning. Every
+function takes
+
+* ``loss_fn``: a callable mapping a dict ``name -> tensor`` of parameters to a scalar loss, e.g.
+  ``lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)``;
+* ``params``: such a dict, e.g. ``{k: v for k, v in model.named_parameters()}``. Its iteration
+  order fixes the order of the *flattened* parameter vector θ ∈ ℝⁿ that the flat API
+  (:class:`HessianOperator`) works on.
+
+Nothing here changes what it measures: the dict ``loss_fn`` is differentiated at holds fresh leaf
+tensors (detached from ``params``), gradients are taken with ``torch.autograd.grad`` (``.grad`` is
+never written), probes come from an own ``torch.Generator``, and every evaluation of ``loss_fn``
+runs under ``torch.random.fork_rng`` so the global RNG streams are restored afterwards and every
+probe of one estimate sees the same dropout mask. ``loss_fn`` itself must not mutate state: for
+BatchNorm in train mode pass copies of the buffers
+(``functional_call(model, (p, {k: b.clone() for k, b in buffers.items()}), x)``).
+
+Attention: PyTorch's fused scaled-dot-product-attention kernels (CPU flash attention, CUDA flash
+and memory-efficient attention) have neither a double-backward nor a forward-mode AD rule, so
+every evaluation here runs under ``sdpa_kernel(SDPBackend.MATH)``, the composite backend that has
+both.
+
+Conventions
+-----------
+* A *probe batch* of vectors is either a flat tensor of shape ``(k, n)`` (one probe per row) or a
+  dict with the keys of ``params`` whose tensors have shape ``(k, *param.shape)`` (a leading
+  probe dimension). A single vector is a flat ``(n,)`` tensor or a dict shaped like ``params``.
+* "Top eigenvalue" means the largest *algebraic* eigenvalue λ_max (the sharpness of the
+  stability literature), not the largest magnitude: on a spectrum like {-10, 1} it is 1.
+
+Modules
+-------
+* :mod:`.operator`: :class:`HessianOperator` (routes, fallback, memory-bounded passes), :func:`hvp`,
+  the route names (:data:`ROUTES`, :data:`EXPLICIT_ROUTES`, :data:`TUNING_PROBES`);
+  :mod:`.routes`: how each route computes its products, :func:`finite_difference_step`;
+  :mod:`.errors`: :class:`CurvatureError`, :class:`CurvatureMemoryError`,
+  :class:`CurvatureFallbackWarning`.
+* :mod:`.memory`: :class:`MemoryMeter` (:class:`CudaMemoryMeter`, :class:`RssMemoryMeter`,
+  :func:`memory_meter`) and :class:`MemoryLimit`.
+* :mod:`.trace`: :class:`Estimate`, :func:`hutchinson_trace`, :func:`hutchpp_trace`.
+* :mod:`.eigen`: :class:`Eigen`, :func:`top_eigenvalue`, :func:`adam_preconditioner`.
+* :mod:`.thresholds`: :func:`gd_sharpness_threshold`, :func:`momentum_sharpness_threshold`,
+  :func:`sgd_trace_threshold`, :func:`adam_sharpness_threshold`, and those of the optimizer in use
+  (``stability``, ``nesterov_sharpness_threshold``).
+
+Every name is importable from ``dynlens.curvature``.
+"""
+
+from __future__ import annotations
+
+import time as time  # tests patch curvature.time.perf_counter, the clock of route="tuned"
+
+from .eigen import Eigen, adam_preconditioner, top_eigenvalue
+from .errors import _OOM_ERRORS as _OOM_ERRORS
+from .errors import CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
+from .memory import _MEMORY_FIX as _MEMORY_FIX
+from .memory import CudaMemoryMeter, MemoryLimit, MemoryMeter, RssMemoryMeter, memory_meter
+from .memory import _gib as _gib
+from .operator import _BATCHED_MARGIN as _BATCHED_MARGIN
+from .operator import _TRIAL_BATCHED as _TRIAL_BATCHED
+from .operator import _TRIAL_SEQUENTIAL as _TRIAL_SEQUENTIAL
+from .operator import _WARNED as _WARNED  # the one warn-once registry (tests clear it)
+from .operator import EXPLICIT_ROUTES as EXPLICIT_ROUTES
+from .operator import ROUTES, TUNING_PROBES, HessianOperator, hvp
+from .operator import LossFn as LossFn
+from .operator import Route as Route
+from .operator import _candidate_routes as _candidate_routes
+from .operator import _first_line as _first_line
+from .routes import _ONCE_DIFFERENTIABLE_CODE as _ONCE_DIFFERENTIABLE_CODE
+from .routes import _flat as _flat
+from .routes import _math_sdpa as _math_sdpa
+from .routes import _refuse_once_differentiable as _refuse_once_differentiable
+from .routes import finite_difference_step
+from .thresholds import _check_beta as _check_beta
+from .thresholds import _check_lr as _check_lr
+from .thresholds import (
+    adam_sharpness_threshold,
+    gd_sharpness_threshold,
+    momentum_sharpness_threshold,
+    sgd_trace_threshold,
+)
+from .trace import Estimate, hutchinson_trace, hutchpp_trace
+from .trace import _apply_chunked as _apply_chunked
+from .trace import _chunks as _chunks
+from .trace import _generator as _generator
+from .trace import _rademacher as _rademacher
+from .trace import _stderr as _stderr
+
+__all__ = [
+    "ROUTES",
+    "TUNING_PROBES",
+    "CudaMemoryMeter",
+    "CurvatureError",
+    "CurvatureFallbackWarning",
+    "CurvatureMemoryError",
+    "Eigen",
+    "Estimate",
+    "HessianOperator",
+    "MemoryLimit",
+    "MemoryMeter",
+    "RssMemoryMeter",
+    "adam_preconditioner",
+    "adam_sharpness_threshold",
+    "finite_difference_step",
+    "gd_sharpness_threshold",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "hvp",
+    "memory_meter",
+    "momentum_sharpness_threshold",
+    "sgd_trace_threshold",
+    "top_eigenvalue",
+]
