@@ -7,8 +7,8 @@ runs; it may or may not call SDPA inside), and of a softmax over the last dimens
 ``(batch, heads, queries, keys)`` tensor — attention written by hand, ``softmax(q·kᵀ·scale + mask)``
 (Hugging Face's ``"eager"`` attention, nanoGPT's non-flash path) — through a
 :class:`torch.overrides.TorchFunctionMode`, and measures each call's logits with the pure
-functions of :mod:`dynlens.logits` (for a softmax: the scores it receives, masked positions left
-out, :func:`dynlens.logits.softmax_logit_sums`). It sees attention
+functions of :mod:`dynlens.attention` (for a softmax: the scores it receives, masked positions left
+out, :func:`dynlens.attention.softmax_logit_sums`). It sees attention
 however the model imported SDPA (``F.scaled_dot_product_attention``, ``from torch.nn.functional
 import scaled_dot_product_attention``), without hooks on the attention modules.
 
@@ -43,7 +43,7 @@ from torch.nn.modules.module import (
 )
 from torch.overrides import TorchFunctionMode
 
-from ..logits import (
+from ..attention import (
     DEFAULT_CHUNK_ELEMENTS,
     AttentionLogitSums,
     attention_logit_sums,

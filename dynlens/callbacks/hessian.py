@@ -6,18 +6,15 @@ number it shows is computed by a function of that pure layer.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import curvature
 from ..curvature.thresholds import Stability, stability
@@ -32,22 +29,22 @@ from .base import (
     check_positive_int,
     fail_soft,
     logging_step,
-    own_forward,
     sharding_strategy,
 )
+from .replay import _BATCHNORM_STATE as _BATCHNORM_STATE  # its former home re-exports them
+from .replay import UserLossFn, _rng_restored, loss_closure, probe_generator
+from .replay import _as_loss as _as_loss
+from .replay import _Call as _Call
+from .replay import _cast_floats as _cast_floats
+from .replay import _no_log as _no_log
+from .replay import logging_suppressed as logging_suppressed
 from .schedule import BudgetSchedule, check_cadence
 from .schedule import budget_schedule as budget_schedule  # its former home re-exports it
 
 Estimator = Literal["hutchinson", "hutchpp"]
 Memory = Literal["auto"] | int | None
-UserLossFn = Callable[[Any, Any], Any]  # (pl_module, batch) -> loss tensor (or {"loss": ...})
 
 ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
-
-
-#: BatchNorm buffers replaced by ``None`` during a train-mode measurement: BatchNorm then uses
-#: the batch statistics, exactly as the training step does, and updates nothing (also under vmap).
-_BATCHNORM_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
 #: ``memory="auto"``: a measurement may bring the memory in use to this many times the peak of
 #: a training step (DESIGN.md, the monitor contract: bounded memory).
@@ -70,163 +67,6 @@ _REDUCED = (
 #: monitor off: the loss is not smooth at the step's scale (e.g. ReLU kinks), and the values
 #: would not be the Hessian's.
 FD_TOLERANCE = 0.05
-
-
-# --------------------------------------------------------------------------------------------
-# The loss, recomputed without side effects
-# --------------------------------------------------------------------------------------------
-
-
-class _Call(nn.Module):
-    """Holds the LightningModule so ``functional_call`` can swap its parameters around any call
-    (``training_step``, a user ``loss_fn``), not only around ``forward``."""
-
-    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.module = module
-        self.fn = fn
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(self.module, *args)
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def logging_suppressed(module: nn.Module) -> Iterator[None]:
-    """``self.log``/``self.log_dict`` of ``module`` record nothing inside the block."""
-    names = ("log", "log_dict")
-    saved = {name: module.__dict__[name] for name in names if name in module.__dict__}
-    for name in names:
-        # Instance attributes shadow the methods; nn.Module.__setattr__ is bypassed on purpose.
-        object.__setattr__(module, name, _no_log)
-    try:
-        yield
-    finally:
-        for name in names:
-            if name in saved:
-                object.__setattr__(module, name, saved[name])
-            else:
-                module.__dict__.pop(name, None)
-
-
-def _as_loss(out: Any) -> Tensor:
-    if isinstance(out, Mapping):
-        out = out.get("loss")
-    if not isinstance(out, Tensor):
-        raise ValueError(
-            f"HessianMonitor needs the loss, but the step returned {type(out).__name__}: return "
-            "the loss tensor (or a dict with 'loss') from training_step, or pass "
-            "HessianMonitor(loss_fn=lambda module, batch: ...)"
-        )
-    return out
-
-
-def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, Mapping):
-        return type(obj)({k: _cast_floats(v, dtype) for k, v in obj.items()})  # type: ignore[call-arg]
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_cast_floats(v, dtype) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_floats(v, dtype) for v in obj)
-    return obj
-
-
-def loss_closure(
-    module: nn.Module,
-    batch: Any,
-    batch_idx: int,
-    loss_fn: UserLossFn | None = None,
-) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], Tensor]]:
-    """The point θ and a side-effect-free ``θ ↦ loss`` of ``module`` on ``batch``.
-
-    The loss is ``module.training_step(batch, batch_idx)`` (a tensor, or a dict's ``"loss"``),
-    or ``loss_fn(module, batch)``, evaluated at the parameters it is given through
-    ``torch.func.functional_call``, so that :mod:`dynlens.curvature` can differentiate it twice.
-    Each evaluation:
-
-    * records nothing through ``self.log``;
-    * runs outside autocast, in float32 when the module holds lower-precision floats (its
-      parameters, buffers and the batch's floating tensors are then upcast copies);
-    * leaves the module's buffers alone: BatchNorm layers in train mode see ``None`` running
-      statistics (so they normalise with the batch statistics, as the training step does, and
-      update nothing), every other buffer is a fresh copy.
-
-    Returns ``(params, loss_of)``: the trainable parameters by name (detached; upcast copies when
-    needed) and the function of them.
-    """
-    trainable = {k: p for k, p in module.named_parameters() if p.requires_grad}
-    frozen = {k: p for k, p in module.named_parameters() if not p.requires_grad}
-    buffers: dict[str, Tensor | None] = {}
-    for prefix, sub in module.named_modules():
-        for name, buf in sub.named_buffers(recurse=False):
-            key = f"{prefix}.{name}" if prefix else name
-            train_bn = isinstance(sub, _BatchNorm) and sub.training
-            buffers[key] = None if train_bn and name in _BATCHNORM_STATE else buf
-    tensors = [
-        *trainable.values(),
-        *frozen.values(),
-        *(b for b in buffers.values() if b is not None),
-    ]
-    upcast = any(t.is_floating_point() and t.element_size() < 4 for t in tensors)
-    dtype = torch.float32
-    if upcast:
-        params = {k: p.detach().to(dtype) for k, p in trainable.items()}
-        fixed = {k: p.detach().to(dtype) for k, p in frozen.items()}
-        batch = _cast_floats(batch, dtype)
-    else:
-        params = {k: p.detach() for k, p in trainable.items()}
-        fixed = {}
-
-    def fresh(b: Tensor | None) -> Tensor | None:
-        if b is None:
-            return None
-        return b.detach().to(dtype) if upcast and b.is_floating_point() else b.detach().clone()
-
-    if loss_fn is None:
-        wrapper = _Call(module, lambda m, b, i: m.training_step(b, i))
-    else:
-        wrapper = _Call(module, lambda m, b, i: loss_fn(m, b))
-    device_type = next(iter(params.values())).device.type if params else "cpu"
-
-    def loss_of(p: dict[str, Tensor]) -> Tensor:
-        state: dict[str, Tensor | None] = {f"module.{k}": fresh(b) for k, b in buffers.items()}
-        state.update({f"module.{k}": v for k, v in fixed.items()})
-        state.update({f"module.{k}": v for k, v in p.items()})
-        with (
-            logging_suppressed(module),
-            torch.autocast(device_type, enabled=False),
-            own_forward(),  # other monitors' captures must not count the replay
-        ):
-            out = functional_call(wrapper, state, (batch, batch_idx), strict=False)
-        return _as_loss(out)
-
-    return params, loss_of
-
-
-def _rng_restored(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Fork the global RNG streams (CPU, and ``device``'s) and restore them on exit."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    index = device.index
-    if index is None:
-        index = torch.cuda.current_device() if device.type == "cuda" else 0
-    return torch.random.fork_rng(devices=[index], device_type=device.type)
-
-
-def probe_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The probes' source for one measurement: a function of (seed, rank, step) only.
-
-    Ranks draw independent probes (so averaging them shrinks the error), each step new ones, and
-    a resumed run draws exactly the probes the uninterrupted run would have, with no generator
-    state to checkpoint.
-    """
-    mixed = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,13 +11,8 @@ from typing import Any
 
 import torch
 
-from ..logits import (
-    DEFAULT_CHUNK_ELEMENTS,
-    AttentionLogitSums,
-    OutputLogitSums,
-    log_growth_rate,
-    output_logit_sums,
-)
+from ..attention import DEFAULT_CHUNK_ELEMENTS, AttentionLogitSums
+from ..logits import OutputLogitSums, log_growth_rate, output_logit_sums
 from ._attention import AttentionCapture
 from ._capture import LogitsCapture
 from ._logits import StepWindow, announce_logits, take_logits
