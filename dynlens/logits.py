@@ -65,9 +65,6 @@ __all__ = [
     "softmax_logit_sums",
 ]
 
-# doctest.testmod(dynlens.logits) runs the re-exported attention examples too, as before they moved
-__test__ = {f.__name__: f for f in (softmax_logit_sums, attention_logit_sums)}
-
 
 # --------------------------------------------------------------------------------- output logits
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import dynlens.attention
 import dynlens.logits
 from dynlens.logits import (
     OutputLogitSums,
@@ -25,10 +26,15 @@ from dynlens.logits import (
 NEG_INF = float("-inf")
 
 
-def test_docstring_examples():
-    result = doctest.testmod(dynlens.logits, extraglobs={"torch": torch, "math": math})
+@pytest.mark.parametrize(
+    ("module", "examples"),
+    [(dynlens.logits, 5), (dynlens.attention, 8)],
+    ids=["logits", "attention"],
+)
+def test_docstring_examples(module, examples):
+    result = doctest.testmod(module, extraglobs={"torch": torch, "math": math})
     assert result.failed == 0
-    assert result.attempted >= 8
+    assert result.attempted >= examples
 
 
 # ------------------------------------------------------------------------------- output logits
