@@ -170,6 +170,6 @@ def test_every_monitor_panel_is_served_with_exact_tags_values_and_events(server)
         assert (tag in text_tags) == bool(monitor.events), monitor.name
         texts = tb.get("/data/plugin/text/text", run=RUN, tag=tag) if monitor.events else []
         assert [(t["step"], plain(t["text"])) for t in texts] == [
-            (e["step"], f"step {e['step']}: {e['message']}") for e in monitor.events
+            (e["step"], f"{e['reason']} · step {e['step']}: {e['message']}") for e in monitor.events
         ], monitor.name
     assert {m.name for m in monitors if m.events} >= {"grokking", "collapse", "continual"}

@@ -9,7 +9,7 @@ describes its TensorBoard panel in :meth:`Monitor.panel`, and in its hooks measu
   with the run's ``self.log`` metrics whatever ``log_every_n_steps`` is, and into
   ``trainer.callback_metrics`` so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them;
 * **TensorBoard extras**: one custom-scalars layout per run merged from every attached monitor's
-  panel, and text events for discrete events;
+  panel, and text events for discrete events, each carrying its reason (:mod:`dynlens.events`);
 * **DDP helpers** (:meth:`Monitor.reduce`) that run on every rank; side effects on rank 0 only;
 * **state** with a ``state_key`` built from the identifying arguments;
 * **failing soft**: a hook decorated with :func:`fail_soft` that raises mid-run warns once and
@@ -32,6 +32,7 @@ import torch
 from rich import get_console
 
 from .._lightning import Callback, is_tensorboard_logger
+from ..events import format_event
 
 # SummaryWriters that already hold a dynlens layout: one merged layout per run, whichever monitor
 # gets there first writes it for all.
@@ -271,7 +272,10 @@ class Monitor(Callback):
         """Record a discrete event: kept in state, written as TensorBoard text, printed (rank 0).
 
         ``reason`` is a short machine-readable code (``"memorized"``), ``message`` a sentence.
+        The TensorBoard text carries both (:func:`dynlens.events.format_event`:
+        ``"`memorized` · step 9: ..."``), so ``dynlens report`` reads the reason, not the wording.
         """
+        text = format_event(reason, f"step {step}: {message}")  # refuses a malformed reason
         self.events.append({"step": int(step), "reason": reason, "message": message})
         if not trainer.is_global_zero:
             return
@@ -280,7 +284,7 @@ class Monitor(Callback):
                 "SummaryWriter.add_text",
                 writer.add_text,
                 f"{self.prefix}/{self.name}/events",
-                f"step {step}: {message}",
+                text,
                 step,
             )
         if self.verbose:

@@ -43,6 +43,7 @@ import torch
 
 from ..collapse import collapse_threshold
 from ..continual import ContinualMetrics
+from ..events import parse_event
 from ..grokking import detect_grokking
 from .reader import RunData, Series
 
@@ -174,6 +175,23 @@ class Context:
 
     def texts(self, family: str, quantity: str = "events") -> list[tuple[int, str]]:
         return self.run.texts.get(self.options.key(family, quantity), [])
+
+    def event_steps(self, family: str, reason: str) -> list[int]:
+        """Steps of the family's events with this reason (one of :data:`REASONS`), in the order
+        written. Read by reason (:func:`dynlens.events.parse_event`), never by wording."""
+        steps = []
+        for step, text in self.texts(family):
+            found, _ = parse_event(text)
+            if found is None:
+                # Legacy path, the only one: event files written before events carried their
+                # reason hold only the English message, so match the wording it had then.
+                wording = _LEGACY_WORDING.get((family, reason))
+                matches = wording is not None and wording in text
+            else:
+                matches = found == reason
+            if matches:
+                steps.append(step)
+        return steps
 
     def note(self, message: str) -> None:
         self.notes.append(f"{self.run.path}: {message}")
@@ -310,8 +328,17 @@ def dtype_of_threshold(threshold: float | None) -> str | None:
     return None
 
 
-_ONSET_EVENT = "Softmax Collapse onset"
-_REMEDY_EVENT = "(remedy)"
+#: The event reasons the report relies on, ``{family: (reason, ...)}``, each as the monitor
+#: passes it to ``log_event`` (``SoftmaxCollapseMonitor``, ``dynlens/callbacks/collapse.py``).
+COLLAPSE_ONSET = "onset"
+COLLAPSE_REMEDY = "remedy"
+REASONS: dict[str, tuple[str, ...]] = {"collapse": (COLLAPSE_ONSET, COLLAPSE_REMEDY)}
+
+#: Legacy path: the wording that marked those events before they carried their reason.
+_LEGACY_WORDING: dict[tuple[str, str], str] = {
+    ("collapse", COLLAPSE_ONSET): "Softmax Collapse onset",
+    ("collapse", COLLAPSE_REMEDY): "(remedy)",
+}
 
 
 @family(
@@ -349,14 +376,13 @@ def collapse(ctx: Context) -> dict[str, Any] | None:
     sc = ctx.series("collapse", "sc_fraction")
     if sc is None:
         return None
-    events = ctx.texts("collapse")
-    onset_events = [step for step, text in events if _ONSET_EVENT in text]
+    onset_events = ctx.event_steps("collapse", COLLAPSE_ONSET)
     if onset_events:
         onset, source = onset_events[0], "event"
     else:
         onset = first_step_above(sc, ctx.options.onset_threshold)
         source = None if onset is None else "sc_fraction"
-    remedy = [step for step, text in events if _REMEDY_EVENT in text]
+    remedy = ctx.event_steps("collapse", COLLAPSE_REMEDY)
     threshold = ctx.last(ctx.series("collapse", "threshold"))
     return {
         "measurements": ctx.count(sc),

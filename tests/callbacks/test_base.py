@@ -143,7 +143,7 @@ def test_layout_is_what_the_monitors_describe():
 def test_events_are_text_in_tensorboard_and_kept_in_state(tmp_path, capsys):
     monitor = Counter()
     fit([monitor], tb_logger(tmp_path), max_steps=5)
-    assert texts(tmp_path, "dynlens/counter/events") == [(3, "step 3: reached four steps")]
+    assert texts(tmp_path, "dynlens/counter/events") == [(3, "`four` · step 3: reached four steps")]
     assert monitor.state_dict()["events"] == [
         {"step": 3, "reason": "four", "message": "reached four steps"}
     ]

@@ -76,7 +76,9 @@ def test_dtype_argument_changes_the_threshold(tmp_path):
     assert logged["dynlens/collapse/threshold"][0][1] == pytest.approx(36.7368, abs=1e-4)
     assert "dynlens/collapse/zero_loss_fraction" not in logged  # the batch has no targets
     events = texts(tmp_path, "dynlens/collapse/events")
-    assert events == [(0, "step 0: measuring softmax collapse in float64 (threshold 36.74)")]
+    assert events == [
+        (0, "`precision` · step 0: measuring softmax collapse in float64 (threshold 36.74)")
+    ]
 
 
 def test_activation_and_dtype_follow_a_dynlens_loss(tmp_path):
@@ -557,9 +559,10 @@ def test_measured_steps_are_pooled_and_logged_at_lightnings_logging_steps(tmp_pa
     assert logged["dynlens/collapse/headroom_median"][0] == (3, pytest.approx(F32 - 20, abs=1e-5))
     # the onset is the first *step* above the threshold (step 2: 2 of 4), not the logged one
     assert monitor.onset_step == 2
-    assert (2, "step 2: Softmax Collapse onset: 50.0% of samples collapsed (> 40%)") in texts(
-        tmp_path, "dynlens/collapse/events"
-    )
+    assert (
+        2,
+        "`onset` · step 2: Softmax Collapse onset: 50.0% of samples collapsed (> 40%)",
+    ) in texts(tmp_path, "dynlens/collapse/events")
     assert monitor.peak_sc_fraction == 1.0
     assert [s for s, _ in logged["dynlens/collapse/nlm_cosine"]] == [3, 5]
 

@@ -147,10 +147,14 @@ class RecordingLogger(Logger):
 
 
 def train(
-    logdir: str | Path, name: str = "run", monitors: list[dynlens.Monitor] | None = None
+    logdir: str | Path,
+    name: str = "run",
+    monitors: list[dynlens.Monitor] | None = None,
+    module: Callable[[], pl.LightningModule] = CollapsingClassifier,
 ) -> tuple[list[dynlens.Monitor], RecordingLogger, Path]:
-    """Train the run into ``logdir/name`` and return the monitors, the recording logger and the
-    run directory (the event files are closed and complete on return)."""
+    """Train ``module()`` (a :class:`CollapsingClassifier` by default) into ``logdir/name`` and
+    return the monitors, the recording logger and the run directory (the event files are closed
+    and complete on return)."""
     torch.manual_seed(0)
     monitors = [factory() for _, factory in MONITORS] if monitors is None else monitors
     recorder = RecordingLogger()
@@ -169,6 +173,6 @@ def train(
         enable_progress_bar=False,
         log_every_n_steps=1,
     )
-    trainer.fit(CollapsingClassifier(), train_dataloaders=loader(), val_dataloaders=loader())
+    trainer.fit(module(), train_dataloaders=loader(), val_dataloaders=loader())
     tensorboard.experiment.flush()
     return monitors, recorder, Path(tensorboard.log_dir)

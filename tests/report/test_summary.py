@@ -123,7 +123,8 @@ def test_collapse_onset_from_the_event_else_from_sc_fraction(tmp_path):
         "final_nlm_cosine": f32(0.9),
         "remedy_step": None,
     }
-    # A monitor with onset_threshold=0.3 announced the onset at step 10: the event wins.
+    # A monitor with onset_threshold=0.3 announced the onset at step 10: the event wins. These
+    # texts carry no reason (as written before events did): read by their wording, the legacy path.
     events = [
         (C + "events", 0, "step 0: measuring softmax collapse in float64 (threshold 36.74)"),
         (C + "events", 10, "step 10: Softmax Collapse onset: 40.0% of samples collapsed (> 30%)"),
@@ -131,6 +132,15 @@ def test_collapse_onset_from_the_event_else_from_sc_fraction(tmp_path):
     ]
     got = summarise(write(tmp_path / "with_events", scalars, events))["collapse"]
     assert (got["onset_step"], got["onset_source"], got["remedy_step"]) == (10, "event", 10)
+    # With their reasons the wording is not read: the onset and remedy events at step 12 count,
+    # the old wording at step 10 under another reason does not.
+    events = [
+        (C + "events", 10, "`precision` · step 10: Softmax Collapse onset (remedy)"),
+        (C + "events", 12, "`onset` · step 12: the logits outgrew float64"),
+        (C + "events", 12, "`remedy` · step 12: switched to StableMax"),
+    ]
+    got = summarise(write(tmp_path / "with_reasons", scalars, events))["collapse"]
+    assert (got["onset_step"], got["onset_source"], got["remedy_step"]) == (12, "event", 12)
     # never above the onset threshold: no onset
     got = summarise(write(tmp_path / "none", {C + "sc_fraction": {0: 0.1, 5: 0.5}}))["collapse"]
     assert (got["onset_step"], got["onset_source"], got["dtype"]) == (None, None, None)
