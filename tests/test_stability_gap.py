@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dynlens.events import parse_event
 from tests.helpers import scalars, texts
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stability_gap.py"
@@ -66,8 +67,11 @@ def test_replay_has_a_stability_gap_that_evaluation_at_task_ends_cannot_see(tmp_
     assert ends[-1][1] == pytest.approx(at_task_ends["min_acc"])
     assert every_step["gap"][0] >= 0.15 and every_step["recovery"][0] >= 0.15
 
-    events = [m for _, m in texts(run.log_dir, "dynlens/continual/events")]
-    assert any(m.startswith("step") and "stability gap on task 0" in m for m in events)
+    events = [parse_event(m) for _, m in texts(run.log_dir, "dynlens/continual/events")]
+    assert any(
+        reason == "gap" and text.startswith("step") and "stability gap on task 0" in text
+        for reason, text in events
+    )
     assert f"tensorboard --logdir {tmp_path}" in capsys.readouterr().out
 
 
