@@ -59,6 +59,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
+from dynlens.callbacks.replay import _BATCHNORM_STATE
+from dynlens.callbacks.schedule import synchronize
 from dynlens.curvature import EXPLICIT_ROUTES, HessianOperator, MemoryMeter, memory_meter
 
 SIZES = {
@@ -218,11 +220,6 @@ MODELS = {"gpt2": gpt2, "convnet": convnet}
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_route(
     model_name: str, route: str, size_name: str, device: torch.device, probes: int
 ) -> dict:
@@ -241,17 +238,19 @@ def measure_route(
     step_times, step_peaks = [], []
     for _ in range(3):
         gc.collect()
-        _sync(device)
+        synchronize(device)
         before = meter.in_use()
         meter.reset_peak()
         start = time.perf_counter()
         train_step()
-        _sync(device)
+        synchronize(device)
         step_times.append(time.perf_counter() - start)
         step_peaks.append(meter.peak() - before)
 
     # BatchNorm in train mode, as the training step runs it, without updating running statistics.
-    buffers = {n: None for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in _BN_STATE}
+    buffers = {
+        n: None for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in _BATCHNORM_STATE
+    }
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def loss_fn(p: dict[str, Tensor]) -> Tensor:
@@ -262,12 +261,12 @@ def measure_route(
     batch = (torch.randint(0, 2, (probes, n), generator=g, device=device) * 2 - 1).float()
     HessianOperator(loss_fn, params, route=route) @ batch[:1]  # warm-up: kernels, vmap rules
     gc.collect()
-    _sync(device)
+    synchronize(device)
     before = meter.in_use()
     meter.reset_peak()
     start = time.perf_counter()
     out = HessianOperator(loss_fn, params, route=route) @ batch
-    _sync(device)
+    synchronize(device)
     elapsed = time.perf_counter() - start
     peak = meter.peak() - before
     exact = out
@@ -286,9 +285,6 @@ def measure_route(
         "product_peak": peak,
         "error": max(errors),
     }
-
-
-_BN_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class _Bound(nn.Module):
@@ -373,12 +369,12 @@ def measure_fit(
             enable_model_summary=False,
         )
         gc.collect()
-        _sync(device)
+        synchronize(device)
         before = meter.in_use()
         meter.start()
         start = time.perf_counter()
         trainer.fit(Module(), loader)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         peak = meter.run_peak() - before
     result = {
