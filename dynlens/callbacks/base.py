@@ -19,13 +19,11 @@ describes its TensorBoard panel in :meth:`Monitor.panel`, and in its hooks measu
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -33,6 +31,24 @@ from rich import get_console
 
 from .._lightning import Callback, is_tensorboard_logger
 from ..events import format_event
+from .context import (  # noqa: F401  (re-exported)
+    SHARDED_STRATEGIES,
+    in_own_forward,
+    logging_step,
+    own_forward,
+    sharding_strategy,
+)
+from .state import StateField, get_nested, is_missing, set_nested, to_device
+from .validate import (  # noqa: F401  (re-exported: monitors import them from here)
+    ConfigurationError,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_fraction,
+    check_non_negative_int,
+    check_positive_int,
+    check_positive_number,
+)
 
 # SummaryWriters that already hold a dynlens layout: one merged layout per run, whichever monitor
 # gets there first writes it for all.
@@ -46,46 +62,6 @@ NO_LOGGER_WARNING = (
 
 Chart = list  # ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper]]
 Hook = TypeVar("Hook", bound=Callable[..., Any])
-
-
-# Set while a monitor runs forward passes of its own inside a training step (a Hessian replay,
-# an evaluation), so the monitors that capture the training step's logits skip them.
-_OWN_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "dynlens_own_forward", default=False
-)
-
-
-@contextlib.contextmanager
-def own_forward() -> Iterator[None]:
-    """Mark the forward passes run inside this block as a monitor's own, not training's."""
-    token = _OWN_FORWARD.set(True)
-    try:
-        yield
-    finally:
-        _OWN_FORWARD.reset(token)
-
-
-def in_own_forward() -> bool:
-    """True inside :func:`own_forward`: what runs now is not the training step's forward."""
-    return _OWN_FORWARD.get()
-
-
-class ConfigurationError(ValueError):
-    """A monitor was set up wrongly; the message says how to fix it. Never swallowed."""
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """Validate a count argument, e.g. ``every_n_steps``, with a message that names the fix."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"Expected `{name}` to be a positive int, got {value!r}.")
-    return value
-
-
-def check_non_negative_int(name: str, value: object) -> int:
-    """Validate an index, seed or delay argument (0 allowed), with a message that names the fix."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"Expected `{name}` to be a non-negative int, got {value!r}.")
-    return value
 
 
 def fail_soft(hook: Hook) -> Hook:
@@ -110,16 +86,6 @@ def fail_soft(hook: Hook) -> Hook:
     return guarded  # type: ignore[return-value]
 
 
-def logging_step(trainer: Any) -> int:
-    """The step Lightning itself gives ``self.log`` values logged at this moment.
-
-    It counts optimizer steps (batches that stepped), equals ``trainer.global_step`` until the
-    step's ``on_train_batch_end`` has run, and is restored from checkpoints.
-    """
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
-
-
 class Monitor(Callback):
     """Base class of dynlens callbacks. Subclasses set :attr:`name` and implement hooks.
 
@@ -141,11 +107,17 @@ class Monitor(Callback):
             raise ConfigurationError(f"Expected `prefix` to be a non-empty str, got {prefix!r}.")
         self.prefix = prefix.strip("/")
         self.verbose = verbose
-        #: Discrete events so far: dicts with ``step``, ``reason`` and ``message`` (kept in state).
-        self.events: list[dict[str, Any]] = []
         #: Why the monitor switched itself off mid-run, or ``None`` while it is active.
         self.disabled_reason: str | None = None
         self._failed_side_effects: set[str] = set()
+        self._states: dict[str, StateField] = {}
+        #: Discrete events so far: dicts with ``step``, ``reason`` and ``message`` (kept in state).
+        self.events: list[dict[str, Any]]
+        self.add_state("events", list, save=_copy_events, load=_copy_events)
+        if self.pools_between_logs:
+            # measured steps not logged yet, and the latest measured step (to log them at)
+            self.add_state("_pending_since_log", False, key="pending.since_log", pooled=True)
+            self.add_state("_last_measured", 0, key="pending.last_measured")
 
     # ----------------------------------------------------------------------------- identity
     def state_key_fields(self) -> dict[str, Any]:
@@ -161,11 +133,27 @@ class Monitor(Callback):
         return f"{self.prefix}/{self.name}/{quantity}"
 
     # ----------------------------------------------------------------------------- cadence
-    def is_due(self, trainer: Any) -> bool:
-        """True on training steps that fall on the cadence; never in the sanity check."""
+    def is_due(
+        self,
+        trainer: Any,
+        every_n_steps: int | None = None,
+        *,
+        step: int | None = None,
+        schedule: Any = None,
+    ) -> bool:
+        """Whether this training step is measured: the one cadence rule of every monitor.
+
+        Never in the sanity check or outside training. With a ``schedule`` (a
+        :class:`~dynlens.callbacks.schedule.BudgetSchedule`, for a ``budget``) the schedule
+        decides; else every ``every_n_steps``-th step (default: the monitor's own). ``step``
+        defaults to :func:`logging_step`; a monitor counting its own steps passes them.
+        """
         if trainer.sanity_checking or not trainer.training:
             return False
-        return logging_step(trainer) % self.every_n_steps == 0
+        step = logging_step(trainer) if step is None else step
+        if schedule is not None:
+            return schedule.due(trainer, step)
+        return step % (self.every_n_steps if every_n_steps is None else every_n_steps) == 0
 
     def logs_now(self, trainer: Any, *cadences: int) -> bool:
         """Whether measurements pooled on the device are logged at this (measured) step.
@@ -205,12 +193,40 @@ class Monitor(Callback):
 
     # ----------------------------------------------------------------------------- set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and not trainer.loggers and trainer.is_global_zero:
-            warnings.warn(NO_LOGGER_WARNING, UserWarning, stacklevel=2)
+        if stage == "fit":
+            self.reset_pooled()  # a new fit starts a new logging interval
+            if not trainer.loggers and trainer.is_global_zero:
+                warnings.warn(NO_LOGGER_WARNING, UserWarning, stacklevel=2)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        device = getattr(pl_module, "device", None)
+        for field in self._states.values():
+            if field.device and device is not None:  # restored from a checkpoint on the CPU
+                setattr(self, field.name, to_device(getattr(self, field.name), device))
         if trainer.is_global_zero:
             write_layout(trainer)
+
+    # ----------------------------------------------------------------------------- pooling
+    #: Whether the monitor pools measurements on the device between two logs. Such a monitor
+    #: declares its pooled fields with ``pooled=True``, calls :meth:`mark_measured` for each
+    #: measured step and implements :meth:`flush`; a run that ends with measured steps not yet
+    #: logged (``EarlyStopping``, ``max_epochs``) has them flushed at ``on_train_end``.
+    pools_between_logs: ClassVar[bool] = False
+
+    def mark_measured(self, step: int) -> None:
+        """A step was measured and pooled, not logged yet."""
+        self._pending_since_log = True
+        self._last_measured = int(step)
+
+    def flush(self, trainer: Any, step: int, last: bool = False) -> None:
+        """Log what was pooled since the last log, at ``step`` (monitors that pool implement it;
+        ``last``: the run ends inside a logging interval, see :meth:`interval_ends`)."""
+        raise NotImplementedError
+
+    @fail_soft
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.pools_between_logs and self._pending_since_log:
+            self.flush(trainer, self._last_measured, last=True)
 
     # ----------------------------------------------------------------------------- logging
     def log_metrics(
@@ -268,13 +284,23 @@ class Monitor(Callback):
                     stacklevel=3,
                 )
 
-    def log_event(self, trainer: Any, step: int, reason: str, message: str) -> None:
+    def fired(self, reason: str) -> bool:
+        """Whether an event with this ``reason`` was recorded (this run or before a resume)."""
+        return any(e["reason"] == reason for e in self.events)
+
+    def log_event(
+        self, trainer: Any, step: int, reason: str, message: str, *, once: bool = False
+    ) -> bool:
         """Record a discrete event: kept in state, written as TensorBoard text, printed (rank 0).
 
         ``reason`` is a short machine-readable code (``"memorized"``), ``message`` a sentence.
         The TensorBoard text carries both (:func:`dynlens.events.format_event`:
         ``"`memorized` · step 9: ..."``), so ``dynlens report`` reads the reason, not the wording.
+        With ``once`` an event whose reason already :meth:`fired` is not recorded again. Returns
+        whether it was recorded.
         """
+        if once and self.fired(reason):
+            return False
         text = format_event(reason, f"step {step}: {message}")  # refuses a malformed reason
         self.events.append({"step": int(step), "reason": reason, "message": message})
         if not trainer.is_global_zero:
@@ -296,6 +322,7 @@ class Monitor(Callback):
                 highlight=False,
                 soft_wrap=True,
             )
+        return True
 
     def panel(self) -> dict[str, Chart]:
         """This monitor's TensorBoard custom-scalars charts: ``{chart title: chart}``."""
@@ -322,6 +349,29 @@ class Monitor(Callback):
         """All-reduce across ranks (``"mean"``, ``"sum"`` or ``"max"``). Call it on every rank."""
         return trainer.strategy.reduce(tensor, reduce_op=op)
 
+    @classmethod
+    def reduce_to_host(
+        cls, trainer: Any, parts: Mapping[str, tuple[torch.Tensor, str | None]]
+    ) -> dict[str, list[float]]:
+        """All-reduce many tensors, ``{name: (tensor, op)}``, in one collective per ``op``
+        (``None``: the tensor is already the same on every rank), and bring them all to the host
+        in one copy: ``{name: its values, flattened}``, in float64 (float32 on MPS). Call it on
+        every rank with the same names, at log time."""
+        names = list(parts)
+        if not names:
+            return {}
+        wide = torch.float32 if parts[names[0]][0].device.type == "mps" else torch.float64
+        flat = {n: parts[n][0].reshape(-1).to(wide) for n in names}
+        for op in dict.fromkeys(op for _, op in parts.values() if op is not None):
+            group = [n for n in names if parts[n][1] == op]
+            reduced = cls.reduce(trainer, torch.cat([flat[n] for n in group]), op)
+            flat.update(zip(group, reduced.split([flat[n].numel() for n in group]), strict=True))
+        values = torch.cat([flat[n] for n in names]).cpu().tolist()  # the one host copy
+        out, start = {}, 0
+        for n in names:
+            out[n], start = values[start : start + flat[n].numel()], start + flat[n].numel()
+        return out
+
     # ----------------------------------------------------------------------------- failing soft
     def disable(self, reason: str) -> None:
         """Switch the monitor off for the rest of the run with one warning naming ``reason``."""
@@ -333,33 +383,63 @@ class Monitor(Callback):
         )
 
     # ----------------------------------------------------------------------------- state
+    def add_state(
+        self,
+        name: str,
+        default: Any,
+        *,
+        key: str | None = None,
+        persistent: bool = True,
+        pooled: bool = False,
+        device: bool = False,
+        save: Callable[[Any], Any] | None = None,
+        load: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """Declare a field of the monitor's state and set it to ``default``
+        (:mod:`dynlens.callbacks.state`): ``key`` in checkpoints (default ``name`` without its
+        leading underscore; dotted keys nest), ``persistent`` (in checkpoints), ``pooled``
+        (pooled between logs: reset when a fit starts), ``device`` (moved to the module's device
+        when training starts), ``save``/``load`` (to and from the checkpoint's form)."""
+        if name in self._states:
+            raise RuntimeError(f"{type(self).__name__} declares the state {name!r} twice.")
+        field = StateField(
+            name, default, key or name.lstrip("_"), persistent, pooled, device, save, load
+        )
+        self._states[name] = field
+        setattr(self, name, field.fresh())
+
+    def reset_pooled(self) -> None:
+        """Reset every ``pooled`` field to its default (nothing measured since the last log)."""
+        for field in self._states.values():
+            if field.pooled:
+                setattr(self, field.name, field.fresh())
+
     def state_dict(self) -> dict[str, Any]:
-        return {"events": [dict(e) for e in self.events]}
+        state: dict[str, Any] = {}
+        for field in self._states.values():
+            if field.persistent:
+                set_nested(state, field.key, field.to_checkpoint(getattr(self, field.name)))
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Tolerant of older or partial checkpoints: missing entries keep their defaults.
-        self.events = [dict(e) for e in state_dict.get("events", [])]
+        # Tolerant of older or partial checkpoints: a field they lack gets its default, and
+        # pooled fields that checkpoints do not carry start empty.
+        for field in self._states.values():
+            value = get_nested(state_dict, field.key) if field.persistent else None
+            if field.persistent and not is_missing(value):
+                setattr(self, field.name, field.from_checkpoint(value))
+            elif field.persistent or field.pooled:
+                setattr(self, field.name, field.fresh())
+
+
+def _copy_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(e) for e in events]
 
 
 def tag_regex(tag: str) -> str:
     """Regex matching exactly ``tag``, anchored at both ends (``trace`` must not also match
     ``trace_stderr``)."""
     return "^" + re.escape(tag) + "$"
-
-
-#: Strategies that shard parameters across ranks: no rank holds the whole of θ.
-SHARDED_STRATEGIES = frozenset(
-    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
-)
-
-
-def sharding_strategy(trainer: Any) -> str | None:
-    """The name of the trainer's strategy when it shards the parameters (FSDP, DeepSpeed, ...),
-    else ``None``: then every rank holds every parameter whole."""
-    return next(
-        (c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in SHARDED_STRATEGIES),
-        None,
-    )
 
 
 def tensorboard_writers(trainer: Any) -> list[Any]:

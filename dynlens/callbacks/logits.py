@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import warnings
@@ -21,35 +20,26 @@ from .base import (
     ConfigurationError,
     Monitor,
     check_positive_int,
+    check_positive_number,
     fail_soft,
     logging_step,
     write_layout,
 )
+from .state import floats_of, tensors_of
 
 
 def _stack(sums: Any, names: tuple[str, ...]) -> torch.Tensor:
     return torch.stack([getattr(sums, name) for name in names]).double()
 
 
-def _as_floats(sums: Any) -> dict[str, Any]:
-    """A dataclass of statistics as host numbers (for a checkpoint)."""
-    return {
-        f.name: float(v) if isinstance(v, torch.Tensor) else v
-        for f in dataclasses.fields(sums)
-        for v in (getattr(sums, f.name),)
-    }
+def _save_outputs(outputs: list[OutputLogitSums]) -> dict[str, Any] | None:
+    return floats_of(OutputLogitSums.pool(outputs)) if outputs else None
 
 
-def _on_device(sums: Any, device: torch.device) -> Any:
-    """Restored statistics back as device tensors (counts that are host floats stay floats)."""
-    tensor_fields = {*sums.SUMS, *sums.MAXIMA} - {"samples", "entries"}
-    return dataclasses.replace(
-        sums,
-        **{
-            f: torch.tensor(getattr(sums, f), dtype=torch.float64, device=device)
-            for f in tensor_fields
-        },
-    )
+def _load_outputs(saved: dict[str, Any] | None) -> list[OutputLogitSums]:
+    if saved is None:
+        return []
+    return [tensors_of(OutputLogitSums, saved, host=("samples", "entries"))]
 
 
 NO_ATTENTION_WARNING = (
@@ -58,14 +48,6 @@ NO_ATTENTION_WARNING = (
     "softmax over (batch, heads, queries, keys) scores (or only under no_grad). Attention logits "
     "are not measured; pass attention=False to silence this."
 )
-
-
-def _threshold(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(f"Expected `{name}` a positive number or None, got {value!r}.")
-    return float(value)
 
 
 class LogitGrowthMonitor(Monitor):
@@ -129,19 +111,15 @@ class LogitGrowthMonitor(Monitor):
         attention: measure attention logits (``False``: output logits only).
         attention_every_n_steps: attention cadence, in optimizer steps. Capturing attention
             costs about as much as the attention forward itself plus a little per torch call of
-            the forward (the interception), so every step is too often for a default: on the
-            example Transformer (``benchmarks/logits.py --paired``, a 2-core CPU) output logits
-            at every step cost 1.019×, with attention at every step 1.099×, and both at the
-            default 10 1.014×.
+            the forward (the interception), so every step is too often for a default (measured
+            costs: ``benchmarks/logits.py --paired``, in ``benchmarks/RESULTS.md``).
         window: measurements in the growth-rate fit (≥ 2).
         attention_warning, attention_divergence: max-attention-logit event thresholds (``None``
             for no event).
         logz_threshold: ``|logz_mean|`` event threshold (``None`` for no event).
         attention_chunk_elements: most attention logits one piece of a measurement holds
             (default 2²² = 16 MiB in float32): memory stays bounded for any attention size.
-        every_n_steps: output-logit cadence (default 10; every step costs 1.019× a step of
-            the example Transformer on a 2-core CPU, about 0.4 ms of a 21 ms step, nearly all of
-            it the statistics' fifteen-odd small tensor operations).
+        every_n_steps: output-logit cadence (default 10).
         prefix, verbose: as for every monitor.
 
     Under DDP maxima reduce with ``"max"`` and sums (of squares, of ``log Z``, counts) with
@@ -153,6 +131,7 @@ class LogitGrowthMonitor(Monitor):
     """
 
     name = "logits"
+    pools_between_logs = True
 
     def __init__(
         self,
@@ -193,8 +172,12 @@ class LogitGrowthMonitor(Monitor):
             raise ConfigurationError(
                 f"Expected `window` an int >= 2 (a slope needs two points), got {window!r}."
             )
-        self.attention_warning = _threshold("attention_warning", attention_warning)
-        self.attention_divergence = _threshold("attention_divergence", attention_divergence)
+        self.attention_warning = check_positive_number(
+            "attention_warning", attention_warning, allow_none=True
+        )
+        self.attention_divergence = check_positive_number(
+            "attention_divergence", attention_divergence, allow_none=True
+        )
         if (
             self.attention_warning is not None
             and self.attention_divergence is not None
@@ -204,7 +187,9 @@ class LogitGrowthMonitor(Monitor):
                 f"Expected `attention_warning` < `attention_divergence`, got {attention_warning!r}"
                 f" and {attention_divergence!r}; e.g. 1e3 and 1e4."
             )
-        self.logz_threshold = _threshold("logz_threshold", logz_threshold)
+        self.logz_threshold = check_positive_number(
+            "logz_threshold", logz_threshold, allow_none=True
+        )
         check_positive_int("attention_chunk_elements", attention_chunk_elements)
         self.capture = LogitsCapture(logits_module)
         self.output_logits = output_logits
@@ -216,18 +201,43 @@ class LogitGrowthMonitor(Monitor):
         #: Layers whose attention was measured at the latest attention step, in call order.
         self.layers: list[str] = []
         #: Whether a measured step saw attention calls (``None`` before the first attention step).
-        self.attention_seen: bool | None = None
+        self.attention_seen: bool | None
+        self.add_state("attention_seen", None)
         #: Largest ``attn_max`` logged so far (``None`` before the first attention measurement).
-        self.peak_attention_logit: float | None = None
+        self.peak_attention_logit: float | None
+        self.add_state("peak_attention_logit", None)
         # (step, max |z|) of the last `window` output-logit measurements: the growth-rate fit
-        self._history: deque[tuple[int, float]] = deque(maxlen=window)
+        self._history: deque[tuple[int, float]]
+        self.add_state(
+            "_history",
+            lambda: deque(maxlen=window),
+            save=lambda history: [list(p) for p in history],
+            load=lambda saved: deque(((int(s), float(v)) for s, v in saved), maxlen=window),
+        )
         self._window = StepWindow()
         # measured since the last log, pooled: output-logit and per-layer attention statistics
-        self._outputs: list[OutputLogitSums] = []  # one per micro-batch: pooled at the log
-        self._layers: dict[str, AttentionLogitSums] = {}
-        self._attention_steps = 0  # attention steps pooled (none seen: a warning)
-        self._pending_since_log = False
-        self._last_measured = 0
+        self._outputs: list[OutputLogitSums]  # one per micro-batch: pooled at the log
+        self.add_state(
+            "_outputs",
+            list,
+            key="pending.output",
+            pooled=True,
+            device=True,
+            save=_save_outputs,
+            load=_load_outputs,
+        )
+        self._layers: dict[str, AttentionLogitSums]
+        self.add_state(
+            "_layers",
+            dict,
+            key="pending.layers",
+            pooled=True,
+            device=True,
+            save=lambda layers: {name: floats_of(s) for name, s in layers.items()},
+            load=lambda saved: {n: tensors_of(AttentionLogitSums, s) for n, s in saved.items()},
+        )
+        self._attention_steps: int  # attention steps pooled (none seen: a warning)
+        self.add_state("_attention_steps", 0, key="pending.attention_steps", pooled=True)
         self._logging = False  # whether the step being measured is logged
         self._output_armed = False
         self._attention_armed = False
@@ -266,25 +276,10 @@ class LogitGrowthMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        # a new fit starts a new logging interval (a checkpoint restored next may carry one)
-        self._outputs, self._layers, self._attention_steps = [], {}, 0
-        self._pending_since_log = False
         if self.output_logits:
             self.capture.attach(pl_module, type(self).__name__)
         if self.attention:
             self.attention_capture.attach(pl_module)
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_start(trainer, pl_module)
-        # statistics restored from a checkpoint are host numbers: back to the device
-        self._outputs = [
-            s if isinstance(s.max_abs, torch.Tensor) else _on_device(s, pl_module.device)
-            for s in self._outputs
-        ]
-        self._layers = {
-            n: s if isinstance(s.max_logit, torch.Tensor) else _on_device(s, pl_module.device)
-            for n, s in self._layers.items()
-        }
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":  # a run that never got to (or past) its first attention step
@@ -305,12 +300,6 @@ class LogitGrowthMonitor(Monitor):
         self._output_armed = self._attention_armed = False
         super().disable(reason)
 
-    # ------------------------------------------------------------------------------ cadence
-    def _attention_due(self, trainer: Any) -> bool:
-        if not self.attention or trainer.sanity_checking or not trainer.training:
-            return False
-        return logging_step(trainer) % self.attention_every_n_steps == 0
-
     # ------------------------------------------------------------------------------ measuring
     def _cadences(self) -> tuple[int, ...]:
         return (
@@ -321,7 +310,7 @@ class LogitGrowthMonitor(Monitor):
     @fail_soft
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         output_due = self.output_logits and self.is_due(trainer)
-        attention_due = self._attention_due(trainer)
+        attention_due = self.attention and self.is_due(trainer, self.attention_every_n_steps)
         if output_due:
             self.capture.arm()
             self._output_armed = True
@@ -360,20 +349,13 @@ class LogitGrowthMonitor(Monitor):
                 self.attention_seen = bool(layers)
                 write_layout(trainer)  # the panel now knows whether to chart attention
             self._attention_steps += 1
-            self._pending_since_log = True
             for name, sums in layers.items():
                 previous = self._layers.get(name)
                 self._layers[name] = sums if previous is None else previous.merge(sums)
-        self._last_measured = logging_step(trainer)
+        self.mark_measured(logging_step(trainer))
         if self._logging:
             last = self.run_ends_inside_interval(trainer, *self._cadences())
-            self._flush(trainer, logging_step(trainer), last=last)
-
-    @fail_soft
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        # a run stopped before max_steps (EarlyStopping, max_epochs) may have steps not logged
-        if self._pending_since_log:
-            self._flush(trainer, self._last_measured, last=True)
+            self.flush(trainer, logging_step(trainer), last=last)
 
     def _take_output(self, trainer: Any, outputs: Any) -> None:
         self._output_armed = False
@@ -381,9 +363,9 @@ class LogitGrowthMonitor(Monitor):
         announce_logits(self, trainer, logging_step(trainer), self.capture)
         for logits in taken:
             self._outputs.append(output_logit_sums(logits))  # pooled at the log, in one go
-        self._pending_since_log = True
+        self.mark_measured(logging_step(trainer))
 
-    def _flush(self, trainer: Any, step: int, last: bool = False) -> None:
+    def flush(self, trainer: Any, step: int, last: bool = False) -> None:
         """Log what was measured since the last log (pooled over the measured steps). When a run
         ends inside a logging interval (``last``) the pooled statistics are also kept, so that a
         checkpoint saved now carries them into a resumed run's interval, and the growth-rate
@@ -401,36 +383,38 @@ class LogitGrowthMonitor(Monitor):
                 warnings.warn(NO_ATTENTION_WARNING, UserWarning, stacklevel=2)
         if output is None and not layers:
             return
-        # Reduce across ranks (every rank, same steps): sums with "sum", maxima with "max", each
-        # kind in one collective; then one host transfer for everything, at log time.
-        parts: list[torch.Tensor] = []
+        # Reduce across ranks (every rank, same steps): sums with "sum", maxima with "max", one
+        # collective each; then one host transfer for everything, at log time.
+        parts: dict[str, tuple[torch.Tensor, str]] = {}
         if output is not None:
             # samples and entries are host floats; the other sums and the maxima device tensors
             on_device = [f for f in output.SUMS if f not in ("samples", "entries")]
-            measured = _stack(output, (*on_device, *output.MAXIMA))
-            # fills, not a copy from the host (which would wait for the GPU to catch up)
+            sums = _stack(output, tuple(on_device))
+            # the counts as fills, not a copy from the host (which would wait for the GPU)
             counts = torch.stack(
-                [measured.new_full((), output.samples), measured.new_full((), output.entries)]
+                [sums.new_full((), output.samples), sums.new_full((), output.entries)]
             )
-            added = torch.cat([counts, measured[: len(on_device)]])
-            parts.append(self.reduce(trainer, added, "sum"))
-            parts.append(self.reduce(trainer, measured[len(on_device) :], "max"))
+            parts["output_sums"] = (torch.cat([counts, sums]), "sum")
+            parts["output_maxima"] = (_stack(output, output.MAXIMA), "max")
         if layers:
             every = list(layers.values())
-            layer_maxima = torch.cat([_stack(s, s.MAXIMA) for s in every])
-            parts.append(self.reduce(trainer, layer_maxima, "max"))
-            parts.append(self.reduce(trainer, torch.cat([_stack(s, s.SUMS) for s in every]), "sum"))
-        host = iter(torch.cat(parts).cpu().tolist())
+            parts["layer_maxima"] = (torch.cat([_stack(s, s.MAXIMA) for s in every]), "max")
+            parts["layer_sums"] = (torch.cat([_stack(s, s.SUMS) for s in every]), "sum")
+        host = {n: iter(v) for n, v in self.reduce_to_host(trainer, parts).items()}
         metrics: dict[str, float] = {}
         if output is not None:
-            names = ("samples", "entries", *on_device, *output.MAXIMA)
-            pooled = OutputLogitSums(**{name: next(host) for name in names})
+            summed = {n: next(host["output_sums"]) for n in ("samples", "entries", *on_device)}
+            pooled = OutputLogitSums(
+                **summed, **{n: next(host["output_maxima"]) for n in output.MAXIMA}
+            )
             metrics.update(pooled.compute())
             self._grow(metrics, step, keep=not last)
-        maxima = {name: {f: next(host) for f in s.MAXIMA} for name, s in layers.items()}
         per_layer = {}
         for name, s in layers.items():
-            pooled = AttentionLogitSums(**maxima[name], **{f: next(host) for f in s.SUMS})
+            pooled = AttentionLogitSums(
+                **{f: next(host["layer_maxima"]) for f in s.MAXIMA},
+                **{f: next(host["layer_sums"]) for f in s.SUMS},
+            )
             if pooled.count > 0:  # a layer whose every position was masked reports nothing
                 per_layer[name] = pooled
         if per_layer:
@@ -464,7 +448,6 @@ class LogitGrowthMonitor(Monitor):
 
     # ------------------------------------------------------------------------------ events
     def _check_events(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
-        fired = {e["reason"] for e in self.events}
         attn = metrics.get("attn_max")
         if attn is not None:
             worst = max(self.layers, key=lambda n: metrics[f"attn_max/{n}"], default=None)
@@ -483,60 +466,22 @@ class LogitGrowthMonitor(Monitor):
                 ),
             )
             for reason, threshold, advice in checks:
-                if threshold is not None and reason not in fired and attn > threshold:
+                if threshold is not None and attn > threshold:
                     self.log_event(
                         trainer,
                         step,
                         reason,
                         f"max attention logit {attn:.4g}{where} passed {threshold:g}: {advice}",
+                        once=True,
                     )
         logz = metrics.get("logz_mean")
         threshold = self.logz_threshold
-        if (
-            logz is not None
-            and threshold is not None
-            and "logz_drift" not in fired
-            and abs(logz) > threshold
-        ):
+        if logz is not None and threshold is not None and abs(logz) > threshold:
             self.log_event(
                 trainer,
                 step,
                 "logz_drift",
                 f"mean log Z {logz:.4g} drifted past ±{threshold:g}: the output logits are "
                 "diverging; z-loss 1e-4·(log Z)² (dynlens.z_loss) keeps log Z near 0",
+                once=True,
             )
-
-    # ------------------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "history": [list(p) for p in self._history],
-            "peak_attention_logit": self.peak_attention_logit,
-            "attention_seen": self.attention_seen,
-            # measured since the last log, so a resumed run logs the same pooled values
-            "pending": {
-                "output": _as_floats(OutputLogitSums.pool(self._outputs))
-                if self._outputs
-                else None,
-                "layers": {name: _as_floats(s) for name, s in self._layers.items()},
-                "attention_steps": self._attention_steps,
-                "last_measured": self._last_measured,
-            }
-            if self._pending_since_log or self._outputs or self._layers
-            else None,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._history = deque(
-            ((int(s), float(v)) for s, v in state_dict.get("history", [])), maxlen=self.window
-        )
-        self.peak_attention_logit = state_dict.get("peak_attention_logit")
-        self.attention_seen = state_dict.get("attention_seen", self.attention_seen)
-        pending = state_dict.get("pending") or {}
-        output = pending.get("output")
-        self._outputs = [] if output is None else [OutputLogitSums(**output)]
-        self._layers = {n: AttentionLogitSums(**s) for n, s in pending.get("layers", {}).items()}
-        self._attention_steps = int(pending.get("attention_steps", 0))
-        self._last_measured = int(pending.get("last_measured", 0))
-        self._pending_since_log = bool(pending)

@@ -1,0 +1,124 @@
+"""Declared monitor state: one declaration per field gives its reset, checkpoint and device.
+
+A monitor declares each field of its state once, in ``__init__``::
+
+    self.add_state("onset_step", None)                        # kept in checkpoints
+    self.add_state("_counted", list, key="pending.rows", pooled=True, device=True,
+                   save=rows_of, load=counts_from_rows)
+
+and the base class (:class:`~dynlens.callbacks.base.Monitor`) derives the rest from the
+declarations, the way torchmetrics' ``add_state`` does for metrics:
+
+* **persistence** — ``state_dict`` holds every persistent field under its ``key`` (dotted keys
+  nest: ``"pending.rows"`` is ``state["pending"]["rows"]``, the layout checkpoints have always
+  had); ``load_state_dict`` restores each one, and a field the checkpoint lacks (an older or
+  partial one) gets its default, so nothing is forgotten and nothing is left stale;
+* **pooling** — ``pooled`` fields hold measurements pooled between two logs; they are reset when
+  a fit starts (a new logging interval) and by :meth:`Monitor.reset_pooled`;
+* **device** — ``device`` fields are moved, with every tensor inside them, to the module's device
+  when training starts (a checkpoint restores them on the CPU);
+* **reduction across ranks** is done at log time with :meth:`Monitor.reduce_to_host`, one collective
+  per reduction, on every rank.
+
+``default`` is a value (copied for every reset) or a callable returning a fresh one (``list``,
+``dict``, ``lambda: deque(maxlen=w)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import torch
+
+Convert = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateField:
+    """One declared field of a monitor's state (see the module docstring)."""
+
+    name: str
+    default: Any
+    key: str
+    persistent: bool = True
+    pooled: bool = False
+    device: bool = False
+    save: Convert | None = None
+    load: Convert | None = None
+
+    def fresh(self) -> Any:
+        """A new default value."""
+        return self.default() if callable(self.default) else copy.deepcopy(self.default)
+
+    def to_checkpoint(self, value: Any) -> Any:
+        return self.save(value) if self.save is not None else copy.deepcopy(value)
+
+    def from_checkpoint(self, value: Any) -> Any:
+        return self.load(value) if self.load is not None else copy.deepcopy(value)
+
+
+_MISSING = object()
+
+
+def get_nested(state: Mapping[str, Any], key: str) -> Any:
+    """``state[a][b]`` for ``key="a.b"``; a sentinel when any level is missing or ``None``."""
+    node: Any = state
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def set_nested(state: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``state[a][b] = value`` for ``key="a.b"``, creating the levels."""
+    *parents, last = key.split(".")
+    node = state
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def is_missing(value: Any) -> bool:
+    return value is _MISSING
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (in lists, tuples, dicts and dataclasses) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {
+            f.name: to_device(getattr(value, f.name), device)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return dataclasses.replace(value, **changes)
+    return value
+
+
+def floats_of(stats: Any) -> dict[str, Any]:
+    """A dataclass of statistics (tensors and numbers) as host numbers, for a checkpoint."""
+    return {
+        f.name: float(v) if isinstance(v, torch.Tensor) else v
+        for f in dataclasses.fields(stats)
+        for v in (getattr(stats, f.name),)
+    }
+
+
+def tensors_of(cls: Any, saved: Mapping[str, Any], *, host: Collection[str] = ()) -> Any:
+    """Statistics of class ``cls`` restored from :func:`floats_of`: float64 tensors again (a
+    ``device`` field moves them when training starts), except the ``host`` fields, which stay
+    numbers."""
+    return cls(
+        **{f: v if f in host else torch.tensor(v, dtype=torch.float64) for f, v in saved.items()}
+    )
