@@ -24,6 +24,8 @@ from .base import (
     Chart,
     ConfigurationError,
     Monitor,
+    check_choice,
+    check_fraction,
     fail_soft,
     logging_step,
     sharding_strategy,
@@ -104,10 +106,9 @@ class SoftmaxCollapseMonitor(Monitor):
         onset_threshold: ``sc_fraction`` above which SC onset is declared (default 0.5).
         remedy: ``None``, ``"stablemax"`` or ``"float64"``.
         per_layer: also log the NLM cosine of every parameter tensor.
-        every_n_steps: measure every this many steps (default 10; every step costs 1.015–1.021×
-            a step of the demo's MLP on a 2-core CPU, ``benchmarks/collapse.py --paired``: a pass
-            over the loss's log-probabilities of its 5,107 × 113 logits, the targets' lookup and
-            a dozen small operations).
+        every_n_steps: measure every this many steps (default 10; a measured step costs a pass
+            over the loss's log-probabilities, the targets' lookup and a dozen small operations:
+            ``benchmarks/collapse.py --paired``, figures in ``benchmarks/RESULTS.md``).
         prefix, verbose: as for every monitor.
 
     Under DDP the counts are summed over ranks; ``headroom_min`` is exact (max over ranks of the
@@ -115,6 +116,7 @@ class SoftmaxCollapseMonitor(Monitor):
     """
 
     name = "collapse"
+    pools_between_logs = True
 
     def __init__(
         self,
@@ -132,27 +134,15 @@ class SoftmaxCollapseMonitor(Monitor):
         verbose: bool = True,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix, verbose=verbose)
-        if activation not in ("auto", "softmax", "stablemax"):
-            raise ConfigurationError(
-                f"Expected `activation` 'auto', 'softmax' or 'stablemax', got {activation!r}."
-            )
+        check_choice("activation", activation, ("auto", "softmax", "stablemax"))
         if dtype != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ConfigurationError(
                 f"Expected `dtype` 'auto' or a floating torch.dtype (e.g. torch.float64), got "
                 f"{dtype!r}."
             )
-        if not 0.0 <= onset_threshold < 1.0:
-            raise ConfigurationError(
-                f"Expected `onset_threshold` in [0, 1), got {onset_threshold!r}."
-            )
-        if remedy not in (None, "stablemax", "float64"):
-            raise ConfigurationError(
-                f"Expected `remedy` None, 'stablemax' or 'float64', got {remedy!r}."
-            )
-        if not (shift_targets == "auto" or isinstance(shift_targets, bool)):
-            raise ConfigurationError(
-                f"Expected `shift_targets` 'auto', True or False, got {shift_targets!r}."
-            )
+        check_fraction("onset_threshold", onset_threshold, include_low=True, include_high=False)
+        check_choice("remedy", remedy, (None, "stablemax", "float64"))
+        check_choice("shift_targets", shift_targets, ("auto", True, False))
         if not (targets is None or targets == "auto" or callable(targets)):
             raise ConfigurationError(
                 f"Expected `targets` 'auto', None or a function batch -> targets, got {targets!r}."
@@ -167,29 +157,55 @@ class SoftmaxCollapseMonitor(Monitor):
         self.remedy = remedy
         self.per_layer = per_layer
         #: First step with ``sc_fraction`` above ``onset_threshold`` (``None`` until then).
-        self.onset_step: int | None = None
+        self.onset_step: int | None
+        self.add_state("onset_step", None)
         #: Largest ``sc_fraction`` logged so far (``None`` before the first measurement).
-        self.peak_sc_fraction: float | None = None
+        self.peak_sc_fraction: float | None
+        self.add_state("peak_sc_fraction", None)
+        self.remedy_applied: bool
+        self.add_state("remedy_applied", False)
+        self._announced_precision: tuple[str, str] | None
+        self.add_state("_announced_precision", None, load=lambda p: None if p is None else tuple(p))
         #: The latest logged values, by quantity name.
         self.latest: dict[str, float] = {}
-        self.remedy_applied = False
         # measured steps not logged yet: their indicators, one per micro-batch, not yet counted
         # (logging step, indicators), and those counted ahead of the log, as blocks of
-        # (logging steps, [samples, collapsed, zero-loss] counts per step)
-        self._found: list[CollapseIndicators] = []  # the step being measured
-        self._pending: list[tuple[int, list[CollapseIndicators]]] = []
-        self._pending_samples = 0
-        self._counted: list[tuple[list[int], torch.Tensor]] = []
-        self._gaps: list[torch.Tensor] = []  # per-sample gaps of the step to be logged
-        self._has_targets = True
-        self._measured_in: tuple[str, torch.dtype] = ("softmax", torch.float32)
+        # (logging steps, [samples, collapsed, zero-loss] counts per step); a checkpoint holds
+        # them counted, one row per step
+        self._found: list[CollapseIndicators]  # the step being measured
+        self.add_state("_found", list, persistent=False, pooled=True)
+        self._pending: list[tuple[int, list[CollapseIndicators]]]
+        self.add_state("_pending", list, persistent=False, pooled=True)
+        self._pending_samples: int
+        self.add_state("_pending_samples", 0, persistent=False, pooled=True)
+        self._counted: list[tuple[list[int], torch.Tensor]]
+        self.add_state(
+            "_counted",
+            list,
+            key="pending.rows",
+            pooled=True,
+            device=True,
+            save=lambda _: self._pending_rows(),
+            load=_counted_from_rows,
+        )
+        self._gaps: list[torch.Tensor]  # per-sample gaps of the step to be logged
+        self.add_state("_gaps", list, persistent=False, pooled=True)
+        self._cosines: dict[str, torch.Tensor]
+        self.add_state("_cosines", dict, persistent=False, pooled=True)
+        self._has_targets: bool
+        self.add_state("_has_targets", True, key="pending.has_targets")
+        self._measured_in: tuple[str, torch.dtype]
+        self.add_state(
+            "_measured_in",
+            ("softmax", torch.float32),
+            key="pending.measured_in",
+            save=lambda m: (m[0], str(m[1])),
+            load=lambda m: (m[0], getattr(torch, str(m[1]).removeprefix("torch."))),
+        )
         self._logging = False  # whether the step being measured is logged
-        self._pending_since_log = False  # steps measured and not logged yet
-        self._cosines: dict[str, torch.Tensor] = {}
         self._window = StepWindow()
         self._sharded = False
         self._loss_modules: list[CrossEntropyLoss] = []
-        self._announced_precision: tuple[str, str] | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
         return {
@@ -220,10 +236,6 @@ class SoftmaxCollapseMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        # a new fit starts a new logging interval (a checkpoint restored next may carry one)
-        self._found, self._pending, self._pending_samples = [], [], 0
-        self._counted, self._gaps, self._cosines = [], [], {}
-        self._pending_since_log = False
         # found once: walking every module at each measured step would cost a large model dearly
         self._loss_modules = _losses(pl_module)
         if self.remedy is not None and not self._loss_modules:
@@ -255,7 +267,6 @@ class SoftmaxCollapseMonitor(Monitor):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
-        self._counted = [(s, c.to(pl_module.device)) for s, c in self._counted]  # restored
         if self.remedy_applied:  # restored from a checkpoint: the loss modules are not
             self._switch_losses()
 
@@ -333,14 +344,7 @@ class SoftmaxCollapseMonitor(Monitor):
             step = logging_step(trainer)
             self._end_step(step)
             if self._logging:
-                self._flush(trainer, step, last=self.run_ends_inside_interval(trainer))
-
-    @fail_soft
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        # a run stopped before max_steps (EarlyStopping, max_epochs) may have steps not logged
-        if self._pending_since_log:
-            last_step = self._pending[-1][0] if self._pending else self._counted[-1][0][-1]
-            self._flush(trainer, last_step, last=True)
+                self.flush(trainer, step, last=self.run_ends_inside_interval(trainer))
 
     def _shifts(self) -> bool:
         """Whether the targets are shifted: a causal LM's logits at position t are scored against
@@ -388,7 +392,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self._pending.append((step, self._found))
         self._pending_samples += sum(found.top.numel() for found in self._found)
         self._found = []
-        self._pending_since_log = True
+        self.mark_measured(step)
         if self._pending_samples > PENDING_SAMPLES:  # count now, keep the counts
             self._counted = [self._counts()]
             self._pending, self._pending_samples = [], 0
@@ -410,7 +414,7 @@ class SoftmaxCollapseMonitor(Monitor):
             blocks.append(counts)
         return steps, torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
-    def _flush(self, trainer: Any, step: int, last: bool = False) -> None:
+    def flush(self, trainer: Any, step: int, last: bool = False) -> None:
         """Log the steps measured since the last log. When a run ends inside a logging interval
         (``last``) they are also kept: a checkpoint saved now carries them, and a run resumed
         from it pools them into the same interval as an uninterrupted run would."""
@@ -427,18 +431,14 @@ class SoftmaxCollapseMonitor(Monitor):
         self._pending_since_log = False
         activation, dtype = self._measured_in
         # every pooled step's counts in one collective and, with the rest, one host copy
-        per_step = self.reduce(trainer, per_step, "sum")
-        wide = torch.float32 if per_step.device.type == "mps" else torch.float64  # MPS: no f64
-        parts = [per_step.reshape(-1).to(wide)]
+        parts: dict[str, tuple[torch.Tensor, str | None]] = {"counts": (per_step, "sum")}
         if gaps:
             gap = torch.cat(gaps) if len(gaps) > 1 else gaps[0]
-            worst = self.reduce(trainer, gap.max(), "max")
-            median = self.reduce(trainer, gap.median(), "mean")
-            parts += [worst.reshape(1).to(wide), median.reshape(1).to(wide)]
-        parts += [c.reshape(-1).to(wide) for c in cosines.values()]
-        values = torch.cat(parts).tolist()
+            parts["worst_gap"], parts["median_gap"] = (gap.max(), "max"), (gap.median(), "mean")
+        parts.update({name: (c, None) for name, c in cosines.items()})  # reduced, or local
+        host = self.reduce_to_host(trainer, parts)
+        values = host["counts"]
         counts = [values[3 * k : 3 * k + 3] for k in range(len(steps))]
-        rest = values[3 * len(steps) :]
         samples = max(sum(c[0] for c in counts), 1.0)
         threshold = collapse_threshold(dtype, activation)
         scalars: dict[str, float] = {
@@ -448,10 +448,9 @@ class SoftmaxCollapseMonitor(Monitor):
         if has_targets:
             scalars["zero_loss_fraction"] = sum(c[2] for c in counts) / samples
         if gaps:
-            worst_gap, median_gap, rest = rest[0], rest[1], rest[2:]
-            scalars["headroom_median"] = threshold - median_gap
-            scalars["headroom_min"] = threshold - worst_gap
-        scalars.update(zip(cosines, rest, strict=True))
+            scalars["headroom_median"] = threshold - host["median_gap"][0]
+            scalars["headroom_min"] = threshold - host["worst_gap"][0]
+        scalars.update({name: host[name][0] for name in cosines})
         logged = self.log_metrics(trainer, scalars, step=step)
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
@@ -499,42 +498,15 @@ class SoftmaxCollapseMonitor(Monitor):
         return len(losses)
 
     # ------------------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "onset_step": self.onset_step,
-            "peak_sc_fraction": self.peak_sc_fraction,
-            "remedy_applied": self.remedy_applied,
-            "announced_precision": self._announced_precision,
-            # measured steps not logged yet, so a resumed run logs the same pooled values
-            "pending": {
-                "rows": self._pending_rows(),
-                "has_targets": self._has_targets,
-                "measured_in": (self._measured_in[0], str(self._measured_in[1])),
-            },
-        }
-
     def _pending_rows(self) -> list[tuple[int, list[int]]]:
         if not (self._pending or self._counted):
             return []
         steps, counts = self._counts()
         return list(zip(steps, counts.tolist(), strict=True))
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.onset_step = state_dict.get("onset_step")
-        self.peak_sc_fraction = state_dict.get("peak_sc_fraction")
-        announced = state_dict.get("announced_precision")
-        self._announced_precision = None if announced is None else tuple(announced)
-        self.remedy_applied = bool(state_dict.get("remedy_applied", False))
-        pending = state_dict.get("pending") or {}
-        rows = pending.get("rows", [])
-        self._found, self._pending, self._pending_samples = [], [], 0
-        self._counted = []
-        if rows:
-            steps = [int(s) for s, _ in rows]
-            self._counted = [(steps, torch.tensor([c for _, c in rows], dtype=torch.int64))]
-        self._pending_since_log = bool(rows)
-        self._has_targets = bool(pending.get("has_targets", True))
-        activation, dtype = pending.get("measured_in", ("softmax", "torch.float32"))
-        self._measured_in = (activation, getattr(torch, str(dtype).removeprefix("torch.")))
+
+def _counted_from_rows(rows: list[tuple[int, list[int]]]) -> list[tuple[list[int], torch.Tensor]]:
+    """Counted steps restored from a checkpoint's rows (step, [samples, collapsed, zero-loss])."""
+    if not rows:
+        return []
+    return [([int(s) for s, _ in rows], torch.tensor([c for _, c in rows], dtype=torch.int64))]
