@@ -25,8 +25,11 @@ from .base import (
     Chart,
     ConfigurationError,
     Monitor,
+    check_callable,
+    check_choice,
     check_non_negative_int,
     check_positive_int,
+    check_positive_number,
     fail_soft,
     logging_step,
     sharding_strategy,
@@ -256,10 +259,7 @@ class HessianMonitor(Monitor):
         check_cadence(every_n_steps, budget)
         if every_n_steps is None and budget is None:
             budget = 0.05
-        if estimator not in ESTIMATORS:
-            raise ConfigurationError(
-                f"Expected `estimator` to be one of {ESTIMATORS}, got {estimator!r}."
-            )
+        check_choice("estimator", estimator, ESTIMATORS)
         check_positive_int("num_probes", num_probes)
         if estimator == "hutchpp" and num_probes < 3:
             raise ConfigurationError(
@@ -272,21 +272,12 @@ class HessianMonitor(Monitor):
                 "Nothing to measure: `trace` and `sharpness` are both False; enable at least one."
             )
         check_positive_int("max_iter", max_iter)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ConfigurationError(f"Expected `tol` to be a positive float, got {tol!r}.")
+        check_positive_number("tol", tol)
         check_positive_int("cold_start_every", cold_start_every)
         check_non_negative_int("optimizer_index", optimizer_index)
-        if route not in ("auto", "tuned") and route not in curvature.EXPLICIT_ROUTES:
-            raise ConfigurationError(
-                f"Expected `route` to be 'auto', 'tuned' or one of {curvature.EXPLICIT_ROUTES}, "
-                f"got {route!r}."
-            )
-        if loss_fn is not None and not callable(loss_fn):
-            raise ConfigurationError(
-                f"Expected `loss_fn` to be a callable (pl_module, batch) -> loss, got {loss_fn!r}."
-            )
-        if not callable(clock):
-            raise ConfigurationError(f"Expected `clock` to be a callable, got {clock!r}.")
+        check_choice("route", route, ("auto", "tuned", *curvature.EXPLICIT_ROUTES))
+        check_callable("loss_fn", loss_fn, signature="(pl_module, batch) -> loss")
+        check_callable("clock", clock, allow_none=False)
         if not (
             memory is None
             or memory == "auto"
@@ -323,25 +314,39 @@ class HessianMonitor(Monitor):
         self.memory_meter = memory_meter
         self.seed = seed
         # memory: the limit (learns the products' peaks), training's metered peak
-        self._limit: curvature.MemoryLimit | None = None
-        self._train_peak: int | None = None
-        self._metered_steps = 0
+        self._limit: curvature.MemoryLimit | None
+        self.add_state("_limit", None, key="memory_plan", save=_plan_of, load=_limit_from_plan)
+        self._train_peak: int | None
+        self.add_state("_train_peak", None, load=_int_or_none)
+        self._metered_steps: int
+        self.add_state("_metered_steps", 0, load=int)
         self._metering = False
 
         #: The values logged at the last measurement, by quantity (without the prefix).
-        self.last: dict[str, float] = {}
+        self.last: dict[str, float]
+        self.add_state("last", dict, load=lambda last: {k: float(v) for k, v in last.items()})
         #: One dict per measurement: ``step``, the logged values, ``cold`` (Lanczos cold start)
         #: and ``iterations`` (Lanczos products spent on λ_max).
-        self.history: list[dict[str, float]] = []
-        self.num_measurements = 0
-        # the budget's schedule (only timing with every_n_steps) and the last measured step
+        self.history: list[dict[str, float]]
+        self.add_state("history", list)
+        self.num_measurements: int
+        self.add_state("num_measurements", 0, load=int)
+        # the budget's schedule (only timing with every_n_steps; its own flat keys in the state)
+        # and the last measured step
         self._schedule = BudgetSchedule(self.budget, clock)
-        self._last_step: int | None = None
-        self._since_cold = 0
+        self._last_step: int | None
+        self.add_state("_last_step", None, load=_int_or_none)
+        self._since_cold: int
+        self.add_state("_since_cold", 0, load=int)
+        self._route: str
+        self.add_state("_route", lambda: self.route, load=str)
+        # the warm starts, so a resumed run measures exactly as an uninterrupted one would (older
+        # checkpoints have none: the next measurement then starts cold)
+        self._eigvec: dict[str, Tensor] | None
+        self.add_state("_eigvec", None, key="eigvec", save=_detached, load=_detached)
+        self._precond_eigvec: dict[str, Tensor] | None
+        self.add_state("_precond_eigvec", None, save=_detached, load=_detached)
         # in memory only
-        self._route: str = route
-        self._eigvec: dict[str, Tensor] | None = None
-        self._precond_eigvec: dict[str, Tensor] | None = None
         self._probe_on_device: Any = None
         self._precond_refused = False
         self._trainer: weakref.ref[Any] | None = None
@@ -441,14 +446,10 @@ class HessianMonitor(Monitor):
 
     # ----------------------------------------------------------------------------- cadence
     def _due(self, trainer: Any) -> bool:
-        if trainer.sanity_checking or not trainer.training:
+        if logging_step(trainer) == self._last_step:  # a later micro-batch of a measured step
             return False
-        step = logging_step(trainer)
-        if step == self._last_step:  # a later micro-batch of an already measured step
-            return False
-        if self.every_n_steps is not None:
-            return step % self.every_n_steps == 0
-        return self._schedule.due(trainer, step)
+        schedule = self._schedule if self.every_n_steps is None else None
+        return self.is_due(trainer, schedule=schedule)
 
     # ----------------------------------------------------------------------------- measuring
     @fail_soft
@@ -772,43 +773,27 @@ class HessianMonitor(Monitor):
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is not None:  # a checkpoint mid-run: the training so far counts
             self._schedule.charge(logging_step(trainer))
-        return {
-            **super().state_dict(),
-            **self._schedule.state_dict(),  # flat keys, as checkpoints have always had them
-            "last_step": self._last_step,
-            "since_cold": self._since_cold,
-            "num_measurements": self.num_measurements,
-            "route": self._route,
-            "train_peak": self._train_peak,
-            "metered_steps": self._metered_steps,
-            "memory_plan": None if self._limit is None else self._limit.state_dict(),
-            "last": dict(self.last),
-            "history": [dict(h) for h in self.history],
-            # the warm starts, so a resumed run measures exactly as an uninterrupted one would
-            "eigvec": _detached(self._eigvec),
-            "precond_eigvec": _detached(self._precond_eigvec),
-        }
+        return {**super().state_dict(), **self._schedule.state_dict()}  # flat schedule keys
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._schedule.load_state_dict(state_dict)
-        last_step = state_dict.get("last_step")
-        self._last_step = None if last_step is None else int(last_step)
-        self._since_cold = int(state_dict.get("since_cold", 0))
-        self.num_measurements = int(state_dict.get("num_measurements", 0))
-        self._route = str(state_dict.get("route", self.route))
-        peak = state_dict.get("train_peak")
-        self._train_peak = None if peak is None else int(peak)
-        self._metered_steps = int(state_dict.get("metered_steps", 0))
-        plan = state_dict.get("memory_plan")
-        if plan is not None:
-            self._limit = curvature.MemoryLimit(max(int(plan.get("limit", 1)), 1))
-            self._limit.load_state_dict(plan)
-        self.last = {k: float(v) for k, v in state_dict.get("last", {}).items()}
-        self.history = [dict(h) for h in state_dict.get("history", [])]
-        # Older checkpoints have no warm-start vectors: the next measurement then starts cold.
-        self._eigvec = _detached(state_dict.get("eigvec"))
-        self._precond_eigvec = _detached(state_dict.get("precond_eigvec"))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _plan_of(limit: curvature.MemoryLimit | None) -> dict[str, Any] | None:
+    return None if limit is None else limit.state_dict()
+
+
+def _limit_from_plan(plan: dict[str, Any] | None) -> curvature.MemoryLimit | None:
+    if plan is None:
+        return None
+    limit = curvature.MemoryLimit(max(int(plan.get("limit", 1)), 1))
+    limit.load_state_dict(plan)
+    return limit
 
 
 def _detached(vector: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:

@@ -519,10 +519,11 @@ def _recording_strategy(package="pytorch_lightning"):
         calls: list
 
         def _mine(self):
-            # the frames above the collective: dynlens' Monitor.reduce, then the monitor itself
+            # the frames above the collective: dynlens' Monitor.reduce (or the schedule and
+            # the base's cadence rule), then the monitor itself
             frame = sys._getframe(2)
             names = set()
-            for _ in range(2):
+            for _ in range(3):
                 names.add(frame.f_globals.get("__name__"))
                 frame = frame.f_back
             return "dynlens.callbacks.hessian" in names
