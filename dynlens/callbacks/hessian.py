@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from .. import curvature
@@ -34,13 +32,21 @@ from .base import (
     logging_step,
     sharding_strategy,
 )
+from .hessian_measure import (  # noqa: F401  (re-exported: their former home)
+    _REDUCED,
+    FD_TOLERANCE,
+    MEMORY_FACTOR,
+    METERED_STEPS,
+    HessianMeasuring,
+)
 from .replay import _BATCHNORM_STATE as _BATCHNORM_STATE  # its former home re-exports them
-from .replay import UserLossFn, _rng_restored, loss_closure, probe_generator
+from .replay import UserLossFn
 from .replay import _as_loss as _as_loss
 from .replay import _Call as _Call
 from .replay import _cast_floats as _cast_floats
 from .replay import _no_log as _no_log
 from .replay import logging_suppressed as logging_suppressed
+from .replay import probe_generator as probe_generator
 from .schedule import BudgetSchedule, check_cadence
 from .schedule import budget_schedule as budget_schedule  # its former home re-exports it
 
@@ -49,35 +55,12 @@ Memory = Literal["auto"] | int | None
 
 ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
 
-#: ``memory="auto"``: a measurement may bring the memory in use to this many times the peak of
-#: a training step (DESIGN.md, the monitor contract: bounded memory).
-MEMORY_FACTOR = 2.0
-#: Training steps metered for that peak (the first may allocate the optimizer's state lazily).
-METERED_STEPS = 2
-
-#: The quantities measured on each rank, in the order they are reduced across ranks.
-_REDUCED = (
-    "failed",
-    "loss",
-    "trace",
-    "trace_var",
-    "frobenius",
-    "lambda_max",
-    "precond_lambda_max",
-    "product_error",
-)
-#: Finite differences whose self-check estimates a larger relative error than this switch the
-#: monitor off: the loss is not smooth at the step's scale (e.g. ReLU kinks), and the values
-#: would not be the Hessian's.
-FD_TOLERANCE = 0.05
-
-
 # --------------------------------------------------------------------------------------------
 # The callback
 # --------------------------------------------------------------------------------------------
 
 
-class HessianMonitor(Monitor):
+class HessianMonitor(HessianMeasuring, Monitor):
     """Hessian trace, sharpness λ_max and their ratios to the optimizer's stability thresholds.
 
     At measurement steps, *before* the training step runs (so at the parameters θ_t and the
@@ -148,32 +131,20 @@ class HessianMonitor(Monitor):
     at measurement steps only. FSDP and DeepSpeed shard the parameters and are refused at
     ``setup``.
 
-    Memory (``memory``): every pass of Hessian-vector products is metered (CUDA: the allocator's
-    ``max_memory_allocated``; CPU: the process's peak RSS) and planned under a
-    :class:`dynlens.curvature.MemoryLimit`, starting from one probe per pass and vectorising only
-    as many probes as the measured peaks say fit. With ``memory="auto"`` (default) the limit is
-    2× the peak that training reaches: the monitor meters the first two training steps, and a
-    measurement before any of them (step 0) meters one gradient of the measured loss first
-    (what a training step's forward and backward hold) and takes 2× that peak. An int is an
-    absolute limit in bytes; ``None`` plans nothing (every batch of probes in one pass, as the
-    routes do by themselves). Out of memory inside a measurement: what it held is freed and the
-    pass retried with half the probes; where even one product does not fit (or runs out of
-    memory), the monitor falls back to finite differences (below), and where that does not fit
-    either it warns once and switches itself off; training goes on. On CUDA metering resets the
-    allocator's peak statistics at measured steps and the first two training steps.
+    Memory (``memory``): every pass of Hessian-vector products is metered and planned under a
+    :class:`dynlens.curvature.MemoryLimit`: with ``"auto"`` (default) 2× the peak that training
+    reaches, an int is a limit in bytes, ``None`` plans nothing. Out of memory inside a
+    measurement, the pass is retried with half the probes; where even one product does not fit,
+    the monitor falls back to finite differences, and where that does not fit either it warns
+    once and switches itself off; training goes on (details: :mod:`.hessian_measure`).
 
-    Finite differences: where the exact routes fail (an op without a second derivative, e.g. a
-    custom ``autograd.Function`` whose backward is ``@once_differentiable``, fused attention
-    kernels, ``torch.compile``) or do not fit under the memory limit, and ``route`` is
-    ``"auto"`` or ``"tuned"``, the monitor switches to ``route="finite_difference"`` (central
-    differences of gradients at perturbed copies of θ; memory of one gradient; relative error
-    about 1e-4 in float32 on smooth losses) with one
+    Finite differences: where the exact routes fail (an op without a second derivative, fused
+    attention kernels, ``torch.compile``) or do not fit, and ``route`` is ``"auto"`` or
+    ``"tuned"``, the monitor switches to ``route="finite_difference"`` with one
     :class:`~dynlens.curvature.CurvatureFallbackWarning` and an event ``finite_difference``
-    naming the reason, and keeps measuring. Each measurement checks the products against the
-    same product at half the step and logs the estimated relative error as ``product_error``;
-    above ``FD_TOLERANCE`` (0.05) — a loss that is not smooth at the step's scale, e.g. a ReLU
-    network in float32, where the step crosses kinks — the monitor switches itself off rather
-    than log values that are not the Hessian's.
+    naming the reason. Each measurement then logs the products' estimated relative error as
+    ``product_error``; above ``FD_TOLERANCE`` (0.05: a loss not smooth at the step's scale,
+    e.g. a ReLU network in float32) the monitor switches itself off.
 
     Failing soft: a non-finite loss, or an explicit exact ``route`` that fails, gives one warning
     and the monitor switches itself off on every rank; training goes on.
@@ -194,11 +165,10 @@ class HessianMonitor(Monitor):
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` instead of ``training_step`` (required
             with manual optimization).
         estimator: ``"hutchinson"`` (also gives ‖H‖_F) or ``"hutchpp"`` (Meyer et al. 2021).
-            Hutchinson is the default because it was the more precise of the two at equal budget
-            on every network Hessian benchmarked (about half Hutch++'s spread at 30 products, see
-            ``benchmarks/hessian.py``): Rademacher probes are exact on the diagonal, which
-            carries much of a network Hessian's trace, and Hutch++'s projected probes lose that.
-            Hutch++ wins when a few eigenvalues dominate the trace itself.
+            Hutchinson is the default, the more precise of the two at equal budget on every
+            network Hessian benchmarked (``benchmarks/hessian.py``, ``benchmarks/RESULTS.md``):
+            Rademacher probes are exact on the diagonal, which carries much of a network
+            Hessian's trace. Hutch++ wins when a few eigenvalues dominate the trace itself.
         num_probes: Hessian-vector products for the trace (≥ 3 for Hutch++).
         trace: measure the trace.
         sharpness: measure λ_max (and, for Adam, the preconditioned λ_max).
@@ -478,27 +448,6 @@ class HessianMonitor(Monitor):
             peak = self._memory(pl_module.device).peak()
             self._train_peak = max(self._train_peak or 0, peak)
 
-    def _memory(self, device: torch.device) -> curvature.MemoryMeter:
-        if self.memory_meter is None:
-            self.memory_meter = curvature.memory_meter(device)
-        return self.memory_meter
-
-    def _memory_limit(self, device: torch.device) -> curvature.MemoryLimit | None:
-        """The limit of this measurement (``None`` without one); ``"auto"`` follows training's
-        metered peak."""
-        if self.memory is None:
-            return None
-        if self.memory == "auto":
-            limit = int(MEMORY_FACTOR * (self._train_peak or 0))
-        else:
-            limit = int(self.memory)
-        if self._limit is None:
-            self._limit = curvature.MemoryLimit(max(limit, 1), meter=self._memory(device))
-        if self._limit.meter is None:  # restored from a checkpoint
-            self._limit.meter = self._memory(device)
-        self._limit.limit = max(limit, 1)
-        return self._limit
-
     def _measure_step(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = logging_step(trainer)
         self._last_step = step
@@ -511,191 +460,6 @@ class HessianMonitor(Monitor):
             self.disable(failure or "the measurement failed on another rank")
             return
         self._publish(trainer, pl_module, step, values)
-
-    def _measure_locally(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
-    ) -> tuple[dict[str, float], str | None]:
-        try:
-            return self._measure(trainer, pl_module, batch, batch_idx), None
-        except ConfigurationError:
-            raise
-        except Exception as exc:
-            # Reported after the reduction, so every rank switches off at the same step.
-            return {"failed": 1.0}, f"{type(exc).__name__}: {exc}"
-
-    def _measure(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
-    ) -> dict[str, float]:
-        try:
-            return self._measure_on(trainer, pl_module, batch, batch_idx)
-        except curvature.CurvatureError as exc:
-            if self.route not in ("auto", "tuned") or self._route == "finite_difference":
-                raise
-            self._fall_back(trainer, exc)
-        return self._measure_on(trainer, pl_module, batch, batch_idx)
-
-    def _fall_back(self, trainer: Any, exc: curvature.CurvatureError) -> None:
-        """Switch to finite differences for the rest of the run, with one warning and event."""
-        self._route = "finite_difference"
-        why = "memory" if isinstance(exc, curvature.CurvatureMemoryError) else "no_exact_route"
-        message = (
-            f"curvature by finite differences of gradients from now on (each measurement "
-            f"estimates their relative error, logged as product_error), because the exact "
-            f"Hessian-vector products "
-            f"{'do not fit in memory' if why == 'memory' else 'cannot be taken'}: {exc}"
-        )
-        warnings.warn(
-            f"dynlens HessianMonitor: {message}", curvature.CurvatureFallbackWarning, stacklevel=2
-        )
-        self.log_event(trainer, logging_step(trainer), "finite_difference", message)
-        self.events[-1]["why"] = why
-
-    def _measure_on(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
-    ) -> dict[str, float]:
-        if self.probe_batch is not None:
-            if self._probe_on_device is None:
-                self._probe_on_device = pl_module.transfer_batch_to_device(
-                    self.probe_batch, pl_module.device, 0
-                )
-            batch, batch_idx = self._probe_on_device, 0
-        params, loss_of = loss_closure(pl_module, batch, batch_idx, self.loss_fn)
-        device = next(iter(params.values())).device
-        # Grad stays enabled: a training_step may differentiate inside (e.g. a gradient penalty).
-        with _rng_restored(device):
-            if self.memory == "auto" and self._train_peak is None:
-                loss = self._meter_gradient(loss_of, params, device)
-            else:
-                loss = float(loss_of(params).detach())
-        memory = self._memory_limit(device)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss is {loss} at step {logging_step(trainer)}: curvature is undefined there"
-            )
-        out = {"failed": 0.0, "loss": loss}
-        generator = probe_generator(self.seed, trainer.global_rank, logging_step(trainer))
-        if self.trace:
-            estimate = (
-                curvature.hutchpp_trace
-                if self.estimator == "hutchpp"
-                else curvature.hutchinson_trace
-            )(
-                loss_of,
-                params,
-                num_probes=self.num_probes,
-                generator=generator,
-                route=self._route,  # type: ignore[arg-type]
-                memory=memory,
-            )
-            self._route = estimate.route or self._route  # skip a failed route next time
-            self._check_product_error(estimate.product_error, out)
-            out["trace"] = estimate.value
-            out["trace_var"] = estimate.stderr**2
-            if estimate.frobenius is not None:
-                out["frobenius"] = estimate.frobenius
-        if self.sharpness:
-            cold = self._eigvec is None or self._since_cold + 1 >= self.cold_start_every
-            self._since_cold = 0 if cold else self._since_cold + 1
-            eig = curvature.top_eigenvalue(
-                loss_of,
-                params,
-                init=None if cold else self._eigvec,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                generator=generator,
-                route=self._route,  # type: ignore[arg-type]
-                memory=memory,
-            )
-            self._eigvec, self._route = eig.vector, eig.route or self._route
-            self._check_product_error(eig.product_error, out)
-            out["lambda_max"] = eig.value
-            out["cold"], out["iterations"] = float(cold), float(eig.iterations)
-            preconditioner = self._adam_preconditioner(trainer, pl_module, params)
-            if preconditioner is not None:
-                peig = curvature.top_eigenvalue(
-                    loss_of,
-                    params,
-                    init=None if cold or self._precond_eigvec is None else self._precond_eigvec,
-                    max_iter=self.max_iter,
-                    tol=self.tol,
-                    generator=generator,
-                    preconditioner=preconditioner,
-                    route=self._route,  # type: ignore[arg-type]
-                    memory=memory,
-                )
-                self._precond_eigvec = peig.vector
-                self._check_product_error(peig.product_error, out)
-                out["precond_lambda_max"] = peig.value
-        return out
-
-    @staticmethod
-    def _check_product_error(error: float | None, out: dict[str, float]) -> None:
-        """Keep the largest estimated error of finite-difference products; refuse values the
-        self-check says are not the Hessian's."""
-        if error is None:
-            return
-        out["product_error"] = max(error, out.get("product_error", 0.0))
-        if not error <= FD_TOLERANCE:
-            raise curvature.CurvatureError(
-                f"finite differences of gradients estimate their own relative error at {error:.2g} "
-                f"(more than {FD_TOLERANCE}): the loss is not smooth at the scale of their step "
-                "(e.g. ReLU or max kinks), so their values are not the Hessian's. Give the exact "
-                "products room: a larger `memory`, or a smaller `probe_batch`"
-            )
-
-    def _meter_gradient(
-        self, loss_of: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor], device
-    ) -> float:
-        """The loss, and the peak memory of its gradient as a stand-in for a training step's
-        (no training step has been metered yet); returns the loss."""
-        meter = self._memory(device)
-        leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        meter.reset_peak()
-        loss = loss_of(leaves)
-        if loss.requires_grad:
-            torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        self._train_peak = meter.peak()
-        return float(loss.detach())
-
-    def _optimizer(self, trainer: Any) -> torch.optim.Optimizer | None:
-        optimizers = trainer.optimizers
-        return optimizers[self.optimizer_index] if self.optimizer_index < len(optimizers) else None
-
-    def _adam_preconditioner(
-        self, trainer: Any, pl_module: Any, params: Mapping[str, Tensor]
-    ) -> dict[str, Tensor] | None:
-        optimizer = self._optimizer(trainer)
-        if not self.preconditioned or self._precond_refused or optimizer is None:
-            return None
-        named = {k: p for k, p in pl_module.named_parameters() if k in params}
-        states = [optimizer.state.get(p, {}) for p in named.values()]
-        if not any("exp_avg_sq" in s for s in states):
-            return None  # not Adam-like, or before its first step
-        try:
-            return curvature.adam_preconditioner(optimizer, named)
-        except (ValueError, KeyError) as exc:
-            # Some measured parameters are outside the optimizer: P is not defined on all of θ.
-            self._precond_refused = True
-            self.log_event(
-                trainer,
-                logging_step(trainer),
-                "no_preconditioned_sharpness",
-                f"preconditioned sharpness not measured: {exc}",
-            )
-            return None
-
-    def _reduce(
-        self, trainer: Any, local: dict[str, float], device: torch.device
-    ) -> dict[str, float]:
-        vector = torch.tensor(
-            [local.get(k, math.nan) for k in _REDUCED], dtype=torch.float64, device=device
-        )
-        vector = self.reduce(trainer, vector, "mean")
-        values = dict(zip(_REDUCED, vector.tolist(), strict=True))
-        for key in ("cold", "iterations"):
-            if key in local:
-                values[key] = local[key]
-        return values
 
     # ----------------------------------------------------------------------------- logging
     def _publish(self, trainer: Any, pl_module: Any, step: int, values: dict[str, float]) -> None:

@@ -92,8 +92,8 @@ def test_rewording_every_event_message_leaves_the_report_unchanged(tmp_path, mon
         # patched at write time: every event of the second run says the same thing
         log_event = dynlens.Monitor.log_event
 
-        def reword(self, trainer, step, reason, message):
-            log_event(self, trainer, step, reason, "something else happened here")
+        def reword(self, trainer, step, reason, message, **options):
+            return log_event(self, trainer, step, reason, "something else happened here", **options)
 
         monkeypatch.setattr(dynlens.Monitor, "log_event", reword)
         rewritten, _, run_dir = train(
