@@ -12,10 +12,10 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import curvature
-from ..curvature.thresholds import Stability, stability
+from ..curvature.thresholds import Stability
 from ..curvature.thresholds import (  # its former home re-exports it
     nesterov_sharpness_threshold as nesterov_sharpness_threshold,
 )
@@ -30,7 +30,6 @@ from .base import (
     check_positive_number,
     fail_soft,
     logging_step,
-    sharding_strategy,
 )
 from .hessian_measure import (  # noqa: F401  (re-exported: their former home)
     _REDUCED,
@@ -248,21 +247,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
         check_choice("route", route, ("auto", "tuned", *curvature.EXPLICIT_ROUTES))
         check_callable("loss_fn", loss_fn, signature="(pl_module, batch) -> loss")
         check_callable("clock", clock, allow_none=False)
-        if not (
-            memory is None
-            or memory == "auto"
-            or (isinstance(memory, int) and not isinstance(memory, bool) and memory > 0)
-        ):
-            raise ConfigurationError(
-                f"Expected `memory` to be 'auto' (at most {MEMORY_FACTOR:g}x the peak training "
-                f"reaches), a positive number of bytes (e.g. 16 * 2**30) or None (no limit), got "
-                f"{memory!r}."
-            )
-        if memory_meter is not None and not isinstance(memory_meter, curvature.MemoryMeter):
-            raise ConfigurationError(
-                f"Expected `memory_meter` to be a dynlens.curvature.MemoryMeter, got "
-                f"{memory_meter!r}."
-            )
+        self._check_memory_arguments(memory, memory_meter)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigurationError(f"Expected `seed` to be an int, got {seed!r}.")
 
@@ -370,31 +355,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
         if stage != "fit":
             return
         self._trainer = weakref.ref(trainer)
-        sharded = sharding_strategy(trainer)
-        if sharded is not None:
-            raise ConfigurationError(
-                f"HessianMonitor needs the full parameters on each rank, but {sharded} shards "
-                "them. Measure with strategy='ddp' (or a single device), e.g. on a smaller "
-                "replica of the model, or remove HessianMonitor from this run."
-            )
-        if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
-            raise ConfigurationError(
-                "With manual optimization, training_step steps the optimizer itself and cannot "
-                "be replayed for a measurement: pass HessianMonitor(loss_fn=lambda module, batch: "
-                "...) returning the training loss."
-            )
-        if getattr(trainer, "world_size", 1) > 1 and any(
-            isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()
-        ):
-            raise ConfigurationError(
-                "HessianMonitor cannot replay SyncBatchNorm: its forward is a collective across "
-                "ranks and has no second derivative. Train with plain (per-rank) BatchNorm while "
-                "measuring, or pass a loss_fn that avoids SyncBatchNorm."
-            )
-        if not any(p.requires_grad for p in pl_module.parameters()):
-            raise ConfigurationError(
-                "HessianMonitor found no trainable parameters (requires_grad=True) in the module."
-            )
+        self._check_measurable(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
@@ -428,25 +389,13 @@ class HessianMonitor(HessianMeasuring, Monitor):
     ) -> None:
         if self._due(trainer):
             self._measure_step(trainer, pl_module, batch, batch_idx)
-        if (
-            self.memory == "auto"
-            and self.disabled_reason is None
-            and self._metered_steps < METERED_STEPS
-            and not trainer.sanity_checking
-        ):
-            # The training step that follows is metered: its peak sets the limit.
-            self._memory(pl_module.device).reset_peak()
-            self._metering = True
+        self._meter_training_step(trainer, pl_module)
 
     @fail_soft
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._metering:
-            self._metering = False
-            self._metered_steps += 1
-            peak = self._memory(pl_module.device).peak()
-            self._train_peak = max(self._train_peak or 0, peak)
+        self._metered(pl_module)
 
     def _measure_step(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = logging_step(trainer)
@@ -482,20 +431,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
             logged["lambda_max"] = values["lambda_max"]
             if not math.isnan(values["precond_lambda_max"]):
                 logged["precond_lambda_max"] = values["precond_lambda_max"]
-        optimizer = self._optimizer(trainer)
-        measured = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
-        rule = stability(optimizer, measured) if optimizer is not None else None
-        if rule is not None:
-            logged["lr"] = rule.lr
-            if self.sharpness:
-                logged["eos_threshold"] = rule.eos_threshold
-                logged["eos_ratio"] = logged["lambda_max"] / rule.eos_threshold
-            if self.trace:
-                logged["trace_threshold"] = rule.trace_threshold
-                logged["trace_ratio"] = logged["trace"] / rule.trace_threshold
-            if rule.precond_threshold is not None and "precond_lambda_max" in logged:
-                logged["precond_threshold"] = rule.precond_threshold
-                logged["precond_ratio"] = logged["precond_lambda_max"] / rule.precond_threshold
+        rule = self._stability_values(trainer, pl_module, logged)
         overhead = self._schedule.overhead
         if overhead is not None:
             logged["overhead"] = overhead
@@ -509,27 +445,23 @@ class HessianMonitor(HessianMeasuring, Monitor):
     def _announce(
         self, trainer: Any, step: int, logged: dict[str, float], rule: Stability | None
     ) -> None:
-        seen = {e["reason"] for e in self.events}
-        if (
-            rule is not None
-            and not rule.adaptive
-            and logged.get("eos_ratio", 0.0) >= 1.0
-            and "edge_of_stability" not in seen
-        ):
+        if rule is not None and not rule.adaptive and logged.get("eos_ratio", 0.0) >= 1.0:
             self.log_event(
                 trainer,
                 step,
                 "edge_of_stability",
                 f"edge of stability: λ_max = {logged['lambda_max']:.4g} reached the threshold "
                 f"{rule.rule} = {rule.eos_threshold:.4g} (eos_ratio {logged['eos_ratio']:.3f})",
+                once=True,
             )
-        if logged.get("precond_ratio", 0.0) >= 1.0 and "adaptive_edge_of_stability" not in seen:
+        if logged.get("precond_ratio", 0.0) >= 1.0:
             self.log_event(
                 trainer,
                 step,
                 "adaptive_edge_of_stability",
                 f"adaptive edge of stability: λ_max(P⁻¹H) = {logged['precond_lambda_max']:.4g} "
                 f"reached (2+2β₁)/((1−β₁)η) = {logged['precond_threshold']:.4g}",
+                once=True,
             )
 
     # ----------------------------------------------------------------------------- state

@@ -31,10 +31,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import curvature
-from .base import ConfigurationError, logging_step
+from ..curvature.thresholds import Stability, stability
+from .base import ConfigurationError, logging_step, sharding_strategy
 from .replay import _rng_restored, loss_closure, probe_generator
 
 #: ``memory="auto"``: a measurement may bring the memory in use to this many times the peak of
@@ -268,3 +269,89 @@ class HessianMeasuring:
             if key in local:
                 values[key] = local[key]
         return values
+
+    def _check_measurable(self, trainer: Any, pl_module: Any) -> None:
+        """Refuse, at set-up, a run whose loss cannot be replayed and differentiated twice."""
+        sharded = sharding_strategy(trainer)
+        if sharded is not None:
+            raise ConfigurationError(
+                f"HessianMonitor needs the full parameters on each rank, but {sharded} shards "
+                "them. Measure with strategy='ddp' (or a single device), e.g. on a smaller "
+                "replica of the model, or remove HessianMonitor from this run."
+            )
+        if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
+            raise ConfigurationError(
+                "With manual optimization, training_step steps the optimizer itself and cannot "
+                "be replayed for a measurement: pass HessianMonitor(loss_fn=lambda module, batch: "
+                "...) returning the training loss."
+            )
+        if getattr(trainer, "world_size", 1) > 1 and any(
+            isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()
+        ):
+            raise ConfigurationError(
+                "HessianMonitor cannot replay SyncBatchNorm: its forward is a collective across "
+                "ranks and has no second derivative. Train with plain (per-rank) BatchNorm while "
+                "measuring, or pass a loss_fn that avoids SyncBatchNorm."
+            )
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise ConfigurationError(
+                "HessianMonitor found no trainable parameters (requires_grad=True) in the module."
+            )
+
+    def _stability_values(
+        self, trainer: Any, pl_module: Any, logged: dict[str, float]
+    ) -> Stability | None:
+        """Add the optimizer's thresholds and the ratios to them to ``logged``; the rule read."""
+        optimizer = self._optimizer(trainer)
+        measured = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
+        rule = stability(optimizer, measured) if optimizer is not None else None
+        if rule is not None:
+            logged["lr"] = rule.lr
+            if self.sharpness:
+                logged["eos_threshold"] = rule.eos_threshold
+                logged["eos_ratio"] = logged["lambda_max"] / rule.eos_threshold
+            if self.trace:
+                logged["trace_threshold"] = rule.trace_threshold
+                logged["trace_ratio"] = logged["trace"] / rule.trace_threshold
+            if rule.precond_threshold is not None and "precond_lambda_max" in logged:
+                logged["precond_threshold"] = rule.precond_threshold
+                logged["precond_ratio"] = logged["precond_lambda_max"] / rule.precond_threshold
+        return rule
+
+    @staticmethod
+    def _check_memory_arguments(memory: Any, memory_meter: Any) -> None:
+        if not (
+            memory is None
+            or memory == "auto"
+            or (isinstance(memory, int) and not isinstance(memory, bool) and memory > 0)
+        ):
+            raise ConfigurationError(
+                f"Expected `memory` to be 'auto' (at most {MEMORY_FACTOR:g}x the peak training "
+                f"reaches), a positive number of bytes (e.g. 16 * 2**30) or None (no limit), got "
+                f"{memory!r}."
+            )
+        if memory_meter is not None and not isinstance(memory_meter, curvature.MemoryMeter):
+            raise ConfigurationError(
+                f"Expected `memory_meter` to be a dynlens.curvature.MemoryMeter, got "
+                f"{memory_meter!r}."
+            )
+
+    def _meter_training_step(self, trainer: Any, pl_module: Any) -> None:
+        """Meter the training step that follows (the first few): its peak sets the limit."""
+        if (
+            self.memory == "auto"
+            and self.disabled_reason is None
+            and self._metered_steps < METERED_STEPS
+            and not trainer.sanity_checking
+        ):
+            # The training step that follows is metered: its peak sets the limit.
+            self._memory(pl_module.device).reset_peak()
+            self._metering = True
+
+    def _metered(self, pl_module: Any) -> None:
+        """The metered training step ended: its peak counts."""
+        if self._metering:
+            self._metering = False
+            self._metered_steps += 1
+            peak = self._memory(pl_module.device).peak()
+            self._train_peak = max(self._train_peak or 0, peak)
