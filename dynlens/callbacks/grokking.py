@@ -12,6 +12,7 @@ from .base import (
     Chart,
     ConfigurationError,
     Monitor,
+    check_fraction,
     check_non_negative_int,
     check_positive_int,
     fail_soft,
@@ -102,8 +103,7 @@ class GrokkingMonitor(Monitor):
         for arg, value in (("train_acc_key", train_acc_key), ("val_acc_key", val_acc_key)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigurationError(f"Expected `{arg}` to be a metric name, got {value!r}.")
-        if not 0.0 < threshold <= 1.0:
-            raise ConfigurationError(f"Expected `threshold` in (0, 1], got {threshold!r}.")
+        check_fraction("threshold", threshold)
         check_non_negative_int("grokking_delay", grokking_delay)
         if stop_after_generalization is not None and stop_after_generalization != 0:
             check_positive_int("stop_after_generalization", stop_after_generalization)
@@ -112,9 +112,12 @@ class GrokkingMonitor(Monitor):
         self.threshold = float(threshold)
         self.grokking_delay = grokking_delay
         self.stop_after_generalization = stop_after_generalization
-        self.steps: list[int] = []
-        self.train_acc: list[float] = []
-        self.val_acc: list[float] = []
+        self.steps: list[int]
+        self.add_state("steps", list, load=lambda steps: [int(s) for s in steps])
+        self.train_acc: list[float]
+        self.add_state("train_acc", list, load=lambda accs: [float(a) for a in accs])
+        self.val_acc: list[float]
+        self.add_state("val_acc", list, load=lambda accs: [float(a) for a in accs])
 
     def state_key_fields(self) -> dict[str, Any]:
         return {
@@ -257,17 +260,3 @@ class GrokkingMonitor(Monitor):
         self.log_event(
             trainer, self.steps[-1], "summary", f"run classified as {r.kind} ({', '.join(details)})"
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "steps": list(self.steps),
-            "train_acc": list(self.train_acc),
-            "val_acc": list(self.val_acc),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.steps = [int(s) for s in state_dict.get("steps", [])]
-        self.train_acc = [float(a) for a in state_dict.get("train_acc", [])]
-        self.val_acc = [float(a) for a in state_dict.get("val_acc", [])]
