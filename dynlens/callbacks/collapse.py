@@ -17,9 +17,6 @@ from ..collapse import (
     nlm_sums,
     runner_up_gap,
 )
-from ..nn import CrossEntropyLoss
-from ._capture import LogitsCapture, LogProbsTap, TargetsArg, batch_targets, same_memory
-from ._logits import StepWindow, announce_logits, take_logits
 from .base import (
     Chart,
     ConfigurationError,
@@ -30,16 +27,22 @@ from .base import (
     logging_step,
     sharding_strategy,
 )
+from .capture import (
+    LogitsCapture,
+    LogProbsTap,
+    TargetsArg,
+    announce_logits,
+    batch_targets,
+    same_memory,
+    take_logits,
+)
+from .schedule import StepWindow
 
 Remedy = Literal["stablemax", "float64"]
 
 #: Samples whose per-sample indicators a monitor keeps before counting them ahead of the log
 #: (about 9 MB): small batches are counted many steps at a time, large ones bound the memory.
 PENDING_SAMPLES = 2**20
-
-
-def _losses(pl_module: torch.nn.Module) -> list[CrossEntropyLoss]:
-    return [m for m in pl_module.modules() if isinstance(m, CrossEntropyLoss)]
 
 
 class SoftmaxCollapseMonitor(Monitor):
@@ -205,7 +208,6 @@ class SoftmaxCollapseMonitor(Monitor):
         self._logging = False  # whether the step being measured is logged
         self._window = StepWindow()
         self._sharded = False
-        self._loss_modules: list[CrossEntropyLoss] = []
 
     def state_key_fields(self) -> dict[str, Any]:
         return {
@@ -236,9 +238,8 @@ class SoftmaxCollapseMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        # found once: walking every module at each measured step would cost a large model dearly
-        self._loss_modules = _losses(pl_module)
-        if self.remedy is not None and not self._loss_modules:
+        self.tap.attach(pl_module, type(self).__name__)
+        if self.remedy is not None and not self.tap.losses:
             raise ConfigurationError(
                 f"SoftmaxCollapseMonitor(remedy={self.remedy!r}) switches the loss at SC onset, "
                 "but the module has no dynlens.CrossEntropyLoss. Compute the loss with one, e.g. "
@@ -256,7 +257,7 @@ class SoftmaxCollapseMonitor(Monitor):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.capture.detach()
-        self.tap.disarm()
+        self.tap.detach()
         self._window.close()
 
     def disable(self, reason: str) -> None:
@@ -272,7 +273,7 @@ class SoftmaxCollapseMonitor(Monitor):
 
     # ------------------------------------------------------------------------------ measuring
     def _precision(self, logits: torch.Tensor) -> tuple[str, torch.dtype]:
-        loss = next(iter(self._loss_modules), None)
+        loss = next(iter(self.tap.losses), None)
         activation = self.activation
         if activation == "auto":
             activation = loss.activation if loss is not None else "softmax"
@@ -291,7 +292,7 @@ class SoftmaxCollapseMonitor(Monitor):
         if self.is_due(trainer):
             self._window.open(trainer)
             self.capture.arm()
-            self.tap.arm(self._loss_modules)
+            self.tap.arm()
             self._logging = self._logs_now(trainer)
 
     @fail_soft
@@ -366,7 +367,7 @@ class SoftmaxCollapseMonitor(Monitor):
 
     def _accumulate(self, logits: torch.Tensor, targets: Any) -> None:
         activation, dtype = self._precision(logits)
-        tapped = self.tap.measured(logits) if activation == "softmax" else None
+        tapped = self.tap.take(logits) if activation == "softmax" else None
         if tapped is not None:
             loss_target, (measured_in, found, gap) = tapped
             # the loss's measurement serves when it is in the precision measured in, and its
@@ -489,7 +490,7 @@ class SoftmaxCollapseMonitor(Monitor):
                 )
 
     def _switch_losses(self) -> int:
-        losses = self._loss_modules
+        losses = self.tap.losses
         for loss in losses:
             if self.remedy == "stablemax":
                 loss.activation = "stablemax"

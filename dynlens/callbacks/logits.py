@@ -12,9 +12,6 @@ import torch
 
 from ..attention import DEFAULT_CHUNK_ELEMENTS, AttentionLogitSums
 from ..logits import OutputLogitSums, log_growth_rate, output_logit_sums
-from ._attention import AttentionCapture
-from ._capture import LogitsCapture
-from ._logits import StepWindow, announce_logits, take_logits
 from .base import (
     Chart,
     ConfigurationError,
@@ -25,6 +22,8 @@ from .base import (
     logging_step,
     write_layout,
 )
+from .capture import AttentionCapture, LogitsCapture, announce_logits, take_logits
+from .schedule import StepWindow
 from .state import floats_of, tensors_of
 
 
@@ -82,7 +81,7 @@ class LogitGrowthMonitor(Monitor):
     ``softmax(q·kᵀ·scale + mask)`` over a ``(batch, heads, queries, keys)`` tensor (Hugging
     Face's ``"eager"`` attention), during the training step's forward (not under ``no_grad``, not
     in validation; masks — ``-inf`` or the dtype's minimum —, ``is_causal`` and grouped-query
-    heads honoured; see :mod:`dynlens.callbacks._attention`). The attention charts of the panel
+    heads honoured; see :mod:`dynlens.callbacks.capture.attention`). The attention charts of the panel
     appear once a measured step has seen attention:
 
     * ``attn_max``, ``attn_rms``: max and RMS of ``q·kᵀ·scale`` over every call;
@@ -279,7 +278,7 @@ class LogitGrowthMonitor(Monitor):
         if self.output_logits:
             self.capture.attach(pl_module, type(self).__name__)
         if self.attention:
-            self.attention_capture.attach(pl_module)
+            self.attention_capture.attach(pl_module, type(self).__name__)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":  # a run that never got to (or past) its first attention step
@@ -295,7 +294,7 @@ class LogitGrowthMonitor(Monitor):
         self._attention_armed = False
 
     def disable(self, reason: str) -> None:
-        self.attention_capture.pause()
+        self.attention_capture.disarm()
         self.capture.disarm()
         self._output_armed = self._attention_armed = False
         super().disable(reason)
@@ -325,7 +324,7 @@ class LogitGrowthMonitor(Monitor):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         # the forward is done: no interception during backward (where activation checkpointing
         # would run the attention a second time) or the optimizer step
-        self.attention_capture.pause()
+        self.attention_capture.disarm()
         if self._output_armed and self.capture.hooked:
             # hooked logits are measured now, while they are still in the CPU's caches: after
             # the backward and the optimizer step the same work takes twice as long
@@ -337,7 +336,7 @@ class LogitGrowthMonitor(Monitor):
     ) -> None:
         if not self._window.is_open:
             return
-        self.attention_capture.pause()
+        self.attention_capture.disarm()
         if self._output_armed:
             self._take_output(trainer, outputs)
         if not self._window.close_if_stepped(trainer):

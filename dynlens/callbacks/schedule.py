@@ -1,4 +1,8 @@
-"""Scheduling within a compute budget: the one schedule every budgeted monitor shares.
+"""Cadence: when a monitor measures, and the compute budget every budgeted monitor shares.
+
+The cadence rule itself is :meth:`dynlens.callbacks.base.Monitor.is_due` (every n steps, or a
+:class:`BudgetSchedule`'s decision); :class:`StepWindow` follows one optimizer step across the
+micro-batches of gradient accumulation.
 
 A monitor with a ``budget`` (DESIGN.md, the monitor contract: cadence) times the training and
 its own measurements with an injectable clock, and measures again once the training time can
@@ -237,3 +241,29 @@ class BudgetSchedule:
         self.train_steps = int(state_dict.get("train_steps", 0))
         self.measure_time = float(state_dict.get("measure_time", 0.0))
         self.measure_count = int(state_dict.get("measure_count", 0))
+
+
+class StepWindow:
+    """The optimizer step being measured: opened at a due micro-batch's start, closed at the end
+    of the micro-batch after which ``trainer.global_step`` has advanced."""
+
+    def __init__(self) -> None:
+        self._start: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._start is not None
+
+    def open(self, trainer: Any) -> None:
+        """Call at the start of a due micro-batch (idempotent within one optimizer step)."""
+        self._start = trainer.global_step
+
+    def close_if_stepped(self, trainer: Any) -> bool:
+        """True (and closed) once the optimizer stepped since :meth:`open`."""
+        if self._start is not None and trainer.global_step > self._start:
+            self._start = None
+            return True
+        return False
+
+    def close(self) -> None:
+        self._start = None

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dynlens.callbacks._attention as attention_module
+import dynlens.callbacks.capture.attention as attention_module
 from dynlens import ConfigurationError, LogitGrowthMonitor
-from dynlens.callbacks._attention import AttentionCapture
+from dynlens.callbacks.capture.attention import AttentionCapture
 from dynlens.logits import output_logit_stats
 from tests.helpers import (
     PACKAGES,
@@ -453,7 +453,7 @@ def test_capture_records_nothing_when_not_armed_or_without_grad():
     with torch.inference_mode():
         F.scaled_dot_product_attention(q, q, q)
     assert capture.take() == {} and capture.calls_seen == 0
-    capture.pause()  # pausing twice is harmless
+    capture.disarm()  # disarming twice is harmless
 
 
 def _growing(step):

@@ -1,4 +1,4 @@
-"""Getting a training step's output logits and targets without changing the model.
+"""Getting a training step's output logits without changing the model.
 
 Shared by every monitor that looks at output logits (softmax collapse, logit growth), so they all
 find logits the same way and fail with the same advice.
@@ -7,17 +7,14 @@ find logits the same way and fail with the same advice.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from .base import ConfigurationError, in_own_forward
-
-TargetsArg = Literal["auto"] | Callable[[Any], torch.Tensor] | None
-TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+from ..base import ConfigurationError, Monitor, in_own_forward
 
 
 def _logits_of(output: Any) -> torch.Tensor | None:
@@ -72,14 +69,6 @@ def is_causal_lm(module: nn.Module) -> bool:
     names = getattr(registry, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {})
     heads = {n for v in names.values() for n in ((v,) if isinstance(v, str) else v)}
     return any(cls.__name__ in heads for cls in type(module).__mro__)
-
-
-def shift_targets_left(targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Targets of a causal LM aligned with its logits: position t gets ``targets[..., t + 1]``
-    and the last position, which predicts nothing in the sequence, gets ``ignore_index``."""
-    shifted = torch.full_like(targets, ignore_index)
-    shifted[..., :-1] = targets[..., 1:]
-    return shifted
 
 
 class LogitsCapture:
@@ -171,6 +160,7 @@ class LogitsCapture:
             self._handle.remove()
             self._handle = None
         self.disarm()
+        self._captured = []
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._armed and not in_own_forward():  # not another monitor's replay or evaluation
@@ -201,8 +191,8 @@ class LogitsCapture:
             self._search_handle = register_module_forward_hook(self._search)
 
     def disarm(self) -> None:
+        """Stop recording (what was recorded stays for :meth:`take`)."""
         self._armed = False
-        self._captured = []
         if self._search_handle is not None:
             self._search_handle.remove()
             self._search_handle, self._searching = None, None
@@ -216,7 +206,8 @@ class LogitsCapture:
             if self.found is None and self._searching is not None:
                 return self._discover(outputs, self._searching, owner)
             if self.found is not None and self.found[0] is not None:
-                return self._captured
+                captured, self._captured = self._captured, []
+                return captured
             logits = outputs.get(self.output_key) if isinstance(outputs, Mapping) else None
             return [logits.detach()] if isinstance(logits, torch.Tensor) else []
         finally:
@@ -273,107 +264,24 @@ class LogitsCapture:
         raise ConfigurationError(f"{self.advice(owner)} {detail}.")
 
 
-class LogProbsTap:
-    """Measures the log-probabilities a :class:`dynlens.CrossEntropyLoss` computes, as it does.
-
-    A monitor that needs ``log_softmax`` of the logits the loss sees reads the loss's own (through
-    :meth:`dynlens.CrossEntropyLoss.register_log_probs_hook`) instead of running the pass again:
-    ``measure(input, target, log_probs)`` runs inside the loss's forward, and only its result is
-    kept, so the log-probabilities are freed with the autograd graph as they would be without the
-    monitor. The hooks are registered only while armed (a measured step): at other steps the loss
-    runs ``F.cross_entropy`` as it always does, and a copy of the module never carries them.
-    """
-
-    def __init__(self, measure: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> None:
-        self._measure = measure
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._seen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
-
-    def arm(self, losses: list[nn.Module]) -> None:
-        """Start measuring the forwards of ``losses`` (idempotent within a step)."""
-        if not self._handles:
-            self._handles = [loss.register_log_probs_hook(self._record) for loss in losses]
-
-    def _record(
-        self, module: nn.Module, input: torch.Tensor, target: torch.Tensor, log_probs: torch.Tensor
-    ) -> None:
-        # (N, C) rows only, and not another monitor's replay of the step
-        if input.dim() != 2 or in_own_forward():
-            return
-        input = input.detach()
-        try:
-            measurement = self._measure(input, target, log_probs)
-        except Exception:  # never break the training step: the monitor measures the logits itself
-            return
-        self._seen.append((input, target, measurement))
-
-    def measured(self, logits: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
-        """``(target, measurement)`` of the loss's call on exactly ``logits`` — an input of shape
-        ``(N, C)`` in the same memory, as ``logits.flatten(0, -2)`` is; ``None`` when no loss saw
-        them."""
-        if not self._seen or logits.dim() == 0:
-            return None
-        for input, target, measurement in self._seen:
-            if same_memory(input, logits) and input.shape[-1] == logits.shape[-1]:
-                return target, measurement
-        return None
-
-    def disarm(self) -> None:
-        """Stop measuring and drop what was measured."""
-        if self._handles:
-            for handle in self._handles:
-                handle.remove()
-            self._handles, self._seen = [], []
+def take_logits(capture: LogitsCapture, outputs: Any, owner: str) -> list[torch.Tensor]:
+    """The micro-batch's logits from ``capture``; a :class:`ConfigurationError` with the two ways
+    to provide them when there are none."""
+    logits = capture.take(outputs, owner)
+    if not logits:
+        raise ConfigurationError(capture.advice(owner))
+    return logits
 
 
-def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` hold the same elements in the same memory, whatever their shapes (a
-    contiguous view of the other)."""
-    return (
-        a.data_ptr() == b.data_ptr()
-        and a.numel() == b.numel()
-        and a.dtype == b.dtype
-        and a.is_contiguous()
-        and b.is_contiguous()
-        and a.device == b.device
+def announce_logits(
+    monitor: Monitor, trainer: Any, step: int, capture: LogitsCapture, *, targets: str = ""
+) -> None:
+    """Say once per run (an event with reason ``"logits_found"``) which module
+    ``logits_module="auto"`` found the logits in (logits that ``training_step`` returns itself
+    need no word); ``targets`` adds how the targets are read."""
+    if capture.logits_module != AUTO or capture.found is None or capture.found[0] is None:
+        return
+    message = f"reading the output logits from {capture.found[1]}"
+    monitor.log_event(
+        trainer, step, "logits_found", message + (f"; {targets}" if targets else ""), once=True
     )
-
-
-def batch_targets(
-    batch: Any, targets: TargetsArg, logits: torch.Tensor, shift: bool = False
-) -> torch.Tensor | None:
-    """Class-index targets for ``logits`` from the batch, or ``None`` when there are none.
-
-    ``"auto"`` takes the second element of a tuple/list batch or a ``labels``/``targets``/``y``
-    entry of a dict batch, when it is an integer tensor shaped like ``logits.shape[:-1]`` (or
-    with as many elements, as ``(B, T)`` labels for logits flattened to ``(B·T, C)``); a callable
-    receives the batch and returns the targets. ``shift``: the logits are a causal LM's, scored
-    at position t against ``targets[..., t + 1]`` (:func:`shift_targets_left`).
-    """
-    if targets is None:
-        return None
-    if callable(targets):
-        found = targets(batch)
-    elif isinstance(batch, Mapping):
-        found = next((batch[k] for k in TARGET_KEYS if k in batch), None)
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        found = batch[1]
-    else:
-        found = None
-    usable = (
-        isinstance(found, torch.Tensor)
-        and not found.is_floating_point()
-        and found.numel() == logits.shape[:-1].numel()
-        and (found.shape == logits.shape[:-1] or not shift)
-    )
-    if usable:
-        if shift:
-            found = shift_targets_left(found)
-        return found.to(logits.device).reshape(logits.shape[:-1])
-    if callable(targets):
-        shape = tuple(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
-        raise ConfigurationError(
-            f"The `targets` function returned {shape}; expected integer class indices of shape "
-            f"{tuple(logits.shape[:-1])} (the logits' shape without the class dimension)."
-        )
-    return None

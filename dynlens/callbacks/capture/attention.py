@@ -25,7 +25,7 @@ import scaled_dot_product_attention``), without hooks on the attention modules.
   (``"blocks.0.attn"``, ``"encoder.layers.1.self_attn"``), else ``"call_<i>"`` by its index among
   the step's attention calls. Repeated calls under one name pool (max of maxima, sums of squares).
 
-The mode and the global hooks exist only between :meth:`arm` and :meth:`pause`, so steps that
+The mode and the global hooks exist only between :meth:`arm` and :meth:`disarm`, so steps that
 are not measured pay nothing.
 """
 
@@ -43,14 +43,14 @@ from torch.nn.modules.module import (
 )
 from torch.overrides import TorchFunctionMode
 
-from ..attention import (
+from ...attention import (
     DEFAULT_CHUNK_ELEMENTS,
     AttentionLogitSums,
     attention_logit_sums,
     multi_head_attention_logit_sums,
     softmax_logit_sums,
 )
-from .base import in_own_forward
+from ..base import in_own_forward
 
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
@@ -153,13 +153,13 @@ class AttentionCapture:
     def armed(self) -> bool:
         return bool(self._handles)
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, owner: str = "") -> None:
         """Learn the names of ``model``'s submodules (the model itself names nothing)."""
         self.detach()
         self._names = {module: _eager_name(name) for name, module in model.named_modules() if name}
 
     def detach(self) -> None:
-        self.pause()
+        self.disarm()
         self._names = {}
         self._reset()
 
@@ -178,8 +178,9 @@ class AttentionCapture:
         ]
         self._mode.__enter__()
 
-    def pause(self) -> None:
-        """Stop intercepting (before the backward pass, and at the end of the micro-batch)."""
+    def disarm(self) -> None:
+        """Stop intercepting (before the backward pass, and at the end of the micro-batch); what
+        was measured stays for :meth:`take`."""
         if not self.armed:
             return
         self._mode.__exit__(None, None, None)
@@ -191,7 +192,7 @@ class AttentionCapture:
         """The statistics since the last ``take``, per name in call order; stops intercepting.
 
         Raises the first error a measurement met (so that the caller can fail soft)."""
-        self.pause()
+        self.disarm()
         sums, error = self._sums, self._error
         self._reset()
         if error is not None:
