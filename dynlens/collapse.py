@@ -8,6 +8,9 @@ loss of a correctly classified sample is exactly 0 and so is its gradient for th
 Such samples stop contributing to learning (**Softmax Collapse**, SC), which the paper links to
 the stalls of grokking. SC is a property of the precision the softmax is computed in.
 
+The alignment of the gradient with naive loss minimisation, which ``SoftmaxCollapseMonitor``
+logs alongside, is in :mod:`dynlens.alignment` (its names are re-exported here).
+
 Everything here is plain torch: statistics are device tensors (counts, not fractions, so they
 reduce across processes by summing) and nothing synchronises with the host except the
 convenience functions returning ``float``.
@@ -32,13 +35,15 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynlens.nn import _log_s, stablemax_cross_entropy
+# NLM alignment lives in dynlens.alignment; re-exported so that imports from here keep working
+from dynlens.alignment import nlm_cosine, nlm_cosine_from_sums, nlm_cosine_per_tensor, nlm_sums
+from dynlens.nn import Activation, _check_activation, _log_s, _s, stablemax_cross_entropy
 
 __all__ = [
     "CollapseIndicators",
@@ -56,16 +61,6 @@ __all__ = [
     "softmax_collapse_fraction",
     "stablemax_collapse_fraction",
 ]
-
-Activation = Literal["softmax", "stablemax"]
-
-
-_ACTIVATIONS = get_args(Activation)
-
-
-def _check_activation(activation: str) -> None:
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"Expected activation in {_ACTIVATIONS}, got {activation!r}")
 
 
 def _resolve_dtype(logits: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -85,12 +80,6 @@ def _rows(logits: Tensor) -> Tensor:
             f"Expected logits of shape (..., C) with C >= 1 classes last, got {tuple(logits.shape)}"
         )
     return logits.detach().reshape(-1, logits.shape[-1])
-
-
-def _s(z: Tensor) -> Tensor:
-    # StableMax's s(x), rounded in z's dtype (forward only: no gradient flows here, so the
-    # unused branch of torch.where may be inf without harm).
-    return torch.where(z >= 0, z + 1, 1 / (1 - z))
 
 
 def _softmax_collapsed(z: Tensor, log_probs: Tensor | None = None) -> Tensor:
@@ -464,102 +453,3 @@ def collapse_stats(
         gap=gap,
         threshold=collapse_threshold(dtype, activation),
     )
-
-
-def _check_pairs(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-    if len(grads) != len(params) or len(grads) == 0:
-        raise ValueError(
-            f"Expected equally many gradients and parameters (at least one), got {len(grads)} "
-            f"and {len(params)}; pass [p.grad for p in ps] and ps for the same ps"
-        )
-    for i, (g, w) in enumerate(zip(grads, params, strict=True)):
-        if g is None:
-            raise ValueError(f"Gradient {i} is None; pass only parameters that received a gradient")
-        if g.shape != w.shape:
-            raise ValueError(
-                f"Gradient {i} has shape {tuple(g.shape)}, its parameter {tuple(w.shape)}"
-            )
-
-
-def _dot_and_squares(g: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    acc = torch.promote_types(w.dtype, torch.float32)
-    gf = g.detach().reshape(-1).to(acc)
-    wf = w.detach().reshape(-1).to(acc)
-    return torch.dot(gf, wf), torch.dot(gf, gf), torch.dot(wf, wf)
-
-
-def _common_dtype(terms: list[tuple[Tensor, Tensor, Tensor]]) -> torch.dtype:
-    return torch.float64 if any(t[0].dtype == torch.float64 for t in terms) else torch.float32
-
-
-def _descent_cosine(dot: Tensor, gg: Tensor, ww: Tensor) -> Tensor:
-    # Cosine of -g with w; defined as 0 when either vector is 0 (no direction to compare).
-    denom = (gg * ww).sqrt()
-    cosine = -dot / denom.clamp_min(torch.finfo(denom.dtype).tiny) + 0.0  # + 0.0: no "-0."
-    return torch.where(denom > 0, cosine.clamp(-1.0, 1.0), 0.0)
-
-
-def nlm_cosine(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """Alignment of the descent direction with naive loss minimisation: ``cos(-∇L, θ)``.
-
-    Prieto et al. 2025, Section 5: for a positively homogeneous network ``f(cθ) = c^L f(θ)``,
-    once the training set is classified the loss falls fastest by scaling the weights up, the
-    *naive loss minimisation* direction ``θ``. This is the cosine between the gradient-descent
-    direction ``-∇L`` and ``θ``, over all tensors flattened together::
-
-        cos = -<g, θ> / (||g|| ||θ||)
-
-    It is +1 when a gradient step only scales the weights up (``∇L = -cθ``, ``c > 0``), 0 for an
-    orthogonal gradient (e.g. after ⊥Grad) and 0 by convention when ``g`` or ``θ`` is 0. Note the
-    sign: ``cos(∇L, θ)`` itself tends to -1 under NLM. A 0-dim tensor, no host sync.
-
-    Args:
-        grads: gradients, one per parameter tensor (e.g. ``[p.grad for p in ps]``).
-        params: the parameter tensors, same order and shapes.
-
-    Example:
-        >>> w = [torch.tensor([3.0, 4.0])]
-        >>> nlm_cosine([torch.tensor([-6.0, -8.0])], w), nlm_cosine([torch.tensor([4.0, -3.0])], w)
-        (tensor(1.), tensor(0.))
-    """
-    return nlm_cosine_from_sums(nlm_sums(grads, params))
-
-
-def nlm_sums(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """The sums behind :func:`nlm_cosine`: ``[<g, θ>, ||g||², ||θ||²]`` over all tensors.
-
-    They add over disjoint sets of parameters, so ranks that each hold a shard of θ (FSDP) sum
-    theirs across ranks and take :func:`nlm_cosine_from_sums` of the total. Shape ``(3,)``, in
-    float32 (float64 when any tensor is), no host sync.
-
-    Example:
-        >>> nlm_sums([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
-        tensor([11.,  5., 25.])
-    """
-    _check_pairs(grads, params)
-    terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
-    acc = _common_dtype(terms)
-    return torch.stack([torch.stack([t[k].to(acc) for t in terms]).sum() for k in range(3)])
-
-
-def nlm_cosine_from_sums(sums: Tensor) -> Tensor:
-    """``cos(-∇L, θ)`` from :func:`nlm_sums` (summed over shards where θ is sharded)."""
-    dot, gg, ww = sums.unbind(-1)
-    return _descent_cosine(dot, gg, ww)
-
-
-def nlm_cosine_per_tensor(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """:func:`nlm_cosine` of each parameter tensor separately, shape ``(len(params),)``.
-
-    The paper reports this per layer: the output layer aligns first (cosine around 0.9 after
-    overfitting).
-
-    Example:
-        >>> ws = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
-        >>> nlm_cosine_per_tensor([torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 0.0])], ws)
-        tensor([1., 0.])
-    """
-    _check_pairs(grads, params)
-    terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
-    acc = _common_dtype(terms)
-    return torch.stack([_descent_cosine(*(x.to(acc) for x in t)) for t in terms])

@@ -68,6 +68,21 @@ def _log_s(x: Tensor) -> Tensor:
     return torch.where(x >= 0, positive, negative)
 
 
+def _s(x: Tensor) -> Tensor:
+    """``s(x)`` itself, rounded in ``x``'s dtype: forward only, for measuring sums of terms.
+
+    No gradient may flow through it: the branch of ``torch.where`` not selected may be ``inf``
+    (``1/(1-x)`` at ``x = 1``), harmless in the forward pass but ``NaN`` in the backward pass.
+    Losses and activations use :func:`_log_s`.
+    """
+    return torch.where(x >= 0, x + 1, 1 / (1 - x))
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in get_args(Activation):
+        raise ValueError(f"Expected activation in {get_args(Activation)}, got {activation!r}")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Like PyTorch's own softmax kernels, compute reduced-precision inputs in float32 and round the
     # result once: the log-domain rounding of float16 would otherwise cost ~10 ulps of accuracy.
@@ -408,11 +423,6 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return torch.is_autocast_enabled()
-
-
-def _check_activation(activation: str) -> None:
-    if activation not in get_args(Activation):
-        raise ValueError(f"Expected activation in {get_args(Activation)}, got {activation!r}")
 
 
 def z_loss(logits: Tensor, dim: int = -1) -> Tensor:

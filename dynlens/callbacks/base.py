@@ -394,12 +394,14 @@ class Monitor(Callback):
         device: bool = False,
         save: Callable[[Any], Any] | None = None,
         load: Callable[[Any], Any] | None = None,
-    ) -> None:
+    ) -> Any:
         """Declare a field of the monitor's state and set it to ``default``
         (:mod:`dynlens.callbacks.state`): ``key`` in checkpoints (default ``name`` without its
         leading underscore; dotted keys nest), ``persistent`` (in checkpoints), ``pooled``
         (pooled between logs: reset when a fit starts), ``device`` (moved to the module's device
-        when training starts), ``save``/``load`` (to and from the checkpoint's form)."""
+        when training starts), ``save``/``load`` (to and from the checkpoint's form). Returns the
+        default it set, so a declaration can carry the attribute's type:
+        ``self.onset_step: int | None = self.add_state("onset_step", None)``."""
         if name in self._states:
             raise RuntimeError(f"{type(self).__name__} declares the state {name!r} twice.")
         field = StateField(
@@ -407,6 +409,7 @@ class Monitor(Callback):
         )
         self._states[name] = field
         setattr(self, name, field.fresh())
+        return getattr(self, name)
 
     def reset_pooled(self) -> None:
         """Reset every ``pooled`` field to its default (nothing measured since the last log)."""

@@ -80,11 +80,9 @@ class SoftmaxCollapseMonitor(Monitor):
     A remedy changes training by design. Steps measured but not yet logged are kept in
     checkpoints, so a resumed run logs what an uninterrupted one would.
 
-    When the loss is a :class:`dynlens.CrossEntropyLoss` computed on the very logits measured (the
-    same memory, e.g. ``logits.flatten(0, 1)``), in the precision measured in and with the
-    monitor's targets, the monitor measures the loss's own log-probabilities inside its forward
-    (:meth:`~dynlens.CrossEntropyLoss.register_log_probs_hook`) instead of computing them again;
-    the loss and its gradients stay bit-identical. Otherwise it runs its own ``log_softmax``.
+    When the loss is a :class:`dynlens.CrossEntropyLoss` on the very logits measured, in the
+    precision measured in and with the monitor's targets, the monitor reads the loss's own
+    log-probabilities (:mod:`dynlens.callbacks.capture.log_probs`); else its own ``log_softmax``.
 
     Args:
         logits_module: ``"auto"`` (default) finds the logits at the first measured step:
@@ -160,13 +158,10 @@ class SoftmaxCollapseMonitor(Monitor):
         self.remedy = remedy
         self.per_layer = per_layer
         #: First step with ``sc_fraction`` above ``onset_threshold`` (``None`` until then).
-        self.onset_step: int | None
-        self.add_state("onset_step", None)
+        self.onset_step: int | None = self.add_state("onset_step", None)
         #: Largest ``sc_fraction`` logged so far (``None`` before the first measurement).
-        self.peak_sc_fraction: float | None
-        self.add_state("peak_sc_fraction", None)
-        self.remedy_applied: bool
-        self.add_state("remedy_applied", False)
+        self.peak_sc_fraction: float | None = self.add_state("peak_sc_fraction", None)
+        self.remedy_applied: bool = self.add_state("remedy_applied", False)
         self._announced_precision: tuple[str, str] | None
         self.add_state("_announced_precision", None, load=lambda p: None if p is None else tuple(p))
         #: The latest logged values, by quantity name.
@@ -195,8 +190,7 @@ class SoftmaxCollapseMonitor(Monitor):
         self.add_state("_gaps", list, persistent=False, pooled=True)
         self._cosines: dict[str, torch.Tensor]
         self.add_state("_cosines", dict, persistent=False, pooled=True)
-        self._has_targets: bool
-        self.add_state("_has_targets", True, key="pending.has_targets")
+        self._has_targets: bool = self.add_state("_has_targets", True, key="pending.has_targets")
         self._measured_in: tuple[str, torch.dtype]
         self.add_state(
             "_measured_in",
@@ -274,10 +268,9 @@ class SoftmaxCollapseMonitor(Monitor):
     # ------------------------------------------------------------------------------ measuring
     def _precision(self, logits: torch.Tensor) -> tuple[str, torch.dtype]:
         loss = next(iter(self.tap.losses), None)
-        activation = self.activation
+        activation, dtype = self.activation, self.dtype
         if activation == "auto":
             activation = loss.activation if loss is not None else "softmax"
-        dtype = self.dtype
         if dtype == "auto":
             dtype = loss.dtype if loss is not None and loss.dtype is not None else logits.dtype
         return activation, dtype
@@ -490,13 +483,12 @@ class SoftmaxCollapseMonitor(Monitor):
                 )
 
     def _switch_losses(self) -> int:
-        losses = self.tap.losses
-        for loss in losses:
+        for loss in self.tap.losses:
             if self.remedy == "stablemax":
                 loss.activation = "stablemax"
             else:
                 loss.dtype = torch.float64
-        return len(losses)
+        return len(self.tap.losses)
 
     # ------------------------------------------------------------------------------ state
     def _pending_rows(self) -> list[tuple[int, list[int]]]:

@@ -15,166 +15,43 @@ report can replay from the logged per-task accuracies.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import numbers
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 from ..continual import ContinualMetrics, ContinualSummary
+from ._eval_data import (  # noqa: F401  (re-exported: their former home)
+    EvalSets,
+    ForwardFn,
+    Metric,
+    SubsetMode,
+    TaskEvaluator,
+    _check_eval_sets,
+    _default_forward,
+    _EvalSource,
+    _IndexSampler,
+    _to_device,
+    accuracy_counts,
+)
+from ._tasks import TaskBoundaries
 from .base import (
     Chart,
     ConfigurationError,
     Monitor,
+    check_callable,
+    check_choice,
+    check_fraction,
     check_non_negative_int,
     check_positive_int,
     fail_soft,
-    own_forward,
-    sharding_strategy,
 )
 from .schedule import BudgetSchedule, check_cadence
 
 __all__ = ["ContinualEvaluation", "accuracy_counts"]
-
-SubsetMode = Literal["random", "fixed"]
-#: ``metric(outputs, targets) -> (correct, total)``: tensors or numbers, summed over batches.
-Metric = Callable[[Any, Any], tuple[Any, Any]]
-#: ``forward_fn(pl_module, batch, task) -> (outputs, targets)``.
-ForwardFn = Callable[[Any, Any, int], tuple[Any, Any]]
-
-
-def accuracy_counts(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Top-1 accuracy as sufficient statistics: ``(number correct, number of samples)``.
-
-    ``outputs`` are logits (or any scores) of shape ``(N, C)``, ``targets`` class indices of
-    shape ``(N,)``; correct means ``outputs.argmax(-1) == targets``. The count stays on the
-    device (no host sync); the total is known on the host. This is the default ``metric`` of
-    :class:`ContinualEvaluation`; a custom metric returns the same pair, e.g. top-5 accuracy::
-
-        def top5(outputs, targets):
-            hit = (outputs.topk(5, dim=-1).indices == targets[:, None]).any(-1)
-            return hit.sum(), targets.numel()
-
-    >>> accuracy_counts(torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([0, 1, 1]))
-    (tensor(2), 3)
-    """
-    return (outputs.argmax(dim=-1) == targets).sum(), targets.numel()
-
-
-def _default_forward(pl_module: Any, batch: Any, task: int) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ConfigurationError(
-            f"ContinualEvaluation calls `pl_module(batch[0])` and compares with `batch[1]`, but "
-            f"the evaluation batches of task {task} are {type(batch).__name__}, not an (inputs, "
-            f"targets) pair. Pass `forward_fn=lambda module, batch, task: (module(inputs), "
-            f"targets)` that says how to run your model on one batch."
-        )
-    return pl_module(batch[0]), batch[1]
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``; other objects pass through."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-class _IndexSampler(Sampler[int]):
-    """Yields the indices chosen for the current evaluation (set before each pass)."""
-
-    def __init__(self) -> None:
-        self.indices: list[int] = []
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class _EvalSource:
-    """One task's evaluation data, built once: a user loader re-sampled, or tensors on the device.
-
-    A ``TensorDataset`` is moved to the model's device once and batched by indexing (no
-    DataLoader, no collate: the fast path). Any other map-style dataset, or a ``DataLoader``, is
-    served by a ``DataLoader`` that keeps the user's batching (batch size, ``collate_fn``,
-    workers) and takes its indices from this source, so each evaluation can use a new subset.
-    """
-
-    def __init__(self, data: Dataset | DataLoader, batch_size: int) -> None:
-        self.data = data
-        self.batch_size = batch_size
-        self.tensors: tuple[torch.Tensor, ...] | None = None
-        self.loader: DataLoader | None = None
-        self.sampler: _IndexSampler | None = None
-        self.device: torch.device | None = None
-
-    def __len__(self) -> int:
-        dataset = self.data.dataset if isinstance(self.data, DataLoader) else self.data
-        return len(dataset)  # type: ignore[arg-type]
-
-    def batches(self, indices: torch.Tensor | None, device: torch.device) -> Iterator[Any]:
-        """Batches of the samples at ``indices`` (``None``: all, in order), on ``device``."""
-        if isinstance(self.data, TensorDataset):
-            if self.tensors is None or self.device != device:
-                self.tensors = tuple(t.to(device) for t in self.data.tensors)
-                self.device = device
-            n = len(self.tensors[0])
-            if indices is None:
-                for start in range(0, n, self.batch_size):
-                    yield tuple(t[start : start + self.batch_size] for t in self.tensors)
-                return
-            if device.type == "cuda":
-                # A copy from pageable memory waits for the GPU; from pinned memory it does not.
-                indices = indices.pin_memory()
-            indices = indices.to(device, non_blocking=True)
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                yield tuple(t[chunk] for t in self.tensors)
-            return
-        if self.loader is None:
-            self.sampler = _IndexSampler()
-            self.loader = self._build_loader(self.sampler)
-        assert self.sampler is not None
-        self.sampler.indices = (
-            list(range(len(self))) if indices is None else indices.tolist()  # CPU indices
-        )
-        for batch in self.loader:
-            yield _to_device(batch, device)
-
-    def _build_loader(self, sampler: _IndexSampler) -> DataLoader:
-        # Each pass over a DataLoader draws its workers' base seed from the loader's generator,
-        # by default the global RNG: an own generator leaves training's random streams untouched
-        generator = torch.Generator().manual_seed(0)
-        if not isinstance(self.data, DataLoader):
-            return DataLoader(
-                self.data, batch_size=self.batch_size, sampler=sampler, generator=generator
-            )
-        user = self.data
-        return DataLoader(
-            user.dataset,
-            batch_size=user.batch_size or self.batch_size,
-            sampler=sampler,
-            collate_fn=user.collate_fn,
-            num_workers=user.num_workers,
-            pin_memory=user.pin_memory,
-            worker_init_fn=user.worker_init_fn,
-            persistent_workers=user.persistent_workers,
-            multiprocessing_context=user.multiprocessing_context,
-            generator=generator,
-        )
 
 
 class ContinualEvaluation(Monitor):
@@ -294,7 +171,7 @@ class ContinualEvaluation(Monitor):
 
     def __init__(
         self,
-        eval_sets: Mapping[int, Dataset | DataLoader] | Sequence[Dataset | DataLoader],
+        eval_sets: EvalSets,
         *,
         every_n_steps: int | None = None,
         budget: float | None = None,
@@ -313,64 +190,72 @@ class ContinualEvaluation(Monitor):
     ) -> None:
         super().__init__(prefix=prefix, verbose=verbose)
         check_cadence(every_n_steps, budget)
-        if not callable(clock):
-            raise ConfigurationError(f"Expected `clock` to be a callable, got {clock!r}.")
+        check_callable("clock", clock, signature="() -> seconds", allow_none=False)
         self.eval_sets = _check_eval_sets(eval_sets)
         if subset_size is not None:
             check_positive_int("subset_size", subset_size)
-        if subset not in ("random", "fixed"):
-            raise ConfigurationError(
-                f"Expected `subset` to be 'random' (a new subset every evaluation, as in the "
-                f"paper) or 'fixed' (one subset per task), got {subset!r}."
-            )
+        hint = "'random': a new subset every evaluation, as in the paper; 'fixed': one per task"
+        self.subset: SubsetMode = check_choice("subset", subset, ("random", "fixed"), hint=hint)
         for arg, fn in (("metric", metric), ("forward_fn", forward_fn)):
             if fn is not None and not callable(fn):
                 raise ConfigurationError(f"Expected `{arg}` to be callable, got {fn!r}.")
-        check_positive_int("batch_size", batch_size)
-        check_non_negative_int("seed", seed)
-        if (
-            isinstance(gap_threshold, bool)
-            or not isinstance(gap_threshold, numbers.Real)
-            or not 0.0 < gap_threshold <= 1.0
-        ):
-            raise ConfigurationError(
-                f"Expected `gap_threshold` in (0, 1] (a fraction: 0.1 is ten points), got "
-                f"{gap_threshold!r}."
-            )
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.seed = check_non_negative_int("seed", seed)
+        self.gap_threshold = check_fraction(
+            "gap_threshold", gap_threshold, hint="a fraction: 0.1 is ten points"
+        )
         try:
-            self.metrics = ContinualMetrics(windows)
+            self.windows = ContinualMetrics(windows).windows
         except (TypeError, ValueError) as err:
             raise ConfigurationError(str(err)) from None
         self.subset_size = subset_size
-        self.subset: SubsetMode = subset
-        self.windows = self.metrics.windows
         self.metric: Metric = metric if metric is not None else accuracy_counts
         self.check_labels = metric is None
         self.forward_fn: ForwardFn = forward_fn if forward_fn is not None else _default_forward
-        self.batch_size = batch_size
-        self.seed = seed
-        self.gap_threshold = float(gap_threshold)
         self.evaluate_on_train_end = evaluate_on_train_end
         if every_n_steps is None and budget is None:
             every_n_steps = 1  # the paper's protocol: every iteration
         self.every_n_steps: int | None = every_n_steps  # type: ignore[assignment]
         self.budget = None if budget is None else float(budget)
-        # with a budget: the evaluations' schedule, in total_steps
+        # with a budget: the evaluations' schedule, in total_steps (kept under "schedule")
         self._schedule = None if self.budget is None else BudgetSchedule(self.budget, clock)
+        self._evaluator = TaskEvaluator(
+            self.eval_sets,
+            batch_size=batch_size,
+            subset_size=subset_size,
+            subset=subset,
+            seed=seed,
+            metric=self.metric,
+            forward_fn=self.forward_fn,
+            check_labels=self.check_labels,
+        )
+        # which task is trained; its start_task() not applied yet is kept as "pending_task"
+        self._tasks = TaskBoundaries(self.eval_sets)
 
-        self.generator = torch.Generator().manual_seed(seed)
+        self.metrics: ContinualMetrics
+        self.add_state(
+            "metrics",
+            lambda: ContinualMetrics(self.windows),
+            save=ContinualMetrics.state_dict,
+            load=self._restore_metrics,
+        )
         #: Optimizer steps taken under this callback, over every fit so far.
-        self.total_steps = 0
-        self._sources = {
-            task: _EvalSource(data, batch_size) for task, data in self.eval_sets.items()
-        }
-        self._fixed: dict[int, torch.Tensor] = {}
-        self._labels_checked: set[int] = set()
-        self._pending_task: int | None = None
-        self._datamodule_task: int | None = None
-        self._last_eval_steps: int | None = None  # total_steps at the last evaluation
-        self._gap_announced: set[int] = set()
-        self._recovery_announced: set[int] = set()
+        self.total_steps: int
+        self.add_state("total_steps", 0, load=int)
+        #: Draws the random subsets (its own stream: the global RNG is never touched).
+        self.generator: torch.Generator
+        self.add_state(
+            "generator",
+            lambda: torch.Generator().manual_seed(self.seed),
+            save=torch.Generator.get_state,
+            load=self._restore_generator,
+        )
+        self._last_eval_steps: int | None  # total_steps at the last evaluation
+        self.add_state("_last_eval_steps", None)
+        self._gap_announced: set[int]
+        self.add_state("_gap_announced", set, save=sorted, load=set)
+        self._recovery_announced: set[int]
+        self.add_state("_recovery_announced", set, save=sorted, load=set)
         self._restored = False
         # total_steps when this fit's training began, and trainer.global_step at the last batch:
         # a batch after which global_step moved is one step, however many optimizers stepped
@@ -403,53 +288,16 @@ class ContinualEvaluation(Monitor):
         Called between fits, the task starts when the next fit starts (after any checkpoint
         restore); called during a fit, it starts at the next evaluation, which covers it.
         """
-        task = self._check_task_id(task, "start_task()")
-        self._check_not_trained(task)
-        self._pending_task = task
-
-    def _check_not_trained(self, task: int) -> None:
-        if task in self.metrics.tasks:
-            raise ConfigurationError(
-                f"task {task} was already trained (tasks so far: {list(self.metrics.tasks)}); "
-                f"each task is trained once: give a revisited task its own id and eval set."
-            )
-
-    def _check_task_id(self, task: Any, source: str) -> int:
-        if isinstance(task, bool) or not isinstance(task, (int, np.integer)):
-            raise ConfigurationError(f"Expected a task id (int) from {source}, got {task!r}.")
-        task = int(task)
-        if task not in self.eval_sets:
-            raise ConfigurationError(
-                f"{source} names task {task}, but `eval_sets` has tasks {list(self.eval_sets)}: "
-                f"add its evaluation set, e.g. ContinualEvaluation(dm.test_sets())."
-            )
-        return task
+        self._tasks.request(task, self.metrics.tasks)
 
     def _begin_task(self, trainer: Any, task: int, step: int) -> None:
-        self._check_not_trained(task)
+        self._tasks.check_not_trained(task, self.metrics.tasks)
         self.metrics.start_task(task)
         self.log_event(
             trainer,
             step,
             "task_start",
             f"task {task} started; evaluating tasks {list(self.metrics.tasks)}",
-        )
-
-    def _datamodule_current_task(self, trainer: Any) -> int | None:
-        datamodule = getattr(trainer, "datamodule", None)
-        task = getattr(datamodule, "current_task", None)
-        if task is None:
-            return None
-        return self._check_task_id(task, "the datamodule's `current_task`")
-
-    def _next_task(self) -> int:
-        for task in self.eval_sets:
-            if task not in self.metrics.tasks:
-                return task
-        raise ConfigurationError(
-            f"a new fit started but every task of `eval_sets` {list(self.eval_sets)} was trained "
-            f"already. Add the new task's evaluation set, call `start_task(task)`, or give the "
-            f"datamodule a `current_task` attribute."
         )
 
     # ----------------------------------------------------------------------------- hooks
@@ -462,45 +310,17 @@ class ContinualEvaluation(Monitor):
         # After any checkpoint restore, so global_step and this callback's state are current.
         self._fit_base_total, self._seen_global_step = self.total_steps, trainer.global_step
         restored, self._restored = self._restored, False
-        pending, self._pending_task = self._pending_task, None
-        dm_task = self._datamodule_current_task(trainer)
-        self._datamodule_task = dm_task
         # The task starts with the fit's first batch, whose step is the steps taken so far.
-        if pending is not None:
-            self._begin_task(trainer, pending, self.total_steps)
-        elif dm_task is not None:
-            if dm_task != self.metrics.current_task:
-                self._begin_task(trainer, dm_task, self.total_steps)
-        elif not restored or self.metrics.current_task is None:
-            self._begin_task(trainer, self._next_task(), self.total_steps)
+        for task in self._tasks.at_fit_start(trainer, self.metrics, restored=restored):
+            self._begin_task(trainer, task, self.total_steps)
         if self._schedule is not None:
             self._schedule.train_start(self.total_steps)
 
-    def _follow_task_changes(self, trainer: Any, step: int) -> None:
-        """Apply a start_task() made during the fit, or a change of the datamodule's task.
-
-        Both were made after the previous evaluation, so the task counts as trained from the
-        batch just evaluated (``step``): its evaluation already treats it as the current task.
-        """
-        if self._pending_task is not None:
-            task, self._pending_task = self._pending_task, None
-            self._begin_task(trainer, task, step)
-        # Only a *change* of the attribute starts a task, so start_task() calls made during
-        # the fit are not undone by a datamodule that still names the previous task.
-        dm_task = self._datamodule_current_task(trainer)
-        if dm_task is not None and dm_task != self._datamodule_task:
-            self._datamodule_task = dm_task
-            if dm_task != self.metrics.current_task:
-                self._begin_task(trainer, dm_task, step)
-
-    def is_due(self, trainer: Any) -> bool:
-        """True after every ``every_n_steps``-th optimizer step, or where the ``budget``'s
-        schedule says (the same steps on every rank); never in the sanity check."""
-        if trainer.sanity_checking or not trainer.training:
-            return False
-        if self._schedule is not None:
-            return self._schedule.due(trainer, self.total_steps)
-        return self.total_steps > 0 and self.total_steps % self.every_n_steps == 0
+    def is_due(self, trainer: Any, *args: Any, **kwargs: Any) -> bool:
+        """The base's cadence rule (:meth:`Monitor.is_due`) on this callback's own step count,
+        ``total_steps`` (cumulative over fits), and with a ``budget`` its schedule."""
+        kwargs = {"step": self.total_steps, "schedule": self._schedule, **kwargs}
+        return super().is_due(trainer, *args, **kwargs)
 
     @fail_soft
     def on_train_batch_end(
@@ -526,34 +346,6 @@ class ContinualEvaluation(Monitor):
             self._schedule.train_end(self.total_steps)
 
     # ----------------------------------------------------------------------------- measuring
-    def _subset_indices(
-        self, task: int, world_size: int, rank: int, sharded: bool = False
-    ) -> torch.Tensor | None:
-        """This rank's sample indices of ``task`` for one evaluation (``None``: the whole set).
-
-        With ``sharded`` parameters (FSDP) every forward pass is a collective, so every rank must
-        run as many batches: the subset is cut to a multiple of ``world_size`` (at most
-        ``world_size - 1`` samples fewer) so that the ranks' strides are equally long.
-        """
-        n = len(self._sources[task])
-        if self.subset_size is None or self.subset_size >= n:
-            indices = None if world_size == 1 else torch.arange(n)
-        elif self.subset == "fixed":
-            if task not in self._fixed:
-                # Its own seed per task: the subset does not depend on when the task appears.
-                seed = int(np.random.SeedSequence([self.seed, task]).generate_state(1)[0])
-                generator = torch.Generator().manual_seed(seed)
-                self._fixed[task] = torch.randperm(n, generator=generator)[: self.subset_size]
-            indices = self._fixed[task]
-        else:
-            indices = torch.randperm(n, generator=self.generator)[: self.subset_size]
-        # Every rank drew the same subset (same generator state); each evaluates a stride.
-        if indices is None or world_size == 1:
-            return indices
-        if sharded:
-            indices = indices[: len(indices) - len(indices) % world_size]
-        return indices[rank::world_size]
-
     def measure(self, trainer: Any, pl_module: Any) -> dict[int, float]:
         """Evaluate every seen task once; ``{task: accuracy}`` (identical on every rank).
 
@@ -561,112 +353,19 @@ class ContinualEvaluation(Monitor):
         over ranks (one collective) and moves them to the host once. A task with no samples
         has accuracy NaN (skipped by :class:`ContinualMetrics`).
         """
-        tasks = list(self.metrics.tasks)
-        device = pl_module.device
-        world_size, rank = int(trainer.world_size), int(trainer.global_rank)
-        sharded = sharding_strategy(trainer) is not None
-        # Sufficient statistics per task: correct, total, labels outside the outputs. Tensors a
-        # metric returns stay on the device (with their flat position task·3 + column); numbers
-        # it returns (the default metric's totals) are known on the host and stay there.
-        values: list[torch.Tensor] = []
-        positions: list[int] = []
-        host = [0.0] * (3 * len(tasks))
-        modes = [(module, module.training) for module in pl_module.modules()]
-        precision = getattr(trainer, "precision_plugin", None)
-        context = precision.val_step_context() if precision else contextlib.nullcontext()
-        try:
-            pl_module.eval()
-            with torch.inference_mode(), context, own_forward():
-                for i, task in enumerate(tasks):
-                    indices = self._subset_indices(task, world_size, rank, sharded)
-                    for column, value in self._task_values(pl_module, task, indices, device):
-                        if isinstance(value, torch.Tensor):
-                            values.append(value.reshape(()).to(device))
-                            positions.append(3 * i + column)
-                        else:
-                            host[3 * i + column] += float(value)
-        finally:
-            for module, training in modes:
-                module.training = training
-        if world_size == 1:
-            table = host
-            if values:
-                # The one host sync of this evaluation.
-                for position, value in zip(positions, torch.stack(values).tolist(), strict=True):
-                    table[position] += value
-        else:
-            # float64 keeps counts exact up to 2**53; MPS has no float64.
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            local = torch.tensor(host, dtype=dtype).to(device)
-            if values:
-                where = torch.tensor(positions, device=device)
-                local = local.index_add(0, where, torch.stack(values).to(dtype))
-            table = self.reduce(trainer, local, "sum").cpu().tolist()  # the one host sync
-        accuracies: dict[int, float] = {}
-        for i, task in enumerate(tasks):
-            correct, total, bad = table[3 * i : 3 * i + 3]
-            if bad:
-                raise ConfigurationError(
-                    f"task {task} has {int(bad)} evaluation labels outside the model's outputs "
-                    f"(targets must be class indices 0..C-1 for C logits). For class-incremental "
-                    f"tasks with one shared head, give the head one output per class over all "
-                    f"tasks (e.g. SplitDigits(labels='global') with a 10-way head); for one head "
-                    f"per task, use task-local labels and pass `forward_fn` to pick the head; or "
-                    f"pass your own `metric`."
-                )
-            accuracies[task] = correct / total if total > 0 else math.nan
-        return accuracies
+        return self._evaluator.measure(trainer, pl_module, self.metrics.tasks, self.generator)
 
-    def _task_values(
-        self, pl_module: Any, task: int, indices: torch.Tensor | None, device: torch.device
-    ) -> Iterator[tuple[int, Any]]:
-        """``(column, value)`` pairs of this rank's samples of ``task``, batch by batch."""
-        if indices is not None and len(indices) == 0:
-            return
-        # Labels are checked at a task's first evaluation, so a mismatch is found before any
-        # of its numbers is trusted; later evaluations skip the extra work.
-        check = self.check_labels and task not in self._labels_checked
-        for batch in self._sources[task].batches(indices, device):
-            outputs, targets = self.forward_fn(pl_module, batch, task)
-            if check:  # first, so bad outputs fail with what to pass, not inside the metric
-                yield 2, self._check_outputs(outputs, targets, task)
-            result = self.metric(outputs, targets)
-            if not isinstance(result, (tuple, list)) or len(result) != 2:
-                raise ConfigurationError(
-                    f"`metric(outputs, targets)` must return a pair (correct, total), got "
-                    f"{result!r}."
-                )
-            yield 0, result[0]
-            yield 1, result[1]
-        if check:
-            self._labels_checked.add(task)
-
-    @staticmethod
-    def _check_outputs(outputs: Any, targets: Any, task: int) -> torch.Tensor:
-        """Count labels outside ``0..C-1`` (on the device); shape errors raise at once."""
-        if (
-            not isinstance(outputs, torch.Tensor)
-            or not isinstance(targets, torch.Tensor)
-            or outputs.ndim < 2
-            or outputs.shape[:-1] != targets.shape
-            or targets.is_floating_point()
-        ):
-            got = (
-                f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}"
-                if isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
-                else f"{type(outputs).__name__} outputs and {type(targets).__name__} targets"
-            )
-            raise ConfigurationError(
-                f"the default metric (top-1 accuracy) needs logits (N, C) and integer class "
-                f"targets (N,), but task {task} gave {got}. Return them from `forward_fn`, or pass "
-                f"`metric(outputs, targets) -> (correct, total)` for other outputs."
-            )
-        return ((targets < 0) | (targets >= outputs.shape[-1])).sum()
+    def _subset_indices(
+        self, task: int, world_size: int, rank: int, sharded: bool = False
+    ) -> torch.Tensor | None:
+        """This rank's sample indices of ``task`` (:meth:`TaskEvaluator.subset_indices`)."""
+        return self._evaluator.subset_indices(task, self.generator, world_size, rank, sharded)
 
     # ----------------------------------------------------------------------------- logging
     def _evaluate_and_log(self, trainer: Any, pl_module: Any) -> None:
         step = self.total_steps - 1  # Lightning's step of the batch just trained
-        self._follow_task_changes(trainer, step)
+        for task in self._tasks.during_fit(trainer, self.metrics):
+            self._begin_task(trainer, task, step)
         if self._schedule is None:
             accuracies = self.measure(trainer, pl_module)
         else:  # timed: the schedule keeps evaluation time within the budget
@@ -772,17 +471,10 @@ class ContinualEvaluation(Monitor):
         return charts
 
     # ----------------------------------------------------------------------------- state
+    # Declared in __init__; what cannot be declared: the pending task (a start_task() made
+    # before this fit wins over the checkpoint's), the optional schedule, the restore flag.
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            **super().state_dict(),
-            "metrics": self.metrics.state_dict(),
-            "total_steps": self.total_steps,
-            "generator": self.generator.get_state(),
-            "pending_task": self._pending_task,
-            "last_eval_steps": self._last_eval_steps,
-            "gap_announced": sorted(self._gap_announced),
-            "recovery_announced": sorted(self._recovery_announced),
-        }
+        state = {**super().state_dict(), "pending_task": self._tasks.pending}
         if self._schedule is not None:
             self._schedule.charge(self.total_steps)  # mid-run, the training so far counts
             state["schedule"] = self._schedule.state_dict()
@@ -790,59 +482,19 @@ class ContinualEvaluation(Monitor):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if "metrics" in state_dict:
-            try:
-                self.metrics.load_state_dict(state_dict["metrics"])
-            except ValueError as err:
-                raise ConfigurationError(str(err)) from None
-        self.total_steps = int(state_dict.get("total_steps", 0))
-        if "generator" in state_dict:
-            self.generator.set_state(torch.as_tensor(state_dict["generator"], dtype=torch.uint8))
-        if self._pending_task is None:  # a start_task() made before this fit wins
-            self._pending_task = state_dict.get("pending_task")
-        self._last_eval_steps = state_dict.get("last_eval_steps")
-        self._gap_announced = set(state_dict.get("gap_announced", []))
-        self._recovery_announced = set(state_dict.get("recovery_announced", []))
+        if self._tasks.pending is None:  # a start_task() made before this fit wins
+            self._tasks.pending = state_dict.get("pending_task")
         if self._schedule is not None:
             self._schedule.load_state_dict(state_dict.get("schedule", {}))
         self._restored = True
 
+    def _restore_metrics(self, saved: Mapping[str, Any]) -> ContinualMetrics:
+        try:
+            self.metrics.load_state_dict(saved)
+        except ValueError as err:
+            raise ConfigurationError(str(err)) from None
+        return self.metrics
 
-def _check_eval_sets(
-    eval_sets: Mapping[int, Dataset | DataLoader] | Sequence[Dataset | DataLoader],
-) -> dict[int, Dataset | DataLoader]:
-    how = (
-        "pass `eval_sets={task: dataset}` with one held-out set per task, e.g. "
-        "`ContinualEvaluation(SplitDigits().test_sets())`"
-    )
-    if isinstance(eval_sets, Mapping):
-        items = list(eval_sets.items())
-    elif isinstance(eval_sets, Sequence) and not isinstance(eval_sets, (str, bytes)):
-        items = list(enumerate(eval_sets))
-    else:
-        raise ConfigurationError(f"Expected `eval_sets` to be a mapping, got {eval_sets!r}: {how}.")
-    if not items:
-        raise ConfigurationError(f"`eval_sets` is empty, so there is nothing to evaluate: {how}.")
-    checked: dict[int, Dataset | DataLoader] = {}
-    for task, data in items:
-        if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or task < 0:
-            raise ConfigurationError(
-                f"Expected every task id in `eval_sets` to be a non-negative int, got {task!r}: "
-                f"{how}."
-            )
-        dataset = data.dataset if isinstance(data, DataLoader) else data
-        if not isinstance(data, (Dataset, DataLoader)):
-            raise ConfigurationError(
-                f"`eval_sets[{task}]` is a {type(data).__name__}; expected a torch Dataset or "
-                f"DataLoader: {how}."
-            )
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            raise ConfigurationError(
-                f"`eval_sets[{task}]` is an iterable-style dataset; continual evaluation draws "
-                f"subsets by index, so it needs a map-style dataset (with __len__ and "
-                f"__getitem__), e.g. a TensorDataset of the task's held-out samples."
-            )
-        if len(dataset) == 0:
-            raise ConfigurationError(f"`eval_sets[{task}]` is empty: {how}.")
-        checked[int(task)] = data
-    return checked
+    def _restore_generator(self, saved: Any) -> torch.Generator:
+        self.generator.set_state(torch.as_tensor(saved, dtype=torch.uint8))
+        return self.generator

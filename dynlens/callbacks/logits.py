@@ -81,8 +81,8 @@ class LogitGrowthMonitor(Monitor):
     ``softmax(q·kᵀ·scale + mask)`` over a ``(batch, heads, queries, keys)`` tensor (Hugging
     Face's ``"eager"`` attention), during the training step's forward (not under ``no_grad``, not
     in validation; masks — ``-inf`` or the dtype's minimum —, ``is_causal`` and grouped-query
-    heads honoured; see :mod:`dynlens.callbacks.capture.attention`). The attention charts of the panel
-    appear once a measured step has seen attention:
+    heads honoured; see :mod:`dynlens.callbacks.capture.attention`). The attention charts of the
+    panel appear once a measured step has seen attention:
 
     * ``attn_max``, ``attn_rms``: max and RMS of ``q·kᵀ·scale`` over every call;
     * ``attn_max/<layer>``, ``attn_rms/<layer>``: the same per layer, named by the module that

@@ -1,4 +1,10 @@
-"""Reading the log-probabilities a :class:`dynlens.CrossEntropyLoss` computes, as it does."""
+"""Reading the log-probabilities a :class:`dynlens.CrossEntropyLoss` computes, as it does.
+
+When the loss is a :class:`dynlens.CrossEntropyLoss` computed on the very logits a monitor
+measures (the same memory, e.g. ``logits.flatten(0, 1)``), the monitor can measure the loss's own
+log-probabilities inside its forward (:meth:`~dynlens.CrossEntropyLoss.register_log_probs_hook`)
+instead of computing them again; the loss and its gradients stay bit-identical.
+"""
 
 from __future__ import annotations
 
