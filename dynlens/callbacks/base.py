@@ -4,32 +4,58 @@ A monitor subclasses :class:`Monitor`, sets ``name`` (the ``<monitor>`` part of 
 describes its TensorBoard panel in :meth:`Monitor.panel`, and in its hooks measures, then calls
 :meth:`Monitor.log_metrics` and :meth:`Monitor.log_event`. The base provides:
 
-* **cadence** in optimizer steps (:meth:`Monitor.is_due`), never during the sanity check;
+* **cadence** in optimizer steps, one rule for every monitor (:meth:`Monitor.is_due`: every n
+  steps, or a :class:`~dynlens.callbacks.schedule.BudgetSchedule` for a compute ``budget``),
+  never during the sanity check;
+* **declared state** (:meth:`Monitor.add_state`, :mod:`dynlens.callbacks.state`): checkpoints,
+  resets between logging intervals and the move back to the device follow from one declaration
+  per field; pooling between logs (:attr:`Monitor.pools_between_logs`, :meth:`Monitor.flush`);
 * **logging** to every Lightning logger at Lightning's own logging step, so dynlens charts line up
   with the run's ``self.log`` metrics whatever ``log_every_n_steps`` is, and into
   ``trainer.callback_metrics`` so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them;
 * **TensorBoard extras**: one custom-scalars layout per run merged from every attached monitor's
-  panel, and text events for discrete events, each carrying its reason (:mod:`dynlens.events`);
-* **DDP helpers** (:meth:`Monitor.reduce`) that run on every rank; side effects on rank 0 only;
-* **state** with a ``state_key`` built from the identifying arguments;
+  panel, and text events for discrete events, each carrying its reason (:mod:`dynlens.events`;
+  ``once=True`` for an event that fires once per run);
+* **DDP helpers** (:meth:`Monitor.reduce`, :meth:`Monitor.reduce_to_host`: one collective per
+  reduction and one host copy) that run on every rank; side effects on rank 0 only;
+* **validators** (:mod:`dynlens.callbacks.validate`) and a ``state_key`` built from the
+  identifying arguments;
 * **failing soft**: a hook decorated with :func:`fail_soft` that raises mid-run warns once and
   disables its monitor; training goes on. :class:`ConfigurationError` is the exception: a set-up
   mistake stops the run with a message that names the fix.
+
+Adding a monitor
+----------------
+
+1. **The numbers** go in the pure measurement layer (``dynlens/<topic>.py``, no Lightning
+   import), each with a test against a closed-form or brute-force value on a tiny case.
+2. **The callback** is one module, ``dynlens/callbacks/<topic>.py``: a :class:`Monitor` subclass
+   that validates its arguments in ``__init__`` (:mod:`dynlens.callbacks.validate`), declares
+   every field of its state there with :meth:`Monitor.add_state`, measures in its hooks when
+   :meth:`Monitor.is_due` says so, through a capture of :mod:`dynlens.callbacks.capture` where
+   it needs logits or attention, and logs through :meth:`Monitor.log_metrics` and
+   :meth:`Monitor.log_event` (with a reason). It re-implements none of the above.
+3. **Export** it from ``dynlens/callbacks/__init__.py`` and ``dynlens/__init__.py``, and list it
+   in the README's table of metric keys.
+4. **Conformance**: add a factory to ``FACTORIES`` in ``tests/test_conformance.py``; the suite
+   then checks the monitor contract on it (drop-in on both Lightning packages, no observer
+   effect, DDP, the resume round trip of ``tests/test_resume_roundtrip.py``), and refuses a
+   monitor it does not list.
+5. **The report**, if the monitor logs something worth summarising: one family module in
+   ``dynlens/report/families/`` (see :mod:`dynlens.report.summary`).
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import warnings
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from rich import get_console
 
-from .._lightning import Callback, is_tensorboard_logger
+from .._lightning import Callback
 from ..events import format_event
 from .context import (  # noqa: F401  (re-exported)
     SHARDED_STRATEGIES,
@@ -37,6 +63,13 @@ from .context import (  # noqa: F401  (re-exported)
     logging_step,
     own_forward,
     sharding_strategy,
+)
+from .layout import (  # noqa: F401  (re-exported)
+    Chart,
+    layout,
+    tag_regex,
+    tensorboard_writers,
+    write_layout,
 )
 from .state import StateField, get_nested, is_missing, set_nested, to_device
 from .validate import (  # noqa: F401  (re-exported: monitors import them from here)
@@ -50,17 +83,12 @@ from .validate import (  # noqa: F401  (re-exported: monitors import them from h
     check_positive_number,
 )
 
-# SummaryWriters that already hold a dynlens layout: one merged layout per run, whichever monitor
-# gets there first writes it for all.
-_LAYOUT_WRITTEN: weakref.WeakSet = weakref.WeakSet()
-
 NO_LOGGER_WARNING = (
     "dynlens: this Trainer has no logger, so dynlens metrics reach only `trainer.callback_metrics` "
     "and the console. Pass `logger=TensorBoardLogger('runs')` (or any Lightning logger) to record "
     "them."
 )
 
-Chart = list  # ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper]]
 Hook = TypeVar("Hook", bound=Callable[..., Any])
 
 
@@ -437,44 +465,3 @@ class Monitor(Callback):
 
 def _copy_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(e) for e in events]
-
-
-def tag_regex(tag: str) -> str:
-    """Regex matching exactly ``tag``, anchored at both ends (``trace`` must not also match
-    ``trace_stderr``)."""
-    return "^" + re.escape(tag) + "$"
-
-
-def tensorboard_writers(trainer: Any) -> list[Any]:
-    """The ``SummaryWriter`` of every TensorBoard logger of the trainer (rank 0 only)."""
-    if not trainer.is_global_zero:
-        return []
-    return [logger.experiment for logger in trainer.loggers if is_tensorboard_logger(logger)]
-
-
-def layout(monitors: list[Monitor]) -> dict[str, dict[str, Chart]]:
-    """The merged custom-scalars layout of ``monitors``: one category per monitor."""
-    merged: dict[str, dict[str, Chart]] = {}
-    for monitor in monitors:
-        charts = monitor.panel()
-        if charts:
-            merged.setdefault(f"{monitor.prefix}/{monitor.name}", {}).update(charts)
-    return merged
-
-
-def write_layout(trainer: Any, *, final: bool = False) -> None:
-    """Write the layout of every dynlens monitor attached to ``trainer``, once per writer.
-
-    TensorBoard shows one layout per run, so it is written once, when every monitor's panel is
-    :attr:`~Monitor.panel_ready` (a chart appears only for what the run logs); ``final`` (the
-    end of training) writes it whatever is ready. Called again and again, it writes once."""
-    monitors = [cb for cb in trainer.callbacks if isinstance(cb, Monitor)]
-    if not final and not all(m.panel_ready for m in monitors):
-        return
-    merged = layout(monitors)
-    if not merged:
-        return
-    for writer in tensorboard_writers(trainer):
-        if writer not in _LAYOUT_WRITTEN:
-            writer.add_custom_scalars(merged)
-            _LAYOUT_WRITTEN.add(writer)
