@@ -13,7 +13,7 @@ import pytest
 from dynlens.events import parse_event
 from tests.helpers import scalars, texts
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stability_gap.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "stability_gap.py"
 STEPS = 300  # per task
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import scalars
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "edge_of_stability.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "edge_of_stability.py"
 RATIO = "dynlens/hessian/eos_ratio"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import scalars
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformer_instability.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "transformer_instability.py"
 STEPS = 150
 
 
