@@ -61,29 +61,25 @@ class HessianOperator(_Routes):
     Routes (``route=``):
 
     * ``"double_backward"``: Hv = ∇_θ(∇L(θ)·v), one ``torch.autograd.grad`` per probe through the
-      shared graph. About 2.1× a gradient per probe on CPU, 2.0-2.25× on an H200.
+      shared graph.
     * ``"batched_double_backward"``: the same products, all probes of a batch (``chunk_size``
       of the estimators) in one backward pass vectorised with ``vmap`` (``is_grads_batched``).
-      It pays off where per-pass overhead dominates and costs where memory traffic does: a
-      1,354-parameter tanh MLP on 200 samples, 1.4-3× faster than ``"double_backward"``; a small
-      Transformer 1.24-1.31× a gradient per probe instead of 1.79×; but the grokking MLP
-      (5,107 × 200 activations) 3.67× instead of 1.79×, and activation memory grows with the
-      batch. Chosen by name, or on CPU by ``"tuned"``'s timed trial; when an op cannot be
-      vectorised it runs one probe at a time, with the same results.
+      It pays off where per-pass overhead dominates (small MLPs, a small Transformer) and costs
+      where memory traffic does (the grokking MLP, 5,107 × 200 activations), and activation
+      memory grows with the batch. Chosen by name, or on CPU by ``"tuned"``'s timed trial; when an
+      op cannot be vectorised it runs one probe at a time, with the same results.
     * ``"forward_over_reverse"``: Hv = ``torch.func.jvp(torch.func.grad(L), θ, v)``, one probe at a
-      time; nothing is shared between probes (3.0-3.8× a gradient each).
+      time; nothing is shared between probes.
     * ``"vmap_forward_over_reverse"``: the same, vectorised over the probes with ``torch.func.vmap``
-      (2.8-4.5× on CPU, 1.85-2.06× on an H200).
+      (``"auto"``'s choice on CUDA).
     * ``"finite_difference"``: central differences of gradients at perturbed *copies* of θ,
       Hv ≈ (∇L(θ + εv) − ∇L(θ − εv)) / 2ε with ε from :func:`finite_difference_step`, one probe
-      at a time: two gradients (about 2× a training step's forward and backward) and the memory
-      of one gradient, with no second-derivative rule needed, so it works through
-      ``@once_differentiable`` Functions, fused attention kernels and compiled graphs where the
-      exact routes fail. An approximation: on a tanh MLP its products were within 4e-5 of the
-      exact ones relative to ‖Hv‖ in float32 and within 1e-10 in float64 (``tests/
-      test_curvature.py`` holds them to 1e-3 and 1e-8). θ is never perturbed in place
-      (``θ + εv − εv`` need not round back to θ). Chosen by name only; ``"auto"`` never
-      approximates.
+      at a time: two gradients and the memory of one gradient, with no second-derivative rule
+      needed, so it works through ``@once_differentiable`` Functions, fused attention kernels
+      and compiled graphs where the exact routes fail. An approximation: on tanh and
+      LayerNorm-GELU MLPs ``tests/curvature/test_memory.py`` holds its products to 1e-3 of
+      ‖Hv‖ in float32 and 1e-8 in float64. θ is never perturbed in place (``θ + εv − εv`` need
+      not round back to θ). Chosen by name only; ``"auto"`` never approximates.
     * ``"auto"`` (default): double backward on CPU, vmapped forward-over-reverse on CUDA. When the
       chosen route fails (an op without a double-backward or forward-mode AD rule), the next one
       is tried, in the order of :data:`ROUTES`, with one :class:`CurvatureFallbackWarning` per
@@ -95,12 +91,14 @@ class HessianOperator(_Routes):
       eight more in one vectorised pass; the operator keeps the route that was faster per probe
       (the vectorised one only when at least 10% faster; where the two are close, as on a small
       Transformer, runs may keep either). The trial's products are part of the result; it costs
-      the difference on the slower route's share of them (on the grokking MLP a first call is
-      2.2× a gradient per probe, later ones 1.8×). :attr:`route` then names the route kept,
+      the difference on the slower route's share of them. :attr:`route` then names the route kept,
       which callers building many operators for one model pass on to skip the trial
       (``HessianMonitor`` does). Opt-in like ``torch.backends.cudnn.benchmark``: a choice made
       by the clock can differ between calls and runs, and so can the results' last bits, where
       ``"auto"`` gives bit-identical results for identical calls.
+
+    Measured cost, memory and error of each route against a gradient and a training step, on CPU
+    and CUDA: ``benchmarks/RESULTS.md``.
 
     A custom ``torch.autograd.Function`` whose backward is ``@once_differentiable`` is refused with
     :class:`CurvatureError` before any product: double backward cannot pass through it, and

@@ -32,9 +32,9 @@ def finite_difference_step(theta_norm: float, probe_norm: float, dtype: torch.dt
     factor (1 + ‖θ‖)/‖v‖ makes the perturbation's norm ε‖v‖ a fixed fraction of the parameters'
     scale (0.12% in float32, 1.5e-6 in float64) whatever the probe's norm, so that for a probe
     with entries ±1 each parameter moves by the same fraction of their root-mean-square. The
-    constant ¼ is measured, not derived: against exact products the error was smallest between
-    0.1 and 0.3 × u^{1/3}(1 + ‖θ‖) on a tanh MLP, a LayerNorm-GELU MLP and a GPT-2-shaped model
-    (float32 and float64), and about ten times larger at 1 (``benchmarks/scale.py``).
+    constant ¼ is measured, not derived: it lies where the error against exact products was
+    smallest on a tanh MLP, a LayerNorm-GELU MLP and a GPT-2-shaped model (``benchmarks/
+    scale.py``; the error at each constant: ``benchmarks/RESULTS.md``).
 
         >>> round(finite_difference_step(99.0, 10.0, torch.float32), 6)
         0.012304
