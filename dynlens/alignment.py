@@ -30,7 +30,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["nlm_cosine", "nlm_cosine_from_sums", "nlm_cosine_per_tensor", "nlm_sums"]
+__all__ = [
+    "nlm_cosine",
+    "nlm_cosine_from_sums",
+    "nlm_cosine_per_tensor",
+    "nlm_cosines",
+    "nlm_sums",
+]
 
 
 def _check_pairs(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
@@ -130,3 +136,27 @@ def nlm_cosine_per_tensor(grads: Sequence[Tensor], params: Sequence[Tensor]) -> 
     terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
     acc = _common_dtype(terms)
     return torch.stack([_descent_cosine(*(x.to(acc) for x in t)) for t in terms])
+
+
+def nlm_cosines(
+    named: Sequence[tuple[str, torch.nn.Parameter | Tensor]], *, per_layer: bool = False
+) -> dict[str, Tensor]:
+    """The logged cosines of named parameters with gradients: ``{"nlm_cosine": ...}`` over all of
+    them (:func:`nlm_cosine`) and, with ``per_layer``, ``"nlm_cosine/<name>"`` of each tensor
+    (:func:`nlm_cosine_per_tensor`). ``named`` pairs each name with a parameter whose ``.grad``
+    is set; empty gives ``{}``.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+        >>> w.grad = torch.tensor([-2.0, 0.0])
+        >>> nlm_cosines([("w", w)], per_layer=True)
+        {'nlm_cosine': tensor(1.), 'nlm_cosine/w': tensor(1.)}
+    """
+    if not named:
+        return {}
+    grads, params = [p.grad for _, p in named], [p for _, p in named]
+    cosines = {"nlm_cosine": nlm_cosine(grads, params)}
+    if per_layer:
+        per_tensor = nlm_cosine_per_tensor(grads, params)
+        cosines.update({f"nlm_cosine/{n}": c for (n, _), c in zip(named, per_tensor, strict=True)})
+    return cosines

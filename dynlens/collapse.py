@@ -42,7 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # NLM alignment lives in dynlens.alignment; re-exported so that imports from here keep working
-from dynlens.alignment import nlm_cosine, nlm_cosine_from_sums, nlm_cosine_per_tensor, nlm_sums
+from dynlens.alignment import (
+    nlm_cosine,
+    nlm_cosine_from_sums,
+    nlm_cosine_per_tensor,
+    nlm_cosines,
+    nlm_sums,
+)
 from dynlens.nn import Activation, _check_activation, _log_s, _s, stablemax_cross_entropy
 
 __all__ = [
@@ -56,6 +62,7 @@ __all__ = [
     "nlm_cosine",
     "nlm_cosine_from_sums",
     "nlm_cosine_per_tensor",
+    "nlm_cosines",
     "nlm_sums",
     "runner_up_gap",
     "softmax_collapse_fraction",

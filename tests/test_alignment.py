@@ -86,3 +86,20 @@ def test_nlm_sums_add_over_shards_of_the_parameters():
     total = sum(nlm_sums([g], [p]) for g, p in pieces)
     torch.testing.assert_close(nlm_cosine_from_sums(total), whole)
     torch.testing.assert_close(nlm_sums(grads, params), total)
+
+
+def test_nlm_cosines_are_the_overall_and_per_tensor_cosines_by_name():
+    gen = torch.Generator().manual_seed(5)
+    a = torch.nn.Parameter(torch.randn(3, 2, generator=gen))
+    b = torch.nn.Parameter(torch.randn(4, generator=gen))
+    a.grad, b.grad = torch.randn(3, 2, generator=gen), torch.randn(4, generator=gen)
+    got = dynlens.alignment.nlm_cosines([("a", a), ("b", b)], per_layer=True)
+    g = torch.cat([a.grad.flatten(), b.grad.flatten()])
+    w = torch.cat([a.detach().flatten(), b.detach().flatten()])
+    assert set(got) == {"nlm_cosine", "nlm_cosine/a", "nlm_cosine/b"}
+    assert got["nlm_cosine"].item() == pytest.approx((-g @ w / (g.norm() * w.norm())).item())
+    for name, p in (("a", a), ("b", b)):
+        by_hand = -p.grad.flatten() @ p.detach().flatten() / (p.grad.norm() * p.detach().norm())
+        assert got[f"nlm_cosine/{name}"].item() == pytest.approx(by_hand.item())
+    assert set(dynlens.alignment.nlm_cosines([("a", a)])) == {"nlm_cosine"}
+    assert dynlens.alignment.nlm_cosines([]) == {}

@@ -6,15 +6,12 @@ from typing import Any, Literal
 
 import torch
 
+from ..alignment import nlm_cosine_from_sums, nlm_cosines, nlm_sums
 from ..collapse import (
     CollapseIndicators,
     collapse_indicators,
     collapse_threshold,
     count_collapse,
-    nlm_cosine,
-    nlm_cosine_from_sums,
-    nlm_cosine_per_tensor,
-    nlm_sums,
     runner_up_gap,
 )
 from .base import (
@@ -293,22 +290,14 @@ class SoftmaxCollapseMonitor(Monitor):
         if not (self._window.is_open and self._logging):
             return  # the NLM cosine is read at the logged steps only
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
-        grads = [p.grad for _, p in named]
-        params = [p for _, p in named]
         if self._sharded:
             # each rank holds a shard of θ and of its gradient (maybe none): sum the shards'
             # sums on every rank, then take the cosine of the whole
+            grads, params = [p.grad for _, p in named], [p for _, p in named]
             sums = nlm_sums(grads, params) if named else torch.zeros(3, device=pl_module.device)
             self._cosines = {"nlm_cosine": nlm_cosine_from_sums(self.reduce(trainer, sums, "sum"))}
-            return
-        if not named:
-            return
-        self._cosines = {"nlm_cosine": nlm_cosine(grads, params)}
-        if self.per_layer:
-            per_tensor = nlm_cosine_per_tensor(grads, params)
-            self._cosines.update(
-                {f"nlm_cosine/{n}": c for (n, _), c in zip(named, per_tensor, strict=True)}
-            )
+        elif named:
+            self._cosines = nlm_cosines(named, per_layer=self.per_layer)
 
     @fail_soft
     def on_train_batch_end(

@@ -401,7 +401,7 @@ def test_a_monitor_that_fails_mid_step_leaves_no_hook_behind(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no gradient rule")
 
-    monkeypatch.setattr(module, "nlm_cosine", broken)  # between the step's start and its end
+    monkeypatch.setattr(module, "nlm_cosines", broken)  # between the step's start and its end
     model = SequenceModel(scale=20.0)
     monitor = SoftmaxCollapseMonitor(every_n_steps=1, targets=sequence_targets, verbose=False)
     left = []
