@@ -232,30 +232,27 @@ class ContinualEvaluation(Monitor):
         # which task is trained; its start_task() not applied yet is kept as "pending_task"
         self._tasks = TaskBoundaries(self.eval_sets)
 
-        self.metrics: ContinualMetrics
-        self.add_state(
+        self.metrics: ContinualMetrics = self.add_state(
             "metrics",
             lambda: ContinualMetrics(self.windows),
             save=ContinualMetrics.state_dict,
             load=self._restore_metrics,
         )
         #: Optimizer steps taken under this callback, over every fit so far.
-        self.total_steps: int
-        self.add_state("total_steps", 0, load=int)
+        self.total_steps: int = self.add_state("total_steps", 0, load=int)
         #: Draws the random subsets (its own stream: the global RNG is never touched).
-        self.generator: torch.Generator
-        self.add_state(
+        self.generator: torch.Generator = self.add_state(
             "generator",
             lambda: torch.Generator().manual_seed(self.seed),
             save=torch.Generator.get_state,
             load=self._restore_generator,
         )
-        self._last_eval_steps: int | None  # total_steps at the last evaluation
-        self.add_state("_last_eval_steps", None)
-        self._gap_announced: set[int]
-        self.add_state("_gap_announced", set, save=sorted, load=set)
-        self._recovery_announced: set[int]
-        self.add_state("_recovery_announced", set, save=sorted, load=set)
+        # total_steps at the last evaluation
+        self._last_eval_steps: int | None = self.add_state("_last_eval_steps", None)
+        self._gap_announced: set[int] = self.add_state("_gap_announced", set, save=sorted, load=set)
+        self._recovery_announced: set[int] = self.add_state(
+            "_recovery_announced", set, save=sorted, load=set
+        )
         self._restored = False
         # total_steps when this fit's training began, and trainer.global_step at the last batch:
         # a batch after which global_step moved is one step, however many optimizers stepped
