@@ -392,7 +392,8 @@ class Monitor(Callback):
         flat = {n: parts[n][0].reshape(-1).to(wide) for n in names}
         for op in dict.fromkeys(op for _, op in parts.values() if op is not None):
             group = [n for n in names if parts[n][1] == op]
-            reduced = cls.reduce(trainer, torch.cat([flat[n] for n in group]), op)
+            joined = torch.cat([flat[n] for n in group]) if len(group) > 1 else flat[group[0]]
+            reduced = cls.reduce(trainer, joined, op)
             flat.update(zip(group, reduced.split([flat[n].numel() for n in group]), strict=True))
         values = torch.cat([flat[n] for n in names]).cpu().tolist()  # the one host copy
         out, start = {}, 0

@@ -69,16 +69,18 @@ class LogProbsTap:
     def take(self, logits: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
         """``(target, measurement)`` of the loss's call on exactly ``logits`` — an input of shape
         ``(N, C)`` in the same memory, as ``logits.flatten(0, -2)`` is; ``None`` when no loss saw
-        them."""
+        them. Each call is handed over once."""
         if not self._seen or logits.dim() == 0:
             return None
-        for input, target, measurement in self._seen:
+        for k, (input, target, measurement) in enumerate(self._seen):
             if same_memory(input, logits) and input.shape[-1] == logits.shape[-1]:
+                del self._seen[k]  # handed over: the tap holds the logits no longer
                 return target, measurement
         return None
 
     def disarm(self) -> None:
-        """Stop measuring (what was measured stays for :meth:`take` until the next :meth:`arm`)."""
+        """Stop measuring (what was measured and not taken yet stays for :meth:`take` until the
+        next :meth:`arm`)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
