@@ -1,0 +1,318 @@
+"""Forecasting an instability before it happens: trends, steps to a threshold, update curvature.
+
+Every monitor reports an instability once it is there; these functions say how far away it is,
+from the signals dynlens already logs. Plain numpy and torch, no Lightning.
+
+* :func:`fit_trend` fits a window of logged points by least squares: a straight line
+  (``"linear"``: the top-vs-runner-up logit gap growing towards ln(2/eps) before Softmax
+  Collapse, Prieto et al. 2025) or a straight line through the logarithms (``"exponential"``: the
+  max attention logit growing by a constant factor per step before divergence, Wortsman et al.
+  2023), with the slope's standard error.
+* :func:`steps_to_threshold` extrapolates the fit to the step at which it crosses a threshold,
+  with the range the slope's uncertainty gives, and says whether the trend is clear enough
+  (the slope at least ``z`` standard errors away from 0) to be believed.
+* :func:`critical_step_size` and :func:`update_curvature` measure the curvature along the update
+  the optimizer takes with forward passes alone: the *critical sharpness* λ_c = 2/η_c, with η_c
+  the smallest step size along the update direction at which the loss would rise (Kalra et al.
+  2026, arXiv 2601.16979), found by a line search of at most ``max_evals`` losses. On a quadratic
+  loss with Hessian H, from θ with gradient g along a direction u, the loss after a step η·u
+  changes by −η gᵀu + ½ η² uᵀHu, so η_c = 2 gᵀu / uᵀHu and λ_c = uᵀHu / gᵀu; for u = g
+  (gradient descent) λ_c = gᵀHg / gᵀg, the curvature along the gradient. The ratio of the step
+  the optimizer takes to η_c is the stability ratio along the update (≥ 1: the step would raise
+  the loss). No double backward: it works where Hessian-vector products do not (fused
+  attention, ``torch.compile``, FSDP).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+TrendKind = Literal["linear", "exponential"]
+
+__all__ = [
+    "CriticalStep",
+    "Forecast",
+    "Trend",
+    "critical_step_size",
+    "fit_trend",
+    "optimizer_update",
+    "steps_to_threshold",
+    "update_curvature",
+]
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A least-squares line ``y ≈ intercept + slope · step`` through a window of points (``y`` the
+    values, or their natural logarithms for ``kind="exponential"``)."""
+
+    kind: TrendKind
+    slope: float  #: per step (e-folds per step for an exponential trend)
+    intercept: float  #: at step 0
+    slope_stderr: float  #: standard error of the slope (inf with two points: no residual left)
+    last_step: int  #: the window's last step
+    points: int
+
+    def value_at(self, step: float) -> float:
+        """The fitted signal at ``step`` (in the signal's own units, not its logarithm)."""
+        y = self.intercept + self.slope * step
+        return math.exp(y) if self.kind == "exponential" else y
+
+
+def fit_trend(
+    steps: Sequence[float], values: Sequence[float], *, kind: TrendKind = "linear"
+) -> Trend:
+    """Least-squares trend of ``values`` over ``steps`` (at least two distinct steps).
+
+    ``kind="exponential"`` fits ``ln(values)`` (every value must be positive): a signal that grows
+    by a constant factor per step is a straight line there. The slope's standard error is the
+    textbook one, ``sqrt(RSS / (n − 2) / Σ(t − t̄)²)``.
+
+    Example:
+        >>> fit_trend([0, 1, 2, 3], [1.0, 3.0, 5.0, 7.0]).slope
+        2.0
+    """
+    if kind not in ("linear", "exponential"):
+        raise ValueError(f"Expected `kind` 'linear' or 'exponential', got {kind!r}.")
+    t = np.asarray(steps, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    if t.shape != y.shape or t.ndim != 1:
+        raise ValueError(f"Expected steps and values of one length, got {t.shape} and {y.shape}.")
+    if not (np.isfinite(t).all() and np.isfinite(y).all()):
+        raise ValueError("steps and values must be finite.")
+    if kind == "exponential":
+        if (y <= 0).any():
+            raise ValueError("An exponential trend needs positive values.")
+        y = np.log(y)
+    if len(np.unique(t)) < 2:
+        raise ValueError("A trend needs at least two distinct steps.")
+    dt = t - t.mean()
+    sxx = float(dt @ dt)
+    slope = float(dt @ (y - y.mean()) / sxx)
+    intercept = float(y.mean() - slope * t.mean())
+    n = len(t)
+    if n > 2:
+        residual = y - (intercept + slope * t)
+        stderr = math.sqrt(float(residual @ residual) / (n - 2) / sxx)
+    else:
+        stderr = math.inf
+    return Trend(kind, slope, intercept, stderr, int(t.max()), n)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """When a trend crosses a threshold (see :func:`steps_to_threshold`)."""
+
+    trend: Trend
+    threshold: float
+    #: The step at which the fitted trend reaches the threshold; the window's last step when the
+    #: fit is already past it; ``None`` when it moves away or is flat.
+    expected_step: float | None
+    #: Expected steps from the window's last step (``None`` with ``expected_step``).
+    steps_to: float | None
+    #: Range of the crossing for the slope ± ``z`` standard errors (``upper`` is inf when the
+    #: slope could be 0 within them).
+    lower: float | None
+    upper: float | None
+    #: The slope is at least ``z`` standard errors from 0 towards the threshold (or the fit is
+    #: already past it).
+    confident: bool
+
+    def within(self, horizon: float) -> bool:
+        """A confident forecast of the crossing within ``horizon`` steps of the last point."""
+        return self.confident and self.steps_to is not None and self.steps_to <= horizon
+
+
+def steps_to_threshold(
+    steps: Sequence[float],
+    values: Sequence[float],
+    threshold: float,
+    *,
+    kind: TrendKind = "linear",
+    rising: bool = True,
+    z: float = 2.0,
+) -> Forecast:
+    """Fit a trend to the points and extrapolate it to ``threshold``.
+
+    The event is the signal rising above ``threshold`` (``rising=True``) or falling below it.
+    The crossing is where the fitted line, ``intercept + slope · t``, meets the threshold (its
+    logarithm for an exponential trend); the steps to it are counted from the window's last step,
+    and a fit already past the threshold there gives 0. The range ``lower``–``upper`` holds the
+    fitted value at the last step and moves the slope by ± ``z`` standard errors; the forecast is
+    ``confident`` when the slope is at least ``z`` standard errors from 0 towards the threshold.
+
+    Example:
+        >>> f = steps_to_threshold([0, 10, 20, 30], [1.0, 2.0, 3.0, 4.0], 10.0)
+        >>> f.expected_step, f.steps_to
+        (90.0, 60.0)
+    """
+    trend = fit_trend(steps, values, kind=kind)
+    if kind == "exponential" and not threshold > 0:
+        raise ValueError("An exponential trend reaches only a positive threshold.")
+    level = math.log(threshold) if kind == "exponential" else float(threshold)
+    last = float(trend.last_step)
+    sign = 1.0 if rising else -1.0
+    # how far the fitted signal still has to go, and its speed, both towards the event
+    gap = sign * (level - (trend.intercept + trend.slope * last))
+    speed, spread = sign * trend.slope, z * trend.slope_stderr
+    if gap <= 0:
+        return Forecast(trend, threshold, last, 0.0, last, last, True)
+    if speed <= 0:
+        return Forecast(trend, threshold, None, None, None, None, False)
+    expected = last + gap / speed
+    upper = last + gap / (speed - spread) if speed > spread else math.inf
+    return Forecast(
+        trend,
+        threshold,
+        expected,
+        expected - last,
+        last + gap / (speed + spread),
+        upper,
+        speed >= spread,
+    )
+
+
+@dataclass(frozen=True)
+class CriticalStep:
+    """The line search's result (see :func:`critical_step_size`)."""
+
+    #: η_c: the smallest step size found at which the loss rises (the bracket's midpoint).
+    step_size: float
+    #: η_c lies in [lower, upper]: the loss did not rise at ``lower`` and rose at ``upper``.
+    lower: float
+    upper: float
+    #: Losses evaluated (the first, at step 0, included).
+    evaluations: int
+
+    @property
+    def sharpness(self) -> float:
+        """λ_c = 2 / η_c."""
+        return 2.0 / self.step_size
+
+
+def critical_step_size(
+    rise: Callable[[float], float], initial: float, *, max_evals: int = 10
+) -> CriticalStep | None:
+    """The smallest step size η > 0 with ``rise(η) > 0``, bracketed then bisected.
+
+    ``rise(η)`` is the change of the loss after a step of size η along the update direction
+    (``L(θ − η·u) − L(θ)``). From ``initial`` (the optimizer's own step size) the search doubles
+    or halves until the sign changes, then bisects the bracket with the evaluations left; at most
+    ``max_evals`` calls of ``rise``. ``None`` when no rise was found within them (the loss falls
+    along the whole range tried: no critical step there). When the loss rose at every step tried,
+    η_c is below the smallest of them: ``lower`` is 0 and ``step_size`` that smallest step, an
+    upper bound. A NaN loss counts as a rise (:func:`update_curvature`).
+
+    Example (a quadratic whose loss rises beyond η = 2):
+        >>> c = critical_step_size(lambda eta: eta * eta - 2 * eta, 1.0, max_evals=30)
+        >>> round(c.step_size, 6)
+        2.0
+    """
+    if not initial > 0:
+        raise ValueError(f"Expected a positive initial step size, got {initial!r}.")
+    if max_evals < 2:
+        raise ValueError(f"Expected `max_evals` >= 2 (a bracket needs two), got {max_evals!r}.")
+    evals = 1
+    eta = float(initial)
+    rises = rise(eta) > 0
+    lower, upper = (0.0, eta) if rises else (eta, math.inf)
+    while evals < max_evals and (lower == 0.0 or math.isinf(upper)):
+        eta = eta / 2 if rises else eta * 2
+        evals += 1
+        if rise(eta) > 0:
+            upper = min(upper, eta)
+            if not rises:
+                break
+        else:
+            lower = max(lower, eta)
+            if rises:
+                break
+    if math.isinf(upper):
+        return None
+    while evals < max_evals and lower > 0:
+        mid = (lower + upper) / 2
+        evals += 1
+        if rise(mid) > 0:
+            upper = mid
+        else:
+            lower = mid
+    return CriticalStep((lower + upper) / 2 if lower > 0 else upper, lower, upper, evals)
+
+
+def update_curvature(
+    loss_fn: Callable[[Mapping[str, Tensor]], Tensor],
+    params: Mapping[str, Tensor],
+    direction: Mapping[str, Tensor],
+    *,
+    step_size: float,
+    max_evals: int = 10,
+) -> CriticalStep | None:
+    """Critical step size and sharpness along ``direction`` at ``params``, by forward passes.
+
+    ``loss_fn`` maps a dict name → tensor to a scalar loss (e.g. through
+    ``torch.func.functional_call``); ``direction`` is the update u the optimizer would subtract
+    (its step is ``step_size · u``: for SGD u is the gradient and ``step_size`` the learning rate).
+    The losses at θ and at θ − η·u are compared under ``no_grad``; ``params`` are not changed.
+    ``step_size / result.step_size`` is the stability ratio along the update (≥ 1: the step the
+    optimizer takes would raise the loss).
+    """
+    with torch.no_grad():
+        base = float(loss_fn(params))
+        if not math.isfinite(base):
+            raise FloatingPointError(f"the loss is {base}: no curvature along the update")
+
+        def rise(eta: float) -> float:
+            moved = {k: p - eta * direction[k] if k in direction else p for k, p in params.items()}
+            value = float(loss_fn(moved))
+            return math.inf if math.isnan(value) else value - base
+
+        return critical_step_size(rise, step_size, max_evals=max_evals)
+
+
+def optimizer_update(
+    optimizer: torch.optim.Optimizer, named: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """The change ``Δθ`` that ``optimizer``'s next step would make to the ``named`` parameters,
+    from their current ``.grad``, without changing anything.
+
+    The step is taken by a copy of the optimizer (its class, hyperparameters and state) on
+    copies of the parameters, so it is exact for any optimizer whose constructor takes parameter
+    groups (SGD with momentum, Adam, AdamW, ...). ``-Δθ / lr`` is the update direction to give
+    :func:`update_curvature` with ``step_size=lr``. Parameters without a gradient do not move.
+    Costs a copy of the parameters and of the optimizer's state.
+    """
+    index = {id(p): name for name, p in named.items()}
+    shadows: dict[int, Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            q = p.detach().clone().requires_grad_(p.requires_grad)
+            q.grad = None if p.grad is None else p.grad.detach().clone()
+            shadows[id(p)] = q
+            params.append(q)
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    try:
+        shadow = type(optimizer)(groups)
+    except TypeError as exc:
+        raise TypeError(
+            f"optimizer_update needs an optimizer built from parameter groups; "
+            f"{type(optimizer).__name__} is not ({exc})."
+        ) from None
+    shadow.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    with torch.no_grad():
+        shadow.step()
+    moved = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in index:
+                moved[index[id(p)]] = (shadows[id(p)] - p).detach()
+    return moved
