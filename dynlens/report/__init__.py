@@ -72,6 +72,16 @@ value), ``first_logz_mean``, ``final_logz_mean``, ``logz_drift`` (final − firs
 ``wp`` (``{"<window>": value}``), ``worst_gap_task``, ``worst_gap``, ``worst_gap_recovery``, and
 ``per_task`` (``{"<task>": {"final_acc", "gap", "recovery", "recovery_steps"}}``; gap and recovery
 are null for the task being trained).
+
+``warning`` — ``EarlyWarningMonitor``'s warnings, read by their reasons (``warn_<event>``, and
+``<event>`` when the event happened): ``warnings``, a list in step order of ``{"event",
+"warned_step", "expected_step", "happened_step", "lead"}`` — the event (``collapse``,
+``divergence``, ``attention``), the step the warning was raised at, the step the event was
+expected at (the warned step + the ``<event>/steps_to`` logged at it, rounded up; read back as
+float32, so one step early when that sum lay within float32 rounding above an integer), the step
+the event happened at (its first occurrence at or after the warning, else the last before it;
+null if it never happened) and ``lead`` (happened − warned, null if it never happened); and
+``happened`` (``{"<event>": step}`` for every event that happened, warned or not).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def overview_table(report: Report) -> Table:
 
 
 def family_table(family: Family, runs: list[RunSummary]) -> Table | None:
-    """One family's table: a row per run that logged it, the family's declared columns."""
+    """One family's table: a row per run that logged it, the family's declared columns; with
+    ``family.rows``, a row per item of that list (one row of dashes for an empty list)."""
     rows = [r for r in runs if family.name in r.families]
     if not rows:
         return None
@@ -68,12 +69,14 @@ def family_table(family: Family, runs: list[RunSummary]) -> Table | None:
         table.add_column(column.header, justify="right" if column.field != "kind" else "left")
     for run in rows:
         values = run.families[family.name]
-        cells: list[RenderableType] = [run.name]
-        for column in family.columns:
-            value = values[column.field]
-            style = column.style(value) if column.style else ""
-            cells.append(Text(column.format(value), style=style))
-        table.add_row(*cells)
+        items = [values] if family.rows is None else values[family.rows] or [{}]
+        for item in items:
+            cells: list[RenderableType] = [run.name]
+            for column in family.columns:
+                value = item.get(column.field)
+                style = column.style(value) if column.style else ""
+                cells.append(Text(column.format(value), style=style))
+            table.add_row(*cells)
     return table
 
 

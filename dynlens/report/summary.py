@@ -4,8 +4,8 @@ This module is the framework: :class:`Options`, :class:`Column`, :class:`Family`
 :data:`FAMILIES` registry and its :func:`family` decorator, the :class:`Context` a summariser
 reads, the event reasons the report relies on (:data:`REASONS`), :func:`summarise_run` and
 :class:`RunSummary`. The summarisers themselves live in :mod:`dynlens.report.families`, one module
-per family (``grokking.py``, ``collapse.py``, ``hessian.py``, ``logits.py``, ``continual.py``);
-importing this module imports them, so :data:`FAMILIES` is always complete.
+per family (``grokking.py``, ``collapse.py``, ``hessian.py``, ``logits.py``, ``continual.py``,
+``warning.py``); importing this module imports them, so :data:`FAMILIES` is always complete.
 
 A *family* is what one monitor logs under ``<prefix>/<family>/``. Its summariser is one function
 decorated with :func:`family`, which declares the summary's fields (the JSON schema) and the
@@ -36,6 +36,10 @@ and one import line in ``dynlens/report/families/__init__.py``, at its place in 
 (the order of those imports is the order of the report's tables and of its JSON ``families``).
 Outside the package, the same decorator registers a family in any code that runs before the
 report is built.
+
+A family whose summary holds a list of like items (the ``warning`` family's warnings) can show
+one table row per item instead of one per run: ``rows="warnings"`` names that list-valued field,
+and its columns then name keys of the items. A run whose list is empty shows one row of dashes.
 
 Every number comes from the measurement layer's pure functions, the same ones the callbacks call
 (one definition per quantity): :func:`dynlens.grokking.detect_grokking` on the logged accuracy
@@ -134,6 +138,9 @@ class Family:
     fields: tuple[str, ...]
     columns: tuple[Column, ...]
     summarise: Callable[[Context], dict[str, Any] | None]
+    #: The list-valued field whose items are the table's rows (the columns name their keys);
+    #: ``None``: one row per run, the columns naming fields.
+    rows: str | None = None
 
 
 #: The registry, in table order: family name → :class:`Family`.
@@ -146,20 +153,25 @@ def family(
     title: str,
     fields: tuple[str, ...],
     columns: tuple[Column, ...],
+    rows: str | None = None,
     registry: dict[str, Family] | None = None,
 ) -> Callable[[Callable[[Context], dict[str, Any] | None]], Callable[..., Any]]:
     """Register the decorated function as the summariser of ``name`` (see the module docstring).
 
     ``fields`` are the keys the function returns, in order — they are the family's JSON schema
-    — and every column must show one of them. ``registry`` defaults to :data:`FAMILIES`.
+    — and every column must show one of them; with ``rows`` (one of the fields, a list of
+    mappings) the table has a row per item and every column shows a key of the items.
+    ``registry`` defaults to :data:`FAMILIES`.
     """
     target = FAMILIES if registry is None else registry
-    unknown = [c.field for c in columns if c.field not in fields]
+    if rows is not None and rows not in fields:
+        raise ValueError(f"rows {rows!r} of family {name!r} is not among its fields {fields}")
+    unknown = [c.field for c in columns if rows is None and c.field not in fields]
     if unknown:
         raise ValueError(f"columns {unknown} of family {name!r} are not among its fields {fields}")
 
     def register(fn: Callable[[Context], dict[str, Any] | None]) -> Callable[..., Any]:
-        target[name] = Family(name, title, tuple(fields), tuple(columns), fn)
+        target[name] = Family(name, title, tuple(fields), tuple(columns), fn, rows)
         return fn
 
     return register
@@ -170,7 +182,21 @@ def family(
 #: passes it to ``log_event`` (``SoftmaxCollapseMonitor``, ``dynlens/callbacks/collapse.py``).
 COLLAPSE_ONSET = "onset"
 COLLAPSE_REMEDY = "remedy"
-REASONS: dict[str, tuple[str, ...]] = {"collapse": (COLLAPSE_ONSET, COLLAPSE_REMEDY)}
+#: ``EarlyWarningMonitor`` (``dynlens/callbacks/early_warning.py``): the events it forecasts; each
+#: has a warning (reason ``warn_<event>``: expected within the horizon) and the event itself
+#: (reason ``<event>``: it happened at that step).
+WARNING_EVENTS: tuple[str, ...] = ("collapse", "divergence", "attention")
+
+
+def warning_reason(event: str) -> str:
+    """The reason of the warning that ``event`` is coming: ``"warn_collapse"``."""
+    return f"warn_{event}"
+
+
+REASONS: dict[str, tuple[str, ...]] = {
+    "collapse": (COLLAPSE_ONSET, COLLAPSE_REMEDY),
+    "warning": (*(warning_reason(e) for e in WARNING_EVENTS), *WARNING_EVENTS),
+}
 
 #: Legacy path: the wording that marked those events before they carried their reason.
 _LEGACY_WORDING: dict[tuple[str, str], str] = {
@@ -308,6 +334,8 @@ def summarise_run(
             raise RuntimeError(
                 f"summariser {name!r} returned fields {tuple(result)}, declared {fam.fields}"
             )
+        if fam.rows is not None:
+            _check_rows(fam, result[fam.rows])
         families[name] = {k: _json_value(v) for k, v in result.items()}
     steps = [int(s.steps[i]) for s in run.scalars.values() if len(s) for i in (0, -1)]
     return RunSummary(
@@ -321,6 +349,18 @@ def summarise_run(
         families=families,
         notes=[*run.notes, *ctx.notes],
     )
+
+
+def _check_rows(fam: Family, items: Any) -> None:
+    """A rows family's list: mappings holding every column's key (a programming error else)."""
+    keys = [c.field for c in fam.columns]
+    if not isinstance(items, (list, tuple)) or not all(
+        isinstance(item, Mapping) and all(k in item for k in keys) for item in items
+    ):
+        raise RuntimeError(
+            f"summariser {fam.name!r} returned {fam.rows!r} that is not a list of mappings "
+            f"with the keys {keys}"
+        )
 
 
 def _json_value(value: Any) -> Any:

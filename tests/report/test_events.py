@@ -13,7 +13,7 @@ import dynlens
 from dynlens.events import REASON_PATTERN, format_event, parse_event
 from dynlens.report import build_report
 from dynlens.report.reader import read_run
-from dynlens.report.summary import COLLAPSE_ONSET, COLLAPSE_REMEDY, REASONS
+from dynlens.report.summary import COLLAPSE_ONSET, COLLAPSE_REMEDY, REASONS, WARNING_EVENTS
 from tests.report.lightning_run import MONITORS, CollapsingClassifier, train, train_acc_at
 
 reasons = st.from_regex(rf"\A{REASON_PATTERN}\Z", fullmatch=True)
@@ -118,4 +118,15 @@ def test_rewording_every_event_message_leaves_the_report_unchanged(tmp_path, mon
 
 
 def test_the_reasons_the_report_relies_on_are_listed_once():
-    assert REASONS == {"collapse": (COLLAPSE_ONSET, COLLAPSE_REMEDY)}
+    assert REASONS == {
+        "collapse": (COLLAPSE_ONSET, COLLAPSE_REMEDY),
+        "warning": (
+            "warn_collapse",
+            "warn_divergence",
+            "warn_attention",
+            "collapse",
+            "divergence",
+            "attention",
+        ),
+    }
+    assert WARNING_EVENTS == ("collapse", "divergence", "attention")

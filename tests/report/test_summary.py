@@ -259,10 +259,13 @@ def test_a_run_shows_only_the_families_it_logged(tmp_path):
 
 
 def test_every_registered_family_declares_its_columns_and_a_docstring():
-    assert list(FAMILIES) == ["grokking", "collapse", "hessian", "logits", "continual"]
+    assert list(FAMILIES) == ["grokking", "collapse", "hessian", "logits", "continual", "warning"]
     for fam in FAMILIES.values():
         assert fam.summarise.__doc__, fam.name
-        assert {c.field for c in fam.columns} <= set(fam.fields)
+        if fam.rows is None:
+            assert {c.field for c in fam.columns} <= set(fam.fields)
+        else:  # the columns show keys of the items of one list-valued field
+            assert fam.rows in fam.fields
     with pytest.raises(ValueError, match=r"columns \['nope'\]"):
         family("x", title="x", fields=("a",), columns=(Column("nope", "n"),), registry={})
 
@@ -297,6 +300,54 @@ def test_a_family_is_added_by_one_function(tmp_path):
     out = Console(file=io.StringIO(), width=100)
     out.print(report)
     assert ["run", "250.5"] in [line.split() for line in out.file.getvalue().splitlines()]
+
+
+def test_a_rows_family_shows_a_row_per_item_and_its_items_are_checked(tmp_path):
+    registry: dict = {}
+    with pytest.raises(ValueError, match=r"rows 'items' of family 'x'"):
+        family("x", title="x", fields=("a",), columns=(), rows="items", registry=registry)
+
+    @family(
+        "spikes",
+        title="Loss spikes",
+        fields=("spikes",),
+        columns=(Column("step", "step"), Column("ratio", "ratio", fmt_float(1))),
+        rows="spikes",
+        registry=registry,
+    )
+    def spikes(ctx: Context):
+        """Every logged spike."""
+        ratio = ctx.series("spikes", "loss_ratio")
+        if ratio is None:
+            return None
+        points = zip(ratio.steps.tolist(), ratio.values.tolist(), strict=True)
+        return {"spikes": [{"step": s, "ratio": v} for s, v in points if v > 10]}
+
+    write(tmp_path / "two", {"dynlens/spikes/loss_ratio": {3: 12.5, 4: 1.0, 7: 250.5}})
+    write(tmp_path / "none", {"dynlens/spikes/loss_ratio": {3: 1.0}})
+    out = Console(file=io.StringIO(), width=100)
+    out.print(build_report([tmp_path], families=registry))
+    lines = [line.split() for line in out.file.getvalue().splitlines()]
+    assert [line for line in lines if line[:1] in (["two"], ["none"])][-3:] == [
+        ["none", "—", "—"],
+        ["two", "3", "12.5"],
+        ["two", "7", "250.5"],
+    ]
+
+    @family(
+        "bad",
+        title="b",
+        fields=("items",),
+        columns=(Column("k", "k"),),
+        rows="items",
+        registry=registry,
+    )
+    def bad(ctx: Context):
+        """Items without the column's key: a programming error, raised."""
+        return {"items": [{"other": 1}]}
+
+    with pytest.raises(RuntimeError, match="not a list of mappings with the keys"):
+        summarise_run(read_run(tmp_path / "two"), registry=registry)
 
 
 def test_a_failing_summariser_becomes_a_note_and_the_others_still_report(tmp_path):

@@ -12,5 +12,6 @@ from . import collapse as collapse
 from . import hessian as hessian
 from . import logits as logits
 from . import continual as continual
+from . import warning as warning
 
 # isort: on

@@ -1,0 +1,83 @@
+"""The ``warning`` family: each warning ``EarlyWarningMonitor`` raised, the step its event was
+expected at, and whether and when the event came."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..reader import Series
+from ..summary import WARNING_EVENTS, Column, Context, family, fmt_int, fmt_text, warning_reason
+
+
+def value_at(series: Series | None, step: int) -> float | None:
+    """The finite value logged at ``step`` (the last one written there), else ``None``."""
+    if series is None:
+        return None
+    points = series.per_step()
+    i = int(np.searchsorted(points.steps, step))
+    if i < len(points) and int(points.steps[i]) == step and math.isfinite(points.values[i]):
+        return float(points.values[i])
+    return None
+
+
+def happened_step(steps: list[int], warned: int) -> int | None:
+    """The step of the event a warning at ``warned`` was about: the first of the event's
+    ``steps`` at or after the warning, else the last one before it (the event came first: the
+    lead is negative), ``None`` when it never happened.
+
+    >>> happened_step([40, 300], 100), happened_step([40], 100), happened_step([], 100)
+    (300, 40, None)
+    """
+    later = [s for s in steps if s >= warned]
+    if later:
+        return min(later)
+    return max(steps) if steps else None
+
+
+@family(
+    "warning",
+    title="Warnings",
+    fields=("warnings", "happened"),
+    columns=(
+        Column("event", "event", fmt_text),
+        Column("warned_step", "warned at", fmt_int),
+        Column("expected_step", "expected", fmt_int),
+        Column("happened_step", "happened at", fmt_int),
+        Column("lead", "lead", fmt_int),
+    ),
+    rows="warnings",
+)
+def warning(ctx: Context) -> dict[str, Any] | None:
+    """One row per warning (reason ``warn_<event>``), in step order: the step it was raised at,
+    the step its event was expected at (that step + the ``<event>/steps_to`` logged there,
+    rounded up, as the monitor rounds it), the step the event happened at (reason ``<event>``)
+    and the lead (happened − warned); and the step of every event that happened, warned or not.
+    """
+    if not ctx.texts("warning") and not ctx.matching("warning", r".+"):
+        return None
+    happened = {e: sorted(ctx.event_steps("warning", e)) for e in WARNING_EVENTS}
+    raised = sorted(
+        (step, i, event)
+        for i, event in enumerate(WARNING_EVENTS)
+        for step in ctx.event_steps("warning", warning_reason(event))
+    )
+    warnings = []
+    for warned, _, event in raised:
+        steps_to = value_at(ctx.series("warning", f"{event}/steps_to"), warned)
+        came = happened_step(happened[event], warned)
+        warnings.append(
+            {
+                "event": event,
+                "warned_step": warned,
+                "expected_step": None if steps_to is None else math.ceil(warned + steps_to),
+                "happened_step": came,
+                "lead": None if came is None else came - warned,
+            }
+        )
+    return {
+        "warnings": warnings,
+        "happened": {e: steps[0] for e, steps in happened.items() if steps},
+    }
