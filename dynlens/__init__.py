@@ -2,10 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import collapse, continual, curvature, data, grokking, logits
+from . import collapse, continual, curvature, data, forecast, grokking, logits
 from .callbacks import (
     ConfigurationError,
     ContinualEvaluation,
+    EarlyWarningMonitor,
     GrokkingMonitor,
     HessianMonitor,
     LogitGrowthMonitor,
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigurationError",
     "ContinualEvaluation",
     "CrossEntropyLoss",
+    "EarlyWarningMonitor",
     "GrokkingMonitor",
     "HessianMonitor",
     "LogitGrowthMonitor",
@@ -45,6 +47,7 @@ __all__ = [
     "continual",
     "curvature",
     "data",
+    "forecast",
     "grokking",
     "log_stablemax",
     "logits",

@@ -11,6 +11,9 @@ from the signals dynlens already logs. Plain numpy and torch, no Lightning.
 * :func:`steps_to_threshold` extrapolates the fit to the step at which it crosses a threshold,
   with the range the slope's uncertainty gives, and says whether the trend is clear enough
   (the slope at least ``z`` standard errors away from 0) to be believed.
+* :func:`update_ratio` is the same ratio from the step itself, with two forward passes: the loss
+  before and after the step on the same batch and the first-order decrease −gᵀΔθ give the
+  secant of the loss along the step (exact on a quadratic).
 * :func:`critical_step_size` and :func:`update_curvature` measure the curvature along the update
   the optimizer takes with forward passes alone: the *critical sharpness* λ_c = 2/η_c, with η_c
   the smallest step size along the update direction at which the loss would rise (Kalra et al.
@@ -46,6 +49,7 @@ __all__ = [
     "optimizer_update",
     "steps_to_threshold",
     "update_curvature",
+    "update_ratio",
 ]
 
 
@@ -129,6 +133,22 @@ class Forecast:
     def within(self, horizon: float) -> bool:
         """A confident forecast of the crossing within ``horizon`` steps of the last point."""
         return self.confident and self.steps_to is not None and self.steps_to <= horizon
+
+    def surely_within(self, horizon: float) -> bool:
+        """The crossing within ``horizon`` steps of the last point even at the slow end of the
+        range (the slope ``z`` standard errors lower): for ``z=2`` a one-sided 97.5% bound."""
+        return (
+            self.confident
+            and self.upper is not None
+            and self.upper - self.trend.last_step <= horizon
+        )
+
+    def range_text(self) -> str:
+        """The range of the crossing as text, ``"lower–upper"`` (``∞`` for no upper end)."""
+        if self.lower is None or self.upper is None:
+            return "none"
+        upper = "∞" if math.isinf(self.upper) else f"{self.upper:.0f}"
+        return f"{self.lower:.0f}–{upper}"
 
 
 def steps_to_threshold(
@@ -275,6 +295,27 @@ def update_curvature(
             return math.inf if math.isnan(value) else value - base
 
         return critical_step_size(rise, step_size, max_evals=max_evals)
+
+
+def update_ratio(loss_before: float, loss_after: float, decrease: float) -> float:
+    """The stability ratio of a step Δθ, η/η_c along it, from the losses on one batch.
+
+    ``decrease`` is the first-order decrease −gᵀΔθ (g the gradient the step used). The quadratic
+    through L(θ), the slope gᵀΔθ and L(θ + Δθ) has curvature ΔθᵀHΔθ = 2 (L(θ+Δθ) − L(θ) + d), so
+    the ratio is ``1 − (loss_before − loss_after) / decrease``: below 1 the step lowers the loss,
+    at 1 the loss is back where it was (the step is the critical one, λ_c = 2/η), above 1 the step
+    raises it. For gradient descent on a quadratic (Δθ = −η·g) it is η·gᵀHg / (2 gᵀg), the
+    step size over 2/λ_c of :func:`update_curvature`. NaN when ``decrease`` is not positive (the
+    step does not descend to first order: no ratio).
+
+    Example (L = 2x² at x = 1, gradient 4, a gradient step of size 0.25 lands at x = 0 with a
+    first-order decrease of 4; η·λ/2 = 0.25 · 4 / 2):
+        >>> update_ratio(loss_before=2.0, loss_after=0.0, decrease=4.0)
+        0.5
+    """
+    if not decrease > 0:
+        return math.nan
+    return 1.0 - (float(loss_before) - float(loss_after)) / float(decrease)
 
 
 def optimizer_update(

@@ -15,6 +15,7 @@ from dynlens.forecast import (
     optimizer_update,
     steps_to_threshold,
     update_curvature,
+    update_ratio,
 )
 
 # ----------------------------------------------------------------------------------- trends
@@ -132,6 +133,18 @@ def test_the_range_follows_the_slope_error_and_noise_lowers_confidence():
     assert not flat.confident
 
 
+def test_surely_within_uses_the_slow_end_of_the_range():
+    rng = np.random.default_rng(2)
+    t = np.arange(0, 50, 5.0)
+    noisy = steps_to_threshold(t.tolist(), (0.1 * t + rng.normal(0, 0.3, t.size)).tolist(), 20.0)
+    slow_end = noisy.upper - noisy.trend.last_step
+    assert noisy.within(noisy.steps_to) and not noisy.surely_within(noisy.steps_to)
+    assert noisy.surely_within(slow_end) and not noisy.surely_within(slow_end - 1)
+    assert noisy.range_text() == f"{noisy.lower:.0f}–{noisy.upper:.0f}"
+    away = steps_to_threshold([0, 1, 2, 3], [4.0, 3.0, 2.0, 1.0], 20.0)
+    assert not away.surely_within(1e9) and away.range_text() == "none"
+
+
 # ------------------------------------------------------------------------- update curvature
 
 
@@ -191,6 +204,20 @@ def test_update_curvature_along_a_preconditioned_update():
     u = g / torch.linspace(0.5, 3.0, g.numel(), dtype=torch.float64)  # a diagonal preconditioner
     c = update_curvature(loss_fn, {"w": theta}, {"w": u}, step_size=0.01, max_evals=60)
     assert c.step_size == pytest.approx(float(2 * g @ u / (u @ hessian @ u)), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_update_ratio_of_a_step_is_its_size_over_the_critical_step(seed):
+    # on a quadratic the secant through L(θ), the slope and L(θ + Δθ) is exact: the ratio equals
+    # η / η_c of the line search, for a gradient step and a preconditioned one
+    hessian, theta, loss_fn = quadratic(seed=seed)
+    g = hessian @ theta
+    for u, eta in ((g, 0.05), (g / torch.linspace(0.5, 3.0, g.numel(), dtype=torch.float64), 0.1)):
+        c = update_curvature(loss_fn, {"w": theta}, {"w": u}, step_size=eta, max_evals=60)
+        before, after = float(loss_fn({"w": theta})), float(loss_fn({"w": theta - eta * u}))
+        ratio = update_ratio(before, after, decrease=float(eta * g @ u))
+        assert ratio == pytest.approx(eta / c.step_size, rel=1e-9)
+    assert math.isnan(update_ratio(1.0, 0.5, decrease=0.0))
 
 
 def test_a_diverging_loss_counts_as_a_rise_and_a_non_finite_start_is_refused():

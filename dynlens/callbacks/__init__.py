@@ -3,6 +3,7 @@
 from .base import ConfigurationError, Monitor
 from .collapse import SoftmaxCollapseMonitor
 from .continual import ContinualEvaluation
+from .early_warning import EarlyWarningMonitor
 from .grokking import GrokkingMonitor
 from .hessian import HessianMonitor
 from .logits import LogitGrowthMonitor
@@ -11,6 +12,7 @@ from .perpgrad import PerpGrad
 __all__ = [
     "ConfigurationError",
     "ContinualEvaluation",
+    "EarlyWarningMonitor",
     "GrokkingMonitor",
     "HessianMonitor",
     "LogitGrowthMonitor",

@@ -35,6 +35,7 @@ __all__ = [
     "UserLossFn",
     "logging_suppressed",
     "loss_closure",
+    "losses_across_step",
     "probe_generator",
 ]
 
@@ -174,6 +175,23 @@ def loss_closure(
         return _as_loss(out)
 
     return params, loss_of
+
+
+def losses_across_step(
+    module: nn.Module, batch: Any, batch_idx: int, before: Mapping[str, Tensor]
+) -> Tensor:
+    """The loss on ``batch`` at the parameters ``before`` an optimizer step and at the module's
+    current ones, ``[before, after]`` (float32), by two forward passes of the replay under
+    ``no_grad``. Both start from the same global RNG state, so dropout draws the same masks at
+    both points, and the RNG streams are restored after each (:func:`_rng_restored`)."""
+    params, loss_of = loss_closure(module, batch, batch_idx)
+    device = next(iter(params.values())).device
+    losses = []
+    with torch.no_grad():
+        for point in ({k: before.get(k, v).to(v.dtype) for k, v in params.items()}, params):
+            with _rng_restored(device):
+                losses.append(loss_of(point).detach().float().reshape(()))
+    return torch.stack(losses)
 
 
 def _rng_restored(device: torch.device) -> contextlib.AbstractContextManager[None]:

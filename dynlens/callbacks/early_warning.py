@@ -1,0 +1,499 @@
+"""EarlyWarningMonitor: forecast Softmax Collapse, loss divergence and attention-logit blow-up."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from ..collapse import collapse_threshold, collapsed_mask, runner_up_gap
+from ..forecast import Forecast, TrendKind, steps_to_threshold, update_ratio
+from ..nn import CrossEntropyLoss
+from .base import (
+    Chart,
+    ConfigurationError,
+    Monitor,
+    check_choice,
+    check_positive_int,
+    check_positive_number,
+    fail_soft,
+    logging_step,
+    sharding_strategy,
+)
+from .capture import AttentionCapture, LogitsCapture, announce_logits, take_logits
+from .replay import losses_across_step
+from .schedule import StepWindow
+
+Event = Literal["collapse", "divergence", "attention"]
+EVENTS: tuple[Event, ...] = ("collapse", "divergence", "attention")
+
+#: The events, exactly. Collapse: more than this share of a measured step's samples in Softmax
+#: Collapse (the SoftmaxCollapseMonitor's onset rule), in the precision the loss uses.
+COLLAPSE_SHARE = 0.5
+#: Divergence: the training loss non-finite, or above this many times its lowest value so far...
+DIVERGENCE_FACTOR = 10.0
+#: ... from this step on.
+DIVERGENCE_AFTER = 50
+#: Attention: the largest attention logit of a measured step above this.
+ATTENTION_LIMIT = 1e4
+
+#: The signal each event is forecast from: (its quantity, the trend it follows).
+SIGNALS: dict[str, tuple[str, TrendKind]] = {
+    "collapse": ("gap_median", "linear"),
+    "divergence": ("update_ratio", "linear"),
+    "attention": ("max_logit", "exponential"),
+}
+#: Fewest points a trend may be fitted to.
+MIN_POINTS = 4
+
+Action = Literal["checkpoint", "stop"] | Callable[[dict[str, Any]], Any] | None
+
+
+class EarlyWarningMonitor(Monitor):
+    """Warn that an instability is coming while there is still time to act.
+
+    Each measured step (every ``every_n_steps``) adds a point to the signal each event is
+    forecast from, fits the last ``window`` points by least squares
+    (:func:`dynlens.forecast.steps_to_threshold`) and extrapolates them to the event's threshold:
+
+    * **collapse** — the median top-vs-runner-up logit gap, growing linearly towards the collapse
+      threshold ln(2/eps) of the loss's precision (Prieto et al. 2025); the event: more than half
+      of a measured step's samples in Softmax Collapse;
+    * **divergence** — the update ratio η/η_c along the step the optimizer took (every
+      ``curvature_every_n_steps``): the loss before and after the step on the step's own batch
+      and the first-order decrease −gᵀΔθ, two forward passes
+      (:func:`dynlens.forecast.update_ratio`, the critical sharpness of Kalra et al. 2026 over
+      2/η), rising towards 1, where the step stops lowering the loss; the event: the training
+      loss non-finite, or above 10× its lowest value so far after the first 50 steps (read at
+      every step);
+    * **attention** — the largest attention logit, growing exponentially towards 1e4
+      (Wortsman et al. 2023); the event: the largest attention logit above 1e4.
+
+    A **warning** is raised when the event is expected within ``horizon`` steps even at the slow
+    end of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`): kept in
+    :attr:`warnings` and in checkpoints, and written as a text event under ``<prefix>/warning/events``
+    (reason ``warn_<event>``). One warning per event until its forecast clears (no longer clear,
+    or expected beyond twice the horizon). When an event happens it is an event of its own
+    (reason ``<event>``) and its forecast stops. Every decision is taken from values reduced
+    across ranks, so every rank decides the same.
+
+    Scalars under ``<prefix>/warning/<event>/``: the signals (``gap_median``, ``threshold``,
+    ``sc_fraction``; ``loss``, ``update_ratio``; ``max_logit``) and ``steps_to``, the expected
+    steps to the event while one is expected within twice the horizon.
+
+    Args:
+        events: which of ``"collapse"``, ``"divergence"``, ``"attention"`` to forecast.
+        horizon: warn when the event is expected within this many steps (default 500).
+        every_n_steps: measure every this many steps (default 10).
+        curvature_every_n_steps: measure the update ratio every this many steps (default 50; a
+            multiple of ``every_n_steps``; two forward passes on the step's batch).
+        window: measured points a trend is fitted to, once there are that many (default 16, at
+            least 4).
+        z: standard errors the slope must be from 0 (default 2).
+        action: at a warning, ``None`` (warn only), ``"checkpoint"`` (save a rollback checkpoint,
+            ``dynlens-warning-<event>-step<step>.ckpt`` in ``checkpoint_dir``, default the
+            trainer's ``default_root_dir``; every rank takes part, as ``trainer.save_checkpoint``
+            requires, and rank 0 writes), ``"stop"`` (stop training cleanly at the end of the
+            step), or a function called with the warning's dict (on every rank).
+        logits_module: where the collapse signal's logits come from, as for
+            :class:`dynlens.SoftmaxCollapseMonitor` (``"auto"``, a submodule name, or ``None``
+            for ``training_step``'s ``"logits"``).
+        prefix, verbose: as for every monitor.
+
+    The collapse signal's precision and activation follow the first
+    :class:`dynlens.CrossEntropyLoss` in the module (else the logits' dtype, softmax). The ratio
+    needs the step's gradient on the step's own batch, so it is not measured with gradient
+    accumulation, manual optimisation or sharded strategies (an event says so once); the
+    divergence event is then still detected.
+    """
+
+    name = "warning"
+
+    def __init__(
+        self,
+        *,
+        events: Sequence[Event] = EVENTS,
+        horizon: int = 500,
+        every_n_steps: int = 10,
+        curvature_every_n_steps: int = 50,
+        window: int = 16,
+        z: float = 2.0,
+        action: Action = None,
+        checkpoint_dir: str | None = None,
+        logits_module: str | None = "auto",
+        prefix: str = "dynlens",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix, verbose=verbose)
+        if isinstance(events, str) or not events:
+            raise ConfigurationError(
+                f"Expected `events` a non-empty sequence of {EVENTS}, got {events!r}: e.g. "
+                "events=('collapse',)."
+            )
+        for event in events:
+            check_choice("events", event, EVENTS)
+        self.events_watched: tuple[str, ...] = tuple(dict.fromkeys(events))
+        self.horizon = check_positive_int("horizon", horizon)
+        self.curvature_every_n_steps = check_positive_int(
+            "curvature_every_n_steps", curvature_every_n_steps
+        )
+        if self.curvature_every_n_steps % self.every_n_steps:
+            raise ConfigurationError(
+                f"Expected `curvature_every_n_steps` a multiple of `every_n_steps` "
+                f"({self.every_n_steps}), got {curvature_every_n_steps}."
+            )
+        self.window = check_positive_int("window", window)
+        if self.window < MIN_POINTS:
+            raise ConfigurationError(f"Expected `window` >= {MIN_POINTS}, got {window}.")
+        self.z = check_positive_number("z", z)
+        if not callable(action):
+            check_choice("action", action, (None, "checkpoint", "stop"))
+        self.action = action
+        self.checkpoint_dir = checkpoint_dir
+        self.capture = LogitsCapture(logits_module)
+        self.attention_capture = AttentionCapture()
+        #: Warnings so far: dicts with ``event``, ``step``, ``expected_step``, ``reason``,
+        #: ``message`` (and ``checkpoint`` when one was saved).
+        self.warnings: list[dict[str, Any]] = self.add_state("warnings", list)
+        #: The step each event happened at (``None`` until it does).
+        self.happened: dict[str, int | None] = self.add_state(
+            "happened", lambda: dict.fromkeys(self.events_watched)
+        )
+        #: Each signal's recent points, ``[step, value]``.
+        self.history: dict[str, list[list[float]]] = self.add_state("history", dict)
+        #: Events with a warning that has not cleared.
+        self.active: list[str] = self.add_state("active", list)
+        self.loss_min: float = self.add_state("loss_min", math.inf)
+        #: The training losses of the steps since the last measured step: (step, loss).
+        self._losses: list[tuple[int, torch.Tensor]] = self.add_state(
+            "_losses",
+            list,
+            key="pending.losses",
+            save=lambda ls: [(s, float(v)) for s, v in ls],
+            load=lambda ls: [(int(s), torch.tensor(float(v))) for s, v in ls],
+        )
+        self._announced: list[str] = self.add_state("_announced", list)
+        #: The latest logged values, by quantity name.
+        self.latest: dict[str, float] = {}
+        self._window = StepWindow()
+        self._theta: dict[str, torch.Tensor] | None = None  # θ before a measured update
+        self._collapse_in: tuple[str, torch.dtype] = ("softmax", torch.float32)
+        self._ratio_possible = True
+        self._no_ratio_reason: str | None = None
+        self._follow_logits_dtype = True
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "events": self.events_watched}
+
+    def watches(self, event: str) -> bool:
+        return event in self.events_watched
+
+    def panel(self) -> dict[str, Chart]:
+        charts: dict[str, Chart] = {
+            "expected steps to each event (while one is expected)": [
+                "Multiline",
+                [f"^{self.key(e)}/steps_to$" for e in self.events_watched],
+            ]
+        }
+        if self.watches("collapse"):
+            charts["collapse: median logit gap and the collapse threshold"] = self.multiline(
+                "collapse/gap_median", "collapse/threshold"
+            )
+        if self.watches("divergence"):
+            charts["divergence: update ratio η/η_c (1: the step stops lowering the loss)"] = (
+                self.multiline("divergence/update_ratio")
+            )
+        if self.watches("attention"):
+            charts["attention: largest attention logit (event at 1e4)"] = self.multiline(
+                "attention/max_logit"
+            )
+        return charts
+
+    # ------------------------------------------------------------------------------ set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.watches("collapse"):
+            self.capture.attach(pl_module, type(self).__name__)
+        if self.watches("attention"):
+            self.attention_capture.attach(pl_module, type(self).__name__)
+        losses = [m for m in pl_module.modules() if isinstance(m, CrossEntropyLoss)]
+        if losses:
+            dtype = losses[0].dtype
+            self._collapse_in = (losses[0].activation, dtype or torch.float32)
+        self._follow_logits_dtype = not losses or losses[0].dtype is None
+        why = None
+        if getattr(trainer, "accumulate_grad_batches", 1) > 1:
+            why = "gradient accumulation (the gradient is not the last micro-batch's)"
+        elif not getattr(pl_module, "automatic_optimization", True):
+            why = "manual optimisation"
+        elif sharding_strategy(trainer) is not None:
+            why = f"{sharding_strategy(trainer)} (the replay needs whole parameters)"
+        self._ratio_possible = why is None
+        self._no_ratio_reason = why
+        if self.action == "checkpoint" and self.checkpoint_dir is None:
+            self.checkpoint_dir = trainer.default_root_dir
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.capture.detach()
+        self.attention_capture.detach()
+        self._window.close()
+        self._theta = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.attention_capture.detach()
+
+    def disable(self, reason: str) -> None:
+        self.capture.disarm()
+        self.attention_capture.disarm()
+        self._theta = None
+        super().disable(reason)
+
+    # ------------------------------------------------------------------------------ measuring
+    def _curvature_due(self, trainer: Any) -> bool:
+        return (
+            self.watches("divergence")
+            and self._ratio_possible
+            and self.happened.get("divergence") is None
+            and self.is_due(trainer, self.curvature_every_n_steps)
+        )
+
+    @fail_soft
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        if not self.is_due(trainer):
+            return
+        self._window.open(trainer)
+        if self.watches("collapse"):
+            self.capture.arm()
+        if self.watches("attention"):
+            self.attention_capture.arm()
+
+    @fail_soft
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        self.attention_capture.disarm()  # not in the backward pass or the optimizer step
+
+    @fail_soft
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._window.is_open and self._curvature_due(trainer):
+            self._theta = {
+                k: p.detach().clone() for k, p in pl_module.named_parameters() if p.requires_grad
+            }
+
+    @fail_soft
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = _loss_of(outputs)
+        if loss is not None and self.watches("divergence"):
+            self._losses.append((logging_step(trainer), loss.detach().reshape(())))
+        if not self._window.is_open:
+            return
+        owner = type(self).__name__
+        collapse = self.watches("collapse") and self.happened.get("collapse") is None
+        if not self._window.close_if_stepped(trainer):
+            # a micro-batch before the last of an accumulated step: the collapse signal reads
+            # the last micro-batch's logits, these are let go
+            if self.watches("collapse"):
+                self.capture.take(outputs, owner)
+            return
+        self.attention_capture.disarm()
+        step = logging_step(trainer)
+        parts: dict[str, tuple[torch.Tensor, str | None]] = {}
+        if collapse:
+            parts.update(self._collapse_parts(trainer, outputs))
+        elif self.watches("collapse"):
+            self.capture.take(outputs, owner)
+        if self.watches("attention"):
+            sums = self.attention_capture.take()
+            maxima = [s.max_logit for s in sums.values() if isinstance(s.max_logit, torch.Tensor)]
+            if maxima:
+                parts["max_logit"] = (torch.stack(maxima).max().float(), "max")
+        if self._theta is not None:
+            parts.update(self._ratio_parts(pl_module, batch, batch_idx))
+        if self._losses:
+            device = pl_module.device
+            parts["losses"] = (torch.stack([v.to(device) for _, v in self._losses]), "mean")
+        self._decide(trainer, step, parts)
+
+    def _collapse_parts(self, trainer: Any, outputs: Any) -> dict[str, tuple[torch.Tensor, str]]:
+        taken = take_logits(self.capture, outputs, type(self).__name__)
+        announce_logits(self, trainer, logging_step(trainer), self.capture)
+        activation, dtype = self._collapse_in
+        logits = taken[-1]
+        if self._follow_logits_dtype:  # no loss sets a precision: the logits' own, as F's loss
+            dtype = logits.dtype
+        self._collapse_in = (activation, dtype)
+        gaps = runner_up_gap(logits, activation=activation, dtype=dtype).float()
+        collapsed = collapsed_mask(logits, activation=activation, dtype=dtype)
+        counts = torch.stack([collapsed.new_tensor(collapsed.numel()), collapsed.sum()]).float()
+        return {"gap": (gaps.nanmedian(), "mean"), "counts": (counts, "sum")}
+
+    def _ratio_parts(self, pl_module: Any, batch: Any, batch_idx: int) -> dict:
+        theta, self._theta = self._theta, None
+        named = dict(pl_module.named_parameters())
+        if any(named[k].grad is None for k in theta):
+            return {}
+        with torch.no_grad():  # −gᵀΔθ, with the gradient the step used
+            decrease = -sum(
+                (named[k].grad * (named[k].detach() - t)).sum() for k, t in theta.items()
+            )
+        losses = losses_across_step(pl_module, batch, batch_idx, theta)
+        return {"ratio_losses": (losses, "mean"), "decrease": (decrease.float().reshape(()), None)}
+
+    @fail_soft
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._losses:  # the losses since the last measured step: an event among them
+            stacked = torch.stack([v.to(pl_module.device) for _, v in self._losses])
+            self._decide(trainer, self._losses[-1][0], {"losses": (stacked, "mean")})
+
+    # ------------------------------------------------------------------------------ deciding
+    def _decide(self, trainer: Any, step: int, parts: dict) -> None:
+        host = self.reduce_to_host(trainer, parts)
+        scalars: dict[str, float] = {}
+        signals: dict[str, float] = {}
+        if "losses" in host:
+            self._scan_losses(trainer, host["losses"])
+            scalars["divergence/loss"] = host["losses"][-1]
+        if "counts" in host:
+            samples, collapsed = host["counts"]
+            share = collapsed / max(samples, 1.0)
+            threshold = collapse_threshold(self._collapse_in[1], self._collapse_in[0])
+            scalars.update(
+                {
+                    "collapse/sc_fraction": share,
+                    "collapse/gap_median": host["gap"][0],
+                    "collapse/threshold": threshold,
+                }
+            )
+            signals["collapse"] = host["gap"][0]
+            if share > COLLAPSE_SHARE:
+                self._happen(
+                    trainer, "collapse", step, f"{share:.1%} of the samples in Softmax Collapse"
+                )
+        if "max_logit" in host:
+            top = host["max_logit"][0]
+            scalars["attention/max_logit"] = top
+            signals["attention"] = top
+            if top > ATTENTION_LIMIT:
+                self._happen(
+                    trainer, "attention", step, f"the largest attention logit is {top:.4g}"
+                )
+        if "ratio_losses" in host:
+            before, after = host["ratio_losses"]
+            ratio = update_ratio(before, after, host["decrease"][0])
+            if math.isfinite(ratio):
+                scalars["divergence/update_ratio"] = ratio
+                signals["divergence"] = ratio
+        elif self.watches("divergence") and not self._ratio_possible:
+            self._say_once(trainer, step, "no_update_ratio", self._no_ratio_reason)
+        for event, value in signals.items():
+            forecast = self._forecast(event, step, value)
+            if forecast is not None and forecast.within(2 * self.horizon):
+                scalars[f"{event}/steps_to"] = forecast.steps_to
+            self._warn_or_clear(trainer, event, step, forecast)
+        logged = self.log_metrics(trainer, scalars, step=step)
+        self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
+
+    def _scan_losses(self, trainer: Any, values: list[float]) -> None:
+        steps = [s for s, _ in self._losses]
+        self._losses = []
+        for s, value in zip(steps, values, strict=True):
+            if self.happened.get("divergence") is None:
+                if not math.isfinite(value):
+                    self._happen(trainer, "divergence", s, f"the training loss is {value}")
+                elif s >= DIVERGENCE_AFTER and value > DIVERGENCE_FACTOR * self.loss_min:
+                    self._happen(
+                        trainer,
+                        "divergence",
+                        s,
+                        f"the training loss {value:.4g} is above {DIVERGENCE_FACTOR:g}× its "
+                        f"lowest value so far ({self.loss_min:.4g})",
+                    )
+            if math.isfinite(value):
+                self.loss_min = min(self.loss_min, value)
+
+    def _forecast(self, event: str, step: int, value: float) -> Forecast | None:
+        kind = SIGNALS[event][1]
+        if not math.isfinite(value) or (kind == "exponential" and value <= 0):
+            return None
+        points = self.history.setdefault(event, [])
+        points.append([float(step), float(value)])
+        del points[: -self.window]
+        if self.happened.get(event) is not None or len(points) < self.window:
+            return None
+        steps, values = zip(*points, strict=True)
+        return steps_to_threshold(
+            steps, values, self._threshold(event), kind=kind, rising=True, z=self.z
+        )
+
+    def _threshold(self, event: str) -> float:
+        if event == "collapse":
+            return collapse_threshold(self._collapse_in[1], self._collapse_in[0])
+        return 1.0 if event == "divergence" else ATTENTION_LIMIT
+
+    def _warn_or_clear(
+        self, trainer: Any, event: str, step: int, forecast: Forecast | None
+    ) -> None:
+        if self.happened.get(event) is not None:
+            return
+        if event in self.active:
+            if forecast is None or not forecast.within(2 * self.horizon):
+                self.active.remove(event)  # the forecast cleared
+            return
+        if forecast is None or not forecast.surely_within(self.horizon):
+            return
+        quantity, _ = SIGNALS[event]
+        expected = math.ceil(forecast.expected_step)
+        message = (
+            f"{event} expected at step {expected} (in {forecast.steps_to:.0f} steps, range "
+            f"{forecast.range_text()}): {quantity} is trending to {forecast.threshold:.4g}"
+        )
+        warning = {
+            "event": event,
+            "step": int(step),
+            "expected_step": expected,
+            "reason": f"warn_{event}",
+            "message": message,
+        }
+        self.active.append(event)
+        if self.action == "checkpoint":
+            path = os.path.join(
+                str(self.checkpoint_dir), f"dynlens-warning-{event}-step{step}.ckpt"
+            )
+            trainer.save_checkpoint(path)
+            warning["checkpoint"] = path
+            message += f"; rollback checkpoint {path}"
+        elif self.action == "stop":
+            trainer.should_stop = True
+            message += "; stopping training"
+        warning["message"] = message
+        self.warnings.append(warning)
+        self.log_event(trainer, step, warning["reason"], message)
+        if callable(self.action):
+            self.action(dict(warning))
+
+    def _happen(self, trainer: Any, event: str, step: int, what: str) -> None:
+        if self.happened.get(event) is not None:
+            return
+        self.happened[event] = int(step)
+        if event in self.active:
+            self.active.remove(event)
+        warned = [w for w in self.warnings if w["event"] == event]
+        lead = f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
+        self.log_event(trainer, step, event, f"{event}: {what}{lead}")
+
+    def _say_once(self, trainer: Any, step: int, reason: str, message: str | None) -> None:
+        if reason not in self._announced:
+            self._announced.append(reason)
+            self.log_event(
+                trainer, step, reason, f"the update ratio is not measured under {message}"
+            )
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None

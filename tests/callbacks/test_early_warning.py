@@ -1,0 +1,298 @@
+"""EarlyWarningMonitor: each logged signal against a brute-force value, the events exactly, the
+warning rule on signals whose forecast is known in closed form, and the actions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dynlens
+from dynlens.callbacks.base import ConfigurationError
+from tests.helpers import trainer as make_trainer
+
+
+def loader(n: int = 8, d: int = 3, classes: int = 2, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(
+        torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+    )
+    return DataLoader(data, batch_size=n)
+
+
+class Scripted(pl.LightningModule):
+    """Logits ``[slope · step, 0]`` for every sample and a loss ``curve(step)``, both with a
+    gradient through a weight that never changes what they are (lr 0)."""
+
+    def __init__(self, slope: float = 0.0, curve=None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.slope, self.curve = slope, curve
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        t = float(self.global_step)  # the step Lightning logs this batch at
+        logits = torch.zeros(len(x), 2) + self.w
+        logits = logits + torch.tensor([self.slope * t, 0.0])
+        loss = F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
+        if self.curve is not None:
+            loss = loss * 0 + self.w + self.curve(int(t))
+        return {"loss": loss, "logits": logits.detach()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit(model, monitor, steps: int, **kwargs) -> pl.Trainer:
+    trainer = make_trainer(max_steps=steps, logger=False, callbacks=[monitor], **kwargs)
+    trainer.fit(model, loader())
+    return trainer
+
+
+def test_bad_arguments_say_what_to_do():
+    for kwargs in (
+        {"events": "collapse"},
+        {"events": ("collapse", "spikes")},
+        {"every_n_steps": 10, "curvature_every_n_steps": 25},
+        {"window": 3},
+        {"action": "email"},
+        {"horizon": 0},
+    ):
+        with pytest.raises(ConfigurationError):
+            dynlens.EarlyWarningMonitor(**kwargs)
+
+
+def test_a_linear_gap_is_forecast_exactly_and_the_collapse_comes_when_more_than_half_collapse():
+    # the gap grows by 0.05 per step: it reaches ln(2/eps_float32) = 16.64 at step 332.7, and the
+    # samples collapse (log_softmax's max rounds to 0) from the first step whose gap does
+    slope, horizon = 0.05, 100
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("collapse",),
+        every_n_steps=5,
+        window=4,
+        horizon=horizon,
+        logits_module=None,
+        verbose=False,
+    )
+    fit(Scripted(slope), monitor, 400)
+    threshold = dynlens.collapse.collapse_threshold(torch.float32)
+    expected = math.ceil(threshold / slope)
+    # measured steps are multiples of 5; the first with the crossing within the horizon
+    warned = next(s for s in range(20, 400, 5) if threshold / slope - s <= horizon)
+    assert len(monitor.warnings) == 1
+    warning = monitor.warnings[0]
+    assert {k: warning[k] for k in ("event", "step", "expected_step", "reason")} == {
+        "event": "collapse",
+        "step": warned,
+        "expected_step": expected,
+        "reason": "warn_collapse",
+    }
+    collapsed = next(
+        s for s in range(5, 400, 5) if F.log_softmax(torch.tensor([slope * s, 0.0]), -1).max() == 0
+    )
+    assert monitor.happened["collapse"] == collapsed
+    assert [e["reason"] for e in monitor.events] == ["warn_collapse", "collapse"]
+    assert monitor.active == []
+
+
+def test_collapse_signals_equal_their_brute_force_values():
+    logged = {}
+
+    class Read(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logits = outputs["logits"].double()
+            top2 = logits.topk(2, dim=-1).values
+            logged[trainer.global_step - 1] = (
+                (top2[:, 0] - top2[:, 1]).median().item(),
+                (F.log_softmax(logits.float(), -1).amax(-1) == 0).float().mean().item(),
+            )
+
+    class Random(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, 5)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.head(x) * 5
+            return {"loss": F.cross_entropy(logits, y), "logits": logits.detach()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("collapse",), every_n_steps=1, logits_module=None, verbose=False
+    )
+    trainer = make_trainer(max_steps=2, logger=False, callbacks=[Read(), monitor])
+    trainer.fit(Random(), loader(n=9, classes=5))
+    gap, share = logged[1]  # the last measured step
+    assert monitor.latest["collapse/gap_median"] == pytest.approx(gap, rel=1e-5)
+    assert monitor.latest["collapse/sc_fraction"] == pytest.approx(share)
+    assert monitor.latest["collapse/threshold"] == pytest.approx(24 * math.log(2))
+
+
+def test_divergence_is_a_non_finite_loss_or_ten_times_the_lowest_after_step_50():
+    def curve(step):  # lowest 1.0 at step 10; 30 at step 40 is too early; 10.5 at 70 diverges
+        return {10: 1.0, 40: 30.0}.get(step, 10.5 if step >= 70 else 2.0)
+
+    monitor = dynlens.EarlyWarningMonitor(events=("divergence",), every_n_steps=10, verbose=False)
+    fit(Scripted(curve=curve), monitor, 100)
+    assert monitor.happened == {"divergence": 70}
+    assert monitor.loss_min == 1.0
+    assert monitor.events[-1]["reason"] == "divergence"
+
+    monitor = dynlens.EarlyWarningMonitor(events=("divergence",), every_n_steps=10, verbose=False)
+    fit(Scripted(curve=lambda s: math.inf if s == 23 else 1.0), monitor, 30)
+    assert monitor.happened == {"divergence": 23}
+
+
+class Regression(pl.LightningModule):
+    """Least squares: a quadratic loss, so the secant along the step is exact."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1, bias=False)
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.lin(x).squeeze(-1), y.float())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_the_update_ratio_is_the_step_size_over_two_over_the_curvature_along_the_gradient():
+    # MSE on X: H = 2 XᵀX / n; for a gradient step η·g the ratio is η gᵀHg / (2 gᵀg)
+    torch.manual_seed(0)
+    model = Regression(lr=0.3)
+    data = loader(n=8, d=3)
+    x, _ = next(iter(data))
+    expected = {}
+
+    class Before(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            g = pl_module.lin.weight.grad.reshape(-1).double()
+            h = 2 * x.double().T @ x.double() / len(x)
+            expected[trainer.global_step] = 0.3 * float(g @ h @ g) / (2 * float(g @ g))
+
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
+    )
+    seen = {}
+
+    class After(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen[trainer.global_step - 1] = monitor.latest["divergence/update_ratio"]
+
+    trainer = make_trainer(max_steps=4, logger=False, callbacks=[Before(), monitor, After()])
+    trainer.fit(model, data)
+    assert set(seen) == {0, 1, 2, 3}
+    for step, ratio in seen.items():
+        assert ratio == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_the_update_ratio_is_not_measured_under_gradient_accumulation():
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
+    )
+    trainer = make_trainer(
+        max_steps=2, logger=False, callbacks=[monitor], accumulate_grad_batches=2
+    )
+    trainer.fit(Regression(lr=0.1), DataLoader(loader().dataset, batch_size=4))
+    assert "divergence/update_ratio" not in monitor.latest
+    assert [e["reason"] for e in monitor.events] == ["no_update_ratio"]
+
+
+class Attention(pl.LightningModule):
+    """One SDPA call whose logits the module computes itself too (for the brute-force max)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(4, 8)
+        self.head = nn.Linear(4, 2)
+        self.largest: dict[int, float] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        seq = x[:, None, :].expand(-1, 3, -1) * torch.arange(1.0, 4.0)[None, :, None]
+        q, k = self.qk(seq).chunk(2, dim=-1)
+        scores = q @ k.transpose(-1, -2) / 2.0  # scale 1/sqrt(4)
+        self.largest[self.global_step] = scores.max().item()
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], seq[:, None])
+        return F.cross_entropy(self.head(out[:, 0].mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def test_the_attention_signal_is_the_largest_attention_logit():
+    model = Attention()
+    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    seen = {}
+
+    class After(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if "attention/max_logit" in monitor.latest:
+                seen[trainer.global_step - 1] = monitor.latest["attention/max_logit"]
+
+    trainer = make_trainer(max_steps=6, logger=False, callbacks=[monitor, After()])
+    trainer.fit(model, loader(n=8, d=4))
+    for step in (0, 2, 4):  # the measured steps
+        assert seen[step] == pytest.approx(model.largest[step], rel=1e-5)
+    assert seen[1] == seen[0] and seen[5] == seen[4]  # nothing measured in between
+
+
+def test_flat_noise_warns_of_nothing():
+    g = torch.Generator().manual_seed(0)
+    noise = (torch.rand(400, generator=g) * 4).tolist()
+
+    class Noisy(Scripted):
+        def training_step(self, batch, batch_idx):
+            x, _ = batch
+            gap = 10.0 + noise[self.global_step]
+            logits = torch.zeros(len(x), 2) + self.w + torch.tensor([gap, 0.0])
+            loss = F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
+            return {"loss": loss, "logits": logits.detach()}
+
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("collapse",),
+        every_n_steps=5,
+        horizon=200,
+        logits_module=None,
+        verbose=False,
+    )
+    fit(Noisy(), monitor, 300)
+    assert monitor.warnings == [] and monitor.happened == {"collapse": None}
+    assert len(monitor.history["collapse"]) == 16
+
+
+@pytest.mark.parametrize("action", ["stop", "checkpoint", "callable"])
+def test_actions(action, tmp_path):
+    got = []
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("collapse",),
+        every_n_steps=5,
+        window=4,
+        horizon=100,
+        logits_module=None,
+        action=got.append if action == "callable" else action,
+        checkpoint_dir=str(tmp_path),
+        verbose=False,
+    )
+    trainer = fit(Scripted(0.05), monitor, 400)
+    (warning,) = monitor.warnings
+    if action == "stop":
+        assert trainer.global_step == warning["step"] + 1  # stopped after that step
+    elif action == "checkpoint":
+        path = tmp_path / f"dynlens-warning-collapse-step{warning['step']}.ckpt"
+        assert warning["checkpoint"] == str(path) and path.exists()
+        saved = torch.load(path, weights_only=False)
+        assert saved["global_step"] == warning["step"] + 1  # resumes with the next step
+    else:
+        assert got == [warning]
