@@ -40,11 +40,16 @@ from torch import Tensor
 
 TrendKind = Literal["linear", "exponential"]
 
+#: The share by which the slope at a window's end must fall below its average for
+#: :func:`decelerating`.
+LEVELLING = 0.1
+
 __all__ = [
     "CriticalStep",
     "Forecast",
     "Trend",
     "critical_step_size",
+    "decelerating",
     "fit_trend",
     "optimizer_update",
     "steps_to_threshold",
@@ -109,6 +114,39 @@ def fit_trend(
     else:
         stderr = math.inf
     return Trend(kind, slope, intercept, stderr, int(t.max()), n)
+
+
+def decelerating(
+    steps: Sequence[float], values: Sequence[float], *, kind: TrendKind = "linear", z: float = 2.0
+) -> bool:
+    """Whether the points bend down: the quadratic term of a least-squares parabola through them
+    (through their logarithms for ``kind="exponential"``) is negative by at least ``z`` standard
+    errors, and the slope at the window's end is at least :data:`LEVELLING` (10%) below the
+    window's average slope (so that rounding errors on a straight line do not count). A straight line drawn through a signal that is levelling off (the fast rise of the
+    logit gap while a model memorises, before its slow growth) reaches a threshold the signal
+    does not; a forecast is not to be believed on such points. At least four points.
+
+    Example:
+        >>> decelerating([0, 1, 2, 3, 4], [0.0, 3.0, 4.0, 4.5, 4.7])
+        True
+    """
+    t = np.asarray(steps, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    if t.shape != y.shape or t.ndim != 1 or len(np.unique(t)) < 4:
+        raise ValueError("A parabola's bend needs at least four distinct steps, one value each.")
+    if kind == "exponential":
+        y = np.log(y)
+    u = (t - t.mean()) / max(float(np.ptp(t)), 1e-300)  # centred and scaled: a stable design
+    design = np.stack([np.ones_like(u), u, u * u], axis=1)
+    coef, _, _, _ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - design @ coef
+    dof = len(t) - 3
+    if dof <= 0:
+        return False
+    variance = float(residual @ residual) / dof
+    stderr = math.sqrt(variance * float(np.linalg.inv(design.T @ design)[2, 2]))
+    # in u the slope at the window's end is b + c against b on average: a bend that matters
+    return bool(coef[2] < -z * stderr and -coef[2] > LEVELLING * abs(coef[1]))
 
 
 @dataclass(frozen=True)

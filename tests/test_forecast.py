@@ -11,6 +11,7 @@ import torch
 
 from dynlens.forecast import (
     critical_step_size,
+    decelerating,
     fit_trend,
     optimizer_update,
     steps_to_threshold,
@@ -131,6 +132,21 @@ def test_the_range_follows_the_slope_error_and_noise_lowers_confidence():
     assert noisy.lower < noisy.expected_step < noisy.upper
     flat = steps_to_threshold(t.tolist(), (0.001 * t + rng.normal(0, 1.0, t.size)).tolist(), 20.0)
     assert not flat.confident
+
+
+def test_a_bend_is_found_only_when_the_points_level_off_beyond_their_noise():
+    t = np.arange(0.0, 16.0)
+    rng = np.random.default_rng(0)
+    assert decelerating(t, 10 * np.sqrt(t + 1))  # a saturating rise
+    assert not decelerating(t, 0.5 * t)  # a line (no residual, no bend)
+    assert not decelerating(t, 0.01 * t**2)  # bending up
+    assert not decelerating(t, np.exp(0.2 * t), kind="exponential")  # a line in the logarithms
+    # a slight bend under much larger noise is not significant; the same bend without noise is
+    bend = -0.01 * (t - 8) ** 2  # the slope at the end 15% below its average
+    assert not decelerating(t, t + bend + rng.normal(0, 1.0, t.size))
+    assert decelerating(t, t + bend)
+    with pytest.raises(ValueError, match="four distinct steps"):
+        decelerating([0, 1, 2], [0.0, 1.0, 2.0])
 
 
 def test_surely_within_uses_the_slow_end_of_the_range():

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from ..collapse import collapse_threshold, collapsed_mask, runner_up_gap
-from ..forecast import Forecast, TrendKind, steps_to_threshold, update_ratio
+from ..forecast import Forecast, TrendKind, decelerating, steps_to_threshold, update_ratio
 from ..nn import CrossEntropyLoss
 from .base import (
     Chart,
@@ -74,11 +74,12 @@ class EarlyWarningMonitor(Monitor):
 
     A **warning** is raised when the event is expected within ``horizon`` steps even at the slow
     end of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`): kept in
-    :attr:`warnings` and in checkpoints, and written as a text event under ``<prefix>/warning/events``
-    (reason ``warn_<event>``). One warning per event until its forecast clears (no longer clear,
-    or expected beyond twice the horizon). When an event happens it is an event of its own
-    (reason ``<event>``) and its forecast stops. Every decision is taken from values reduced
-    across ranks, so every rank decides the same.
+    :attr:`warnings` and in checkpoints, and written as a text event under
+    ``<prefix>/warning/events`` (reason ``warn_<event>``). One warning per event until its
+    forecast clears (the fitted trend moves away, or puts the event beyond twice the horizon). No
+    forecast is made from points that bend down (:func:`dynlens.forecast.decelerating`). When an
+    event happens it is an event of its own (reason ``<event>``) and its forecast stops. Every
+    decision is taken from values reduced across ranks, so every rank decides the same.
 
     Scalars under ``<prefix>/warning/<event>/``: the signals (``gap_median``, ``threshold``,
     ``sc_fraction``; ``loss``, ``update_ratio``; ``max_logit``) and ``steps_to``, the expected
@@ -329,7 +330,8 @@ class EarlyWarningMonitor(Monitor):
         self._collapse_in = (activation, dtype)
         gaps = runner_up_gap(logits, activation=activation, dtype=dtype).float()
         collapsed = collapsed_mask(logits, activation=activation, dtype=dtype)
-        counts = torch.stack([collapsed.new_tensor(collapsed.numel()), collapsed.sum()]).float()
+        found = collapsed.sum()
+        counts = torch.stack([found.new_tensor(collapsed.numel()), found]).float()
         return {"gap": (gaps.nanmedian(), "mean"), "counts": (counts, "sum")}
 
     def _ratio_parts(self, pl_module: Any, batch: Any, batch_idx: int) -> dict:
@@ -426,6 +428,8 @@ class EarlyWarningMonitor(Monitor):
         if self.happened.get(event) is not None or len(points) < self.window:
             return None
         steps, values = zip(*points, strict=True)
+        if decelerating(steps, values, kind=kind, z=self.z):
+            return None  # levelling off: a line would reach what the signal may not
         return steps_to_threshold(
             steps, values, self._threshold(event), kind=kind, rising=True, z=self.z
         )
@@ -441,8 +445,10 @@ class EarlyWarningMonitor(Monitor):
         if self.happened.get(event) is not None:
             return
         if event in self.active:
-            if forecast is None or not forecast.within(2 * self.horizon):
-                self.active.remove(event)  # the forecast cleared
+            # cleared once the fitted trend moves away or puts the event beyond twice the
+            # horizon; a bending or missing fit says nothing either way
+            if forecast is not None and (forecast.steps_to or math.inf) > 2 * self.horizon:
+                self.active.remove(event)
             return
         if forecast is None or not forecast.surely_within(self.horizon):
             return

@@ -119,7 +119,7 @@ def test_collapse_signals_equal_their_brute_force_values():
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            logits = self.head(x) * 5
+            logits = self.head(x) * torch.linspace(1.0, 80.0, len(x))[:, None]
             return {"loss": F.cross_entropy(logits, y), "logits": logits.detach()}
 
         def configure_optimizers(self):
@@ -128,9 +128,10 @@ def test_collapse_signals_equal_their_brute_force_values():
     monitor = dynlens.EarlyWarningMonitor(
         events=("collapse",), every_n_steps=1, logits_module=None, verbose=False
     )
-    trainer = make_trainer(max_steps=2, logger=False, callbacks=[Read(), monitor])
+    trainer = make_trainer(max_steps=1, logger=False, callbacks=[Read(), monitor])
     trainer.fit(Random(), loader(n=9, classes=5))
-    gap, share = logged[1]  # the last measured step
+    gap, share = logged[0]
+    assert 0 < share < 1  # some samples collapsed, some not
     assert monitor.latest["collapse/gap_median"] == pytest.approx(gap, rel=1e-5)
     assert monitor.latest["collapse/sc_fraction"] == pytest.approx(share)
     assert monitor.latest["collapse/threshold"] == pytest.approx(24 * math.log(2))
