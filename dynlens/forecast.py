@@ -122,9 +122,10 @@ def decelerating(
     """Whether the points bend down: the quadratic term of a least-squares parabola through them
     (through their logarithms for ``kind="exponential"``) is negative by at least ``z`` standard
     errors, and the slope at the window's end is at least :data:`LEVELLING` (10%) below the
-    window's average slope (so that rounding errors on a straight line do not count). A straight line drawn through a signal that is levelling off (the fast rise of the
-    logit gap while a model memorises, before its slow growth) reaches a threshold the signal
-    does not; a forecast is not to be believed on such points. At least four points.
+    window's average slope (so that rounding errors on a straight line do not count). A straight
+    line drawn through a signal that is levelling off (the fast rise of the logit gap while a
+    model memorises, before its slow growth) reaches a threshold the signal does not; a forecast
+    is not to be believed on such points. At least four points.
 
     Example:
         >>> decelerating([0, 1, 2, 3, 4], [0.0, 3.0, 4.0, 4.5, 4.7])

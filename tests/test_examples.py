@@ -1,8 +1,11 @@
 """The example scripts run as users run them (shortened)."""
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import scalars
 
@@ -48,3 +51,13 @@ def test_hf_causal_lm_example_logs_every_monitor_with_nothing_named(tmp_path, ca
     out = capsys.readouterr().out
     assert "labels shifted by one position (causal LM)" in out
     assert f"tensorboard --logdir {tmp_path}" in out
+
+
+def test_early_warning_example_logs_the_forecast(tmp_path, capsys):
+    monitor = load("early_warning").main(max_steps=200, logdir=str(tmp_path))
+    assert monitor.happened == {"collapse": None}  # 200 steps: long before collapse
+    logged = scalars(tmp_path / "early_warning")
+    steps = [s for s, _ in logged["dynlens/warning/collapse/gap_median"]]
+    assert steps == list(range(0, 200, 10))
+    assert logged["dynlens/warning/collapse/threshold"][0][1] == pytest.approx(24 * math.log(2))
+    assert "collapse happened at step None" in capsys.readouterr().out

@@ -72,14 +72,14 @@ class EarlyWarningMonitor(Monitor):
     * **attention** — the largest attention logit, growing exponentially towards 1e4
       (Wortsman et al. 2023); the event: the largest attention logit above 1e4.
 
-    A **warning** is raised when the event is expected within ``horizon`` steps even at the slow
-    end of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`): kept in
-    :attr:`warnings` and in checkpoints, and written as a text event under
-    ``<prefix>/warning/events`` (reason ``warn_<event>``). One warning per event until its
-    forecast clears (the fitted trend moves away, or puts the event beyond twice the horizon). No
-    forecast is made from points that bend down (:func:`dynlens.forecast.decelerating`). When an
-    event happens it is an event of its own (reason ``<event>``) and its forecast stops. Every
-    decision is taken from values reduced across ranks, so every rank decides the same.
+    A **warning** is raised when the event is expected within ``horizon`` steps even at the slow end
+    of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`): kept in :attr:`warnings`
+    and in checkpoints, and written as a text event under ``<prefix>/warning/events`` (reason
+    ``warn_<event>``). One warning per event until its forecast clears (the trend surely moves away,
+    or puts the event beyond twice the horizon even at the fast end of its range). No forecast is
+    made from points that bend down (:func:`dynlens.forecast.decelerating`). When an event happens
+    it is an event of its own (reason ``<event>``) and its forecast stops. Every decision is taken
+    from values reduced across ranks, so every rank decides the same.
 
     Scalars under ``<prefix>/warning/<event>/``: the signals (``gap_median``, ``threshold``,
     ``sc_fraction``; ``loss``, ``update_ratio``; ``max_logit``) and ``steps_to``, the expected
@@ -147,7 +147,7 @@ class EarlyWarningMonitor(Monitor):
                 f"({self.every_n_steps}), got {curvature_every_n_steps}."
             )
         self.window = check_positive_int("window", window)
-        if self.window < MIN_POINTS:
+        if self.window < MIN_POINTS:  # the bend of a parabola needs four
             raise ConfigurationError(f"Expected `window` >= {MIN_POINTS}, got {window}.")
         self.z = check_positive_number("z", z)
         if not callable(action):
@@ -293,21 +293,19 @@ class EarlyWarningMonitor(Monitor):
             self._losses.append((logging_step(trainer), loss.detach().reshape(())))
         if not self._window.is_open:
             return
-        owner = type(self).__name__
+        stepped = self._window.close_if_stepped(trainer)
         collapse = self.watches("collapse") and self.happened.get("collapse") is None
-        if not self._window.close_if_stepped(trainer):
-            # a micro-batch before the last of an accumulated step: the collapse signal reads
-            # the last micro-batch's logits, these are let go
-            if self.watches("collapse"):
-                self.capture.take(outputs, owner)
+        if self.watches("collapse") and not (stepped and collapse):
+            # a micro-batch before the last of an accumulated step (the signal reads the last
+            # one's logits), or the collapse came: the logits are let go
+            self.capture.take(outputs, type(self).__name__)
+        if not stepped:
             return
         self.attention_capture.disarm()
         step = logging_step(trainer)
         parts: dict[str, tuple[torch.Tensor, str | None]] = {}
         if collapse:
             parts.update(self._collapse_parts(trainer, outputs))
-        elif self.watches("collapse"):
-            self.capture.take(outputs, owner)
         if self.watches("attention"):
             sums = self.attention_capture.take()
             maxima = [s.max_logit for s in sums.values() if isinstance(s.max_logit, torch.Tensor)]
@@ -315,10 +313,12 @@ class EarlyWarningMonitor(Monitor):
                 parts["max_logit"] = (torch.stack(maxima).max().float(), "max")
         if self._theta is not None:
             parts.update(self._ratio_parts(pl_module, batch, batch_idx))
-        if self._losses:
-            device = pl_module.device
-            parts["losses"] = (torch.stack([v.to(device) for _, v in self._losses]), "mean")
-        self._decide(trainer, step, parts)
+        self._decide(trainer, step, {**parts, **self._loss_part(pl_module.device)})
+
+    def _loss_part(self, device: torch.device) -> dict[str, tuple[torch.Tensor, str]]:
+        if not self._losses:
+            return {}
+        return {"losses": (torch.stack([v.to(device) for _, v in self._losses]), "mean")}
 
     def _collapse_parts(self, trainer: Any, outputs: Any) -> dict[str, tuple[torch.Tensor, str]]:
         taken = take_logits(self.capture, outputs, type(self).__name__)
@@ -349,8 +349,7 @@ class EarlyWarningMonitor(Monitor):
     @fail_soft
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._losses:  # the losses since the last measured step: an event among them
-            stacked = torch.stack([v.to(pl_module.device) for _, v in self._losses])
-            self._decide(trainer, self._losses[-1][0], {"losses": (stacked, "mean")})
+            self._decide(trainer, self._losses[-1][0], self._loss_part(pl_module.device))
 
     # ------------------------------------------------------------------------------ deciding
     def _decide(self, trainer: Any, step: int, parts: dict) -> None:
@@ -362,28 +361,17 @@ class EarlyWarningMonitor(Monitor):
             scalars["divergence/loss"] = host["losses"][-1]
         if "counts" in host:
             samples, collapsed = host["counts"]
-            share = collapsed / max(samples, 1.0)
-            threshold = collapse_threshold(self._collapse_in[1], self._collapse_in[0])
-            scalars.update(
-                {
-                    "collapse/sc_fraction": share,
-                    "collapse/gap_median": host["gap"][0],
-                    "collapse/threshold": threshold,
-                }
-            )
-            signals["collapse"] = host["gap"][0]
+            share, gap = collapsed / max(samples, 1.0), host["gap"][0]
+            scalars["collapse/sc_fraction"], scalars["collapse/gap_median"] = share, gap
+            scalars["collapse/threshold"], signals["collapse"] = self._threshold("collapse"), gap
             if share > COLLAPSE_SHARE:
-                self._happen(
-                    trainer, "collapse", step, f"{share:.1%} of the samples in Softmax Collapse"
-                )
+                self._happen(trainer, "collapse", step, f"{share:.1%} of the samples collapsed")
         if "max_logit" in host:
             top = host["max_logit"][0]
             scalars["attention/max_logit"] = top
             signals["attention"] = top
             if top > ATTENTION_LIMIT:
-                self._happen(
-                    trainer, "attention", step, f"the largest attention logit is {top:.4g}"
-                )
+                self._happen(trainer, "attention", step, f"the largest attention logit {top:.4g}")
         if "ratio_losses" in host:
             before, after = host["ratio_losses"]
             ratio = update_ratio(before, after, host["decrease"][0])
@@ -445,9 +433,9 @@ class EarlyWarningMonitor(Monitor):
         if self.happened.get(event) is not None:
             return
         if event in self.active:
-            # cleared once the fitted trend moves away or puts the event beyond twice the
-            # horizon; a bending or missing fit says nothing either way
-            if forecast is not None and (forecast.steps_to or math.inf) > 2 * self.horizon:
+            # cleared once the trend surely moves away, or puts the event beyond twice the
+            # horizon even at the fast end of its range; a bending or missing fit says nothing
+            if forecast is not None and self._cleared(forecast):
                 self.active.remove(event)
             return
         if forecast is None or not forecast.surely_within(self.horizon):
@@ -481,6 +469,12 @@ class EarlyWarningMonitor(Monitor):
         self.log_event(trainer, step, warning["reason"], message)
         if callable(self.action):
             self.action(dict(warning))
+
+    def _cleared(self, forecast: Forecast) -> bool:
+        trend = forecast.trend
+        if trend.slope < -self.z * trend.slope_stderr:
+            return True
+        return forecast.lower is not None and forecast.lower - trend.last_step > 2 * self.horizon
 
     def _happen(self, trainer: Any, event: str, step: int, what: str) -> None:
         if self.happened.get(event) is not None:

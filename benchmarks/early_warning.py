@@ -1,0 +1,315 @@
+"""EarlyWarningMonitor against seeded unstable runs and stable controls, per event.
+
+    python benchmarks/early_warning.py [--suite collapse divergence attention] [--seeds 4]
+    python benchmarks/early_warning.py --overhead 10     # the cost at the defaults
+
+Each suite trains small models on the CPU with the monitor at its defaults (``events`` the
+suite's one event) and reads, per run, the warnings and the step the event happened at (the
+monitor's own event rule, the issue's definitions):
+
+* **collapse** — an MLP memorising 256 of scikit-learn's 8×8 digits with AdamW and no weight
+  decay (learning rates 2e-2 and 3e-2), in float32, for 6,000 steps: the logits grow until more
+  than half of the samples are in Softmax Collapse. Controls: the same runs with the loss in
+  float64, and with StableMax.
+* **divergence** — an MLP on all the digits with 30% of the labels shuffled (so the loss stays
+  away from 0), batches of 256, SGD with a linear learning-rate warm-up over 1,500 steps to 3 or
+  5, which overshoots. Controls: the same warm-up to 0.1 and 0.2.
+* **attention** — one self-attention layer on a generated look-up task (the answer is the token
+  at the position the first token names), Adam warmed up linearly over 1,500 steps to 0.3 or
+  0.5, without qk-layernorm. Controls: the same runs with LayerNorm on queries and keys.
+
+Per event it reports recall (unstable runs warned before their event), the median lead (event
+step − first warning step) in steps and as a share of the event's step, false alarms (a control
+with any warning, or a warning in an unstable run whose event did not come within
+max(horizon, 2 × (expected − warned)) steps), and the runs whose event did not come or came in a
+control. Targets (issue 17): recall ≥ 90%, median lead ≥ 100 steps and ≥ 20% of the time to the
+event, false alarms ≤ 10% of controls; and (``--overhead``) ≤ 1.03× a training step at the
+defaults, from whole runs of the attention model with qk-layernorm alternated with runs without
+the monitor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dynlens
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target)
+
+
+class MLP(pl.LightningModule):
+    def __init__(self, optimizer: Callable, lr: float, warmup: int = 0, loss=None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        self.optimizer, self.lr, self.warmup = optimizer, lr, warmup
+        self.loss_fn = loss if loss is not None else dynlens.CrossEntropyLoss()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        return {"loss": self.loss_fn(logits, y), "logits": logits.detach()}
+
+    def configure_optimizers(self):
+        return with_warmup(self.optimizer(self.parameters(), lr=self.lr), self.warmup)
+
+
+class Lookup(pl.LightningModule):
+    """One self-attention layer (F.scaled_dot_product_attention), optionally with qk-layernorm."""
+
+    def __init__(self, lr: float, warmup: int, qk_norm: bool, d: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(16, d), nn.Parameter(torch.randn(8, d) * 0.1)
+        self.qkv, self.out, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 16)
+        norm = (lambda: nn.LayerNorm(d // heads)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        self.heads, self.lr, self.warmup = heads, lr, warmup
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.emb(x) + self.pos
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        h = h + self.out(a.transpose(1, 2).flatten(-2))
+        return F.cross_entropy(self.head(h[:, 0]), y)
+
+    def configure_optimizers(self):
+        return with_warmup(torch.optim.Adam(self.parameters(), lr=self.lr), self.warmup)
+
+
+def with_warmup(optimizer: torch.optim.Optimizer, warmup: int):
+    if not warmup:
+        return optimizer
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / warmup))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@dataclass
+class Run:
+    event: str
+    unstable: bool
+    setting: str
+    seed: int
+    steps: int
+    happened: int | None
+    warnings: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def collapse_run(seed: int, variant: int, unstable: bool) -> tuple[pl.LightningModule, DataLoader]:
+    x, y = digits()
+    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:256]
+    lr = (2e-2, 3e-2)[variant % 2]
+    if unstable:
+        loss, name = dynlens.CrossEntropyLoss(), "float32"
+    elif variant < 2:
+        loss, name = dynlens.CrossEntropyLoss(dtype=torch.float64), "float64"
+    else:
+        loss, name = dynlens.CrossEntropyLoss(activation="stablemax"), "StableMax"
+    model = MLP(functools.partial(torch.optim.AdamW, weight_decay=0.0), lr, loss=loss)
+    model.setting = f"{name}, lr {lr:g}"
+    return model, DataLoader(TensorDataset(x[index], y[index]), batch_size=256)
+
+
+def divergence_run(seed: int, variant: int, unstable: bool):
+    x, y = digits()
+    g = torch.Generator().manual_seed(seed)
+    noisy = torch.rand(len(y), generator=g) < 0.3
+    y = torch.where(noisy, torch.randint(0, 10, y.shape, generator=g), y)
+    lr = (3.0, 5.0)[variant % 2] if unstable else (0.1, 0.2)[variant % 2]
+    model = MLP(torch.optim.SGD, lr, warmup=1500)
+    model.setting = f"SGD warm-up to {lr:g} over 1500 steps"
+    # whole batches only: a last batch of 5 samples would set a lowest loss no batch of 256 sees
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=256, shuffle=True, drop_last=True, generator=g
+    )
+    return model, loader
+
+
+def attention_run(seed: int, variant: int, unstable: bool):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 16, (2048, 8), generator=g)
+    y = x.gather(1, x[:, :1] % 8).squeeze(1)
+    lr = (0.3, 0.5)[variant % 2]
+    model = Lookup(lr, warmup=1500, qk_norm=not unstable)
+    model.setting = f"Adam warm-up to {lr:g}, " + (
+        "no qk-layernorm" if unstable else "qk-layernorm"
+    )
+    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True, generator=g)
+    return model, loader
+
+
+SUITES = {
+    "collapse": (collapse_run, 6000, {"logits_module": None}),
+    "divergence": (divergence_run, 2000, {}),
+    "attention": (attention_run, 2000, {}),
+}
+
+
+def train(event: str, seed: int, variant: int, unstable: bool) -> Run:
+    make, steps, options = SUITES[event]
+    torch.manual_seed(seed)
+    model, loader = make(seed, variant, unstable)
+    monitor = dynlens.EarlyWarningMonitor(events=(event,), verbose=False, **options)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, loader)
+    return Run(
+        event,
+        unstable,
+        model.setting,
+        seed,
+        steps,
+        monitor.happened[event],
+        [dict(w) for w in monitor.warnings],
+        time.perf_counter() - start,
+    )
+
+
+def false_alarm(run: Run, horizon: int) -> list[dict]:
+    """Warnings whose event did not come within max(horizon, 2 × (expected − warned)) steps."""
+    late = []
+    for w in run.warnings:
+        allowed = max(horizon, 2 * (w["expected_step"] - w["step"]))
+        if run.happened is None or not w["step"] <= run.happened <= w["step"] + allowed:
+            late.append(w)
+    return late
+
+
+def score(runs: list[Run], horizon: int) -> dict:
+    unstable = [r for r in runs if r.unstable]
+    controls = [r for r in runs if not r.unstable]
+    happened = [r for r in unstable if r.happened is not None]
+    leads, shares, recalled = [], [], 0
+    for r in happened:
+        before = [w for w in r.warnings if w["step"] < r.happened]
+        if before:
+            recalled += 1
+            leads.append(r.happened - before[0]["step"])
+            shares.append((r.happened - before[0]["step"]) / max(r.happened, 1))
+    alarms = sum(bool(r.warnings) for r in controls) + sum(
+        bool(false_alarm(r, horizon)) for r in unstable
+    )
+    return {
+        "unstable runs": len(unstable),
+        "events that came": len(happened),
+        "recall": recalled / max(len(happened), 1),
+        "median lead (steps)": statistics.median(leads) if leads else None,
+        "median lead (share of the time to the event)": statistics.median(shares)
+        if shares
+        else None,
+        "controls": len(controls),
+        "controls whose event came anyway": sum(r.happened is not None for r in controls),
+        "false alarms (runs)": alarms,
+        "false alarms (share of controls)": alarms / max(len(controls), 1),
+    }
+
+
+def overhead(rounds: int, steps: int) -> dict:
+    """The monitor at its defaults (all three events) on the attention model with qk-layernorm
+    (a stable run), against no monitor: whole ``fit`` wall times, alternating within each round
+    and swapping which goes first; the median over rounds of each round's ratio."""
+    ratios = []
+    for r in range(rounds):
+        times = {}
+        for with_monitor in (r % 2 == 0, r % 2 == 1):
+            torch.manual_seed(0)
+            model, loader = attention_run(0, 1, unstable=False)
+            monitor = dynlens.EarlyWarningMonitor(logits_module="head", verbose=False)
+            trainer = pl.Trainer(
+                max_steps=steps,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[monitor] if with_monitor else [],
+            )
+            start = time.perf_counter()
+            trainer.fit(model, loader)
+            times[with_monitor] = time.perf_counter() - start
+        ratios.append(times[True] / times[False])
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {
+        "rounds": rounds,
+        "steps": steps,
+        "ratio": statistics.median(ratios),
+        "quartiles": [quartiles[0], quartiles[2]],
+        "ratios": ratios,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", nargs="+", choices=list(SUITES), default=list(SUITES))
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per setting (2 settings)")
+    parser.add_argument("--json", default=None, help="write every run and the scores here")
+    parser.add_argument(
+        "--overhead",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead of the suites: the cost at the defaults, in this many rounds",
+    )
+    parser.add_argument("--overhead-steps", type=int, default=1000)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(2)
+    if args.overhead:
+        cost = overhead(args.overhead, args.overhead_steps)
+        print(json.dumps(cost, indent=1))
+        return
+    horizon = dynlens.EarlyWarningMonitor().horizon
+    report: dict = {"horizon": horizon, "suites": {}}
+    for event in args.suite:
+        runs = [  # controls of the third and fourth variant take other seeds
+            train(event, seed + 100 * (variant // 2), variant, unstable)
+            for unstable in (True, False)
+            for variant in range(2 if unstable else 4)
+            for seed in range(args.seeds if unstable else args.seeds // 2)
+        ]
+        scores = score(runs, horizon)
+        report["suites"][event] = {"scores": scores, "runs": [asdict(r) for r in runs]}
+        print(f"\n## {event}")
+        for r in runs:
+            first = r.warnings[0] if r.warnings else None
+            said = f"warned {first['step']} (expected {first['expected_step']})" if first else "-"
+            print(
+                f"  {'unstable' if r.unstable else 'control '} {r.setting:<40} seed {r.seed}: "
+                f"event {r.happened}, {said}, {len(r.warnings)} warning(s), {r.seconds:.0f} s"
+            )
+        for name, value in scores.items():
+            print(f"  {name}: {value if not isinstance(value, float) else round(value, 3)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
