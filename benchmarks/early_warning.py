@@ -164,19 +164,23 @@ SUITES = {
 }
 
 
-def train(event: str, seed: int, variant: int, unstable: bool) -> Run:
-    make, steps, options = SUITES[event]
-    torch.manual_seed(seed)
-    model, loader = make(seed, variant, unstable)
-    monitor = dynlens.EarlyWarningMonitor(events=(event,), verbose=False, **options)
-    trainer = pl.Trainer(
+def quiet_trainer(steps: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[monitor],
+        callbacks=callbacks,
     )
+
+
+def train(event: str, seed: int, variant: int, unstable: bool, **settings) -> Run:
+    make, steps, options = SUITES[event]
+    torch.manual_seed(seed)
+    model, loader = make(seed, variant, unstable)
+    monitor = dynlens.EarlyWarningMonitor(events=(event,), verbose=False, **options, **settings)
+    trainer = quiet_trainer(steps, [monitor])
     start = time.perf_counter()
     trainer.fit(model, loader)
     return Run(
@@ -241,14 +245,7 @@ def overhead(rounds: int, steps: int) -> dict:
             torch.manual_seed(0)
             model, loader = attention_run(0, 1, unstable=False)
             monitor = dynlens.EarlyWarningMonitor(logits_module="head", verbose=False)
-            trainer = pl.Trainer(
-                max_steps=steps,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[monitor] if with_monitor else [],
-            )
+            trainer = quiet_trainer(steps, [monitor] if with_monitor else [])
             start = time.perf_counter()
             trainer.fit(model, loader)
             times[with_monitor] = time.perf_counter() - start
@@ -276,6 +273,7 @@ def main() -> None:
         help="instead of the suites: the cost at the defaults, in this many rounds",
     )
     parser.add_argument("--overhead-steps", type=int, default=1000)
+    parser.add_argument("--horizon", type=int, default=None, help="the monitor's (default 500)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -285,11 +283,12 @@ def main() -> None:
         cost = overhead(args.overhead, args.overhead_steps)
         print(json.dumps(cost, indent=1))
         return
-    horizon = dynlens.EarlyWarningMonitor().horizon
+    settings = {} if args.horizon is None else {"horizon": args.horizon}
+    horizon = dynlens.EarlyWarningMonitor(**settings).horizon
     report: dict = {"horizon": horizon, "suites": {}}
     for event in args.suite:
         runs = [  # controls of the third and fourth variant take other seeds
-            train(event, seed + 100 * (variant // 2), variant, unstable)
+            train(event, seed + 100 * (variant // 2), variant, unstable, **settings)
             for unstable in (True, False)
             for variant in range(2 if unstable else 4)
             for seed in range(args.seeds if unstable else args.seeds // 2)
