@@ -176,7 +176,6 @@ class EarlyWarningMonitor(Monitor):
             save=lambda ls: [(s, float(v)) for s, v in ls],
             load=lambda ls: [(int(s), torch.tensor(float(v))) for s, v in ls],
         )
-        self._announced: list[str] = self.add_state("_announced", list)
         #: The latest logged values, by quantity name.
         self.latest: dict[str, float] = {}
         self._window = StepWindow()
@@ -379,7 +378,8 @@ class EarlyWarningMonitor(Monitor):
                 scalars["divergence/update_ratio"] = ratio
                 signals["divergence"] = ratio
         elif self.watches("divergence") and not self._ratio_possible:
-            self._say_once(trainer, step, "no_update_ratio", self._no_ratio_reason)
+            message = f"the update ratio is not measured under {self._no_ratio_reason}"
+            self.log_event(trainer, step, "no_update_ratio", message, once=True)
         for event, value in signals.items():
             forecast = self._forecast(event, step, value)
             if forecast is not None and forecast.within(2 * self.horizon):
@@ -485,13 +485,6 @@ class EarlyWarningMonitor(Monitor):
         warned = [w for w in self.warnings if w["event"] == event]
         lead = f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
         self.log_event(trainer, step, event, f"{event}: {what}{lead}")
-
-    def _say_once(self, trainer: Any, step: int, reason: str, message: str | None) -> None:
-        if reason not in self._announced:
-            self._announced.append(reason)
-            self.log_event(
-                trainer, step, reason, f"the update ratio is not measured under {message}"
-            )
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
