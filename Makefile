@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_FLAGS ?=
 STAMP := $(BIN)/.dynlens-installed
 
-.PHONY: install test lint demo screenshot clean
+.PHONY: install test lint demo screenshot screenshot-warning clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: $(STAMP)
 # A picture of the live panels of runs/demo (run `make demo` first; needs Debian's chromium)
 screenshot: $(STAMP)
 	$(BIN)/python scripts/screenshot.py runs/demo --out docs/tensorboard_panels.png
+
+# The dynlens/warning panels of examples/early_warning.py (run first when runs/examples lacks it)
+screenshot-warning: $(STAMP)
+	test -d runs/examples/early_warning || $(BIN)/python examples/early_warning.py
+	$(BIN)/python scripts/screenshot.py runs/examples --run early_warning --category warning \
+		--width 1100 --height 540 --scale 2 --out docs/early_warning.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -10,7 +10,8 @@ root in the project's machines). Needs Debian's ``chromium`` package
     python scripts/screenshot.py [LOGDIR] [--out docs/tensorboard_panels.png] [--wait 20000]
 
 ``--category`` keeps only panels whose title matches a regex (TensorBoard's own filter box),
-e.g. ``--category grokking``; ``--run`` only runs matching a regex.
+e.g. ``--category grokking``; ``--run`` only runs matching a regex. ``--scale 2`` renders at
+twice the pixel density (a PNG of twice ``--width`` × ``--height``, sharper when scaled down).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def find_chromium(given: str | None) -> str:
     raise SystemExit("no Chromium found: apt-get install -y chromium, or pass --chromium PATH")
 
 
-def screenshot(chromium: str, url: str, out: Path, width: int, height: int, wait_ms: int) -> None:
+def screenshot(
+    chromium: str, url: str, out: Path, width: int, height: int, wait_ms: int, scale: float = 1.0
+) -> None:
     with tempfile.TemporaryDirectory(prefix="dynlens-chromium-") as profile:
         command = [
             chromium,
@@ -67,6 +70,7 @@ def screenshot(chromium: str, url: str, out: Path, width: int, height: int, wait
             f"--user-data-dir={profile}",
             f"--screenshot={out}",
             f"--window-size={width},{height}",
+            f"--force-device-scale-factor={scale:g}",
             f"--virtual-time-budget={wait_ms}",
             url,
         ]
@@ -84,6 +88,9 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=1450)
     parser.add_argument("--wait", type=int, default=20000, help="virtual time budget, ms")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="device pixels per CSS pixel (2: a sharper PNG)"
+    )
     parser.add_argument("--chromium", default=None)
     args = parser.parse_args()
     if not args.logdir.is_dir():
@@ -105,7 +112,7 @@ def main() -> int:
         # TensorBoard's defaults as a user sees them (smoothing 0.6, outliers ignored in the
         # y range: those two are kept in the browser's localStorage, not in the URL).
         url = f"{server.url}/?{urllib.parse.urlencode(params)}#custom_scalars"
-        screenshot(chromium, url, args.out, args.width, args.height, args.wait)
+        screenshot(chromium, url, args.out, args.width, args.height, args.wait, args.scale)
     finally:
         server.stop()
     print(f"{args.out}: Custom Scalars of {len(runs)} run(s) in {args.logdir}")
