@@ -1,7 +1,7 @@
 """EarlyWarningMonitor against seeded unstable runs and stable controls, per event.
 
     python benchmarks/early_warning.py [--suite collapse divergence attention] [--seeds 4]
-    python benchmarks/early_warning.py --overhead 10     # the cost at the defaults
+    python benchmarks/early_warning.py --overhead 10 --paired    # the cost at the defaults
 
 Each suite trains small models on the CPU with the monitor at its defaults (``events`` the
 suite's one event) and reads, per run, the warnings and the step the event happened at (the
@@ -12,8 +12,10 @@ monitor's own event rule, the issue's definitions):
   than half of the samples are in Softmax Collapse. Controls: the same runs with the loss in
   float64, and with StableMax.
 * **divergence** — an MLP on all the digits with 30% of the labels shuffled (so the loss stays
-  away from 0), batches of 256, SGD with a linear learning-rate warm-up over 1,500 steps to 3 or
-  5, which overshoots. Controls: the same warm-up to 0.1 and 0.2.
+  away from 0), batches of 256, SGD with a linear learning-rate warm-up over 1,500 steps to 50 or
+  100, which overshoots: the loss climbs until it passes 10× its lowest value. Controls: the same
+  warm-up to 0.2 (stable throughout) and to 5 (at the edge of stability from about step 500, the
+  update ratio near 1, without diverging).
 * **attention** — one self-attention layer on a generated look-up task (the answer is the token
   at the position the first token names), Adam warmed up linearly over 1,500 steps to 0.3 or
   0.5, without qk-layernorm. Controls: the same runs with LayerNorm on queries and keys.
@@ -24,14 +26,16 @@ with any warning, or a warning in an unstable run whose event did not come withi
 max(horizon, 2 × (expected − warned)) steps), and the runs whose event did not come or came in a
 control. Targets (issue 17): recall ≥ 90%, median lead ≥ 100 steps and ≥ 20% of the time to the
 event, false alarms ≤ 10% of controls; and (``--overhead``) ≤ 1.03× a training step at the
-defaults, from whole runs of the attention model with qk-layernorm alternated with runs without
-the monitor.
+defaults on the example Transformer (examples/transformer_instability.py, with qk-layernorm),
+with ``--paired`` (the method of record) from one run per round that switches the monitor on
+and off in alternate blocks of 50 steps, else from whole runs alternated with runs without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import logging
 import statistics
@@ -39,14 +43,19 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _harness import StepTimer, Toggled
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformer_instability.py"
+BLOCK = 50  # the paired blocks: curvature_every_n_steps at the defaults
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +143,7 @@ def divergence_run(seed: int, variant: int, unstable: bool):
     g = torch.Generator().manual_seed(seed)
     noisy = torch.rand(len(y), generator=g) < 0.3
     y = torch.where(noisy, torch.randint(0, 10, y.shape, generator=g), y)
-    lr = (3.0, 5.0)[variant % 2] if unstable else (0.1, 0.2)[variant % 2]
+    lr = (50.0, 100.0)[variant % 2] if unstable else (0.2, 5.0)[variant % 2]
     model = MLP(torch.optim.SGD, lr, warmup=1500)
     model.setting = f"SGD warm-up to {lr:g} over 1500 steps"
     # whole batches only: a last batch of 5 samples would set a lowest loss no batch of 256 sees
@@ -234,24 +243,47 @@ def score(runs: list[Run], horizon: int) -> dict:
     }
 
 
-def overhead(rounds: int, steps: int) -> dict:
-    """The monitor at its defaults (all three events) on the attention model with qk-layernorm
-    (a stable run), against no monitor: whole ``fit`` wall times, alternating within each round
-    and swapping which goes first; the median over rounds of each round's ratio."""
+def transformer():
+    """The example Transformer (examples/transformer_instability.py) with qk-layernorm (a stable
+    run: no event ends a forecast, so the monitor does all its work throughout) and its loader."""
+    spec = importlib.util.spec_from_file_location("transformer_instability", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return (lambda: example.TransformerLM(qk_layernorm=True)), example.loader()
+
+
+def overhead(rounds: int, steps: int, paired: bool) -> dict:
+    """The monitor at its defaults (all three events) on the example Transformer, against no
+    monitor.
+
+    ``paired``: in each run the monitor is switched on and off in alternate blocks of 50 steps
+    (``_harness.Toggled``; 50 = ``curvature_every_n_steps``, so every "on" block holds the
+    defaults' five measured steps and one update ratio) and the run's ratio is the median "on"
+    block's step time over the median "off" block's (``_harness.StepTimer``). Otherwise: whole
+    ``fit`` wall times, with and without the monitor alternating within each round and swapping
+    which goes first. The median over rounds of each round's ratio, with the quartiles."""
+    model_of, loader = transformer()
     ratios = []
     for r in range(rounds):
         times = {}
-        for with_monitor in (r % 2 == 0, r % 2 == 1):
+        for with_monitor in (True,) if paired else (r % 2 == 0, r % 2 == 1):
             torch.manual_seed(0)
-            model, loader = attention_run(0, 1, unstable=False)
             monitor = dynlens.EarlyWarningMonitor(logits_module="head", verbose=False)
-            trainer = quiet_trainer(steps, [monitor] if with_monitor else [])
+            timer = StepTimer(block=BLOCK)
+            callbacks = [timer, Toggled(monitor, block=BLOCK)] if paired else [timer]
+            if with_monitor and not paired:
+                callbacks.append(monitor)
+            trainer = quiet_trainer(steps, callbacks)
             start = time.perf_counter()
-            trainer.fit(model, loader)
+            trainer.fit(model_of(), loader)
             times[with_monitor] = time.perf_counter() - start
-        ratios.append(times[True] / times[False])
+            if paired:
+                ratios.append(timer.paired(BLOCK))
+        if not paired:
+            ratios.append(times[True] / times[False])
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {
+        "method": "paired blocks of 50 steps" if paired else "alternated whole runs",
         "rounds": rounds,
         "steps": steps,
         "ratio": statistics.median(ratios),
@@ -264,6 +296,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", nargs="+", choices=list(SUITES), default=list(SUITES))
     parser.add_argument("--seeds", type=int, default=4, help="seeds per setting (2 settings)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="unstable runs take seeds from this one on, controls from half of it (and 100 more)",
+    )
     parser.add_argument("--json", default=None, help="write every run and the scores here")
     parser.add_argument(
         "--overhead",
@@ -273,6 +311,12 @@ def main() -> None:
         help="instead of the suites: the cost at the defaults, in this many rounds",
     )
     parser.add_argument("--overhead-steps", type=int, default=1000)
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="with --overhead: the monitor on and off in alternate blocks of one run (the method "
+        "of record) instead of alternating whole runs",
+    )
     parser.add_argument("--horizon", type=int, default=None, help="the monitor's (default 500)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -280,18 +324,23 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(2)
     if args.overhead:
-        cost = overhead(args.overhead, args.overhead_steps)
+        cost = overhead(args.overhead, args.overhead_steps, args.paired)
         print(json.dumps(cost, indent=1))
         return
     settings = {} if args.horizon is None else {"horizon": args.horizon}
     horizon = dynlens.EarlyWarningMonitor(**settings).horizon
     report: dict = {"horizon": horizon, "suites": {}}
     for event in args.suite:
+        first = args.first_seed
         runs = [  # controls of the third and fourth variant take other seeds
             train(event, seed + 100 * (variant // 2), variant, unstable, **settings)
             for unstable in (True, False)
             for variant in range(2 if unstable else 4)
-            for seed in range(args.seeds if unstable else args.seeds // 2)
+            for seed in (
+                range(first, first + args.seeds)
+                if unstable
+                else range(first // 2, first // 2 + args.seeds // 2)
+            )
         ]
         scores = score(runs, horizon)
         report["suites"][event] = {"scores": scores, "runs": [asdict(r) for r in runs]}

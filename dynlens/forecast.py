@@ -122,7 +122,10 @@ def decelerating(
     """Whether the points bend down: the quadratic term of a least-squares parabola through them
     (through their logarithms for ``kind="exponential"``) is negative by at least ``z`` standard
     errors, and the slope at the window's end is at least :data:`LEVELLING` (10%) below the
-    window's average slope (so that rounding errors on a straight line do not count). A straight
+    window's average slope (so that rounding errors on a straight line do not count); or the
+    last quarter of the points rises slower than the whole by ``z`` of its standard errors and by
+    :data:`LEVELLING` of the whole's slope (a jump that levelled off, such as a catapult of the
+    loss, which a parabola centred on the jump does not see bend). A straight
     line drawn through a signal that is levelling off (the fast rise of the logit gap while a
     model memorises, before its slow growth) reaches a threshold the signal does not; a forecast
     is not to be believed on such points. At least four points.
@@ -147,7 +150,20 @@ def decelerating(
     variance = float(residual @ residual) / dof
     stderr = math.sqrt(variance * float(np.linalg.inv(design.T @ design)[2, 2]))
     # in u the slope at the window's end is b + c against b on average: a bend that matters
-    return bool(coef[2] < -z * stderr and -coef[2] > LEVELLING * abs(coef[1]))
+    if coef[2] < -z * stderr and -coef[2] > LEVELLING * abs(coef[1]):
+        return True
+    # a jump that levelled off (a parabola centred on it does not bend): the last quarter of
+    # the points rises slower than the whole by more than z of its standard errors, and by more
+    # than LEVELLING of the whole's slope
+    later = len(t) - len(t) // 4
+    if len(np.unique(t[later:])) < 3:
+        return False
+    whole = fit_trend(t, np.exp(y) if kind == "exponential" else y, kind=kind)
+    recent = fit_trend(
+        t[later:], np.exp(y[later:]) if kind == "exponential" else y[later:], kind=kind
+    )
+    drop = whole.slope - recent.slope
+    return bool(drop > z * recent.slope_stderr and drop > LEVELLING * abs(whole.slope))
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,26 @@ def test_a_bend_is_found_only_when_the_points_level_off_beyond_their_noise():
         decelerating([0, 1, 2], [0.0, 1.0, 2.0])
 
 
+def test_a_jump_that_levelled_off_is_found_where_the_parabola_misses_it():
+    # a step at 60% of the window: a parabola through it barely bends, but the last quarter is
+    # flat while the whole rises
+    t = np.arange(0.0, 16.0)
+    rng = np.random.default_rng(0)
+    jump = np.where(t < 10, 1.0, 2.2) * (1 + rng.normal(0, 0.02, t.size))
+    assert decelerating(t, jump, kind="exponential")
+    assert decelerating(t, np.log(jump))
+    # growth that goes on after the jump is not levelling off; nor is a noisy exponential,
+    # whose last quarter's slope is uncertain
+    assert not decelerating(t, jump * np.exp(0.1 * np.maximum(t - 10, 0)), kind="exponential")
+    found = [
+        decelerating(t, np.exp(0.1 * t + rng.normal(0, 0.1, t.size)), kind="exponential")
+        for _ in range(200)
+    ]
+    # rarely on noise: the last quarter's slope rests on four points (two degrees of freedom, so
+    # z = 2 of its standard errors is passed more often than a normal law says): 23 of 200 here
+    assert sum(found) <= 30
+
+
 def test_surely_within_uses_the_slow_end_of_the_range():
     rng = np.random.default_rng(2)
     t = np.arange(0, 50, 5.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -43,11 +43,14 @@ ATTENTION_LIMIT = 1e4
 #: The signal each event is forecast from: (its quantity, the trend it follows).
 SIGNALS: dict[str, tuple[str, TrendKind]] = {
     "collapse": ("gap_median", "linear"),
-    "divergence": ("update_ratio", "linear"),
+    "divergence": ("loss", "exponential"),
     "attention": ("max_logit", "exponential"),
 }
 #: Fewest points a trend may be fitted to.
 MIN_POINTS = 4
+#: The default window of each event's trend, in measured points: 16 (160 steps at the default
+#: cadence), and 32 for the logit gap, which grows over thousands of steps.
+WINDOWS: dict[str, int] = {"collapse": 32, "divergence": 16, "attention": 16}
 
 Action = Literal["checkpoint", "stop"] | Callable[[dict[str, Any]], Any] | None
 
@@ -56,19 +59,21 @@ class EarlyWarningMonitor(Monitor):
     """Warn that an instability is coming while there is still time to act.
 
     Each measured step (every ``every_n_steps``) adds a point to the signal each event is
-    forecast from, fits the last ``window`` points by least squares
+    forecast from, fits the last ``window`` points of it by least squares
     (:func:`dynlens.forecast.steps_to_threshold`) and extrapolates them to the event's threshold:
 
     * **collapse** — the median top-vs-runner-up logit gap, growing linearly towards the collapse
       threshold ln(2/eps) of the loss's precision (Prieto et al. 2025); the event: more than half
       of a measured step's samples in Softmax Collapse;
-    * **divergence** — the update ratio η/η_c along the step the optimizer took (every
-      ``curvature_every_n_steps``): the loss before and after the step on the step's own batch
-      and the first-order decrease −gᵀΔθ, two forward passes
-      (:func:`dynlens.forecast.update_ratio`, the critical sharpness of Kalra et al. 2026 over
-      2/η), rising towards 1, where the step stops lowering the loss; the event: the training
-      loss non-finite, or above 10× its lowest value so far after the first 50 steps (read at
-      every step);
+    * **divergence** — the training loss (its mean over the steps since the last measured one)
+      growing exponentially towards 10× its lowest value so far; the event: the training loss
+      non-finite, or above 10× its lowest value so far after the first 50 steps (read at every
+      step). Beside it, every ``curvature_every_n_steps``, the update ratio η/η_c along the step
+      the optimizer took: the loss before and after the step on the step's own batch and the
+      first-order decrease −gᵀΔθ, two forward passes (:func:`dynlens.forecast.update_ratio`, the
+      critical sharpness of Kalra et al. 2026 over 2/η; 1: the step stops lowering the loss, the
+      edge of stability; a loss that grows while the ratio stays near 1 is a step size the model
+      can no longer follow), which the warning's message gives;
     * **attention** — the largest attention logit, growing exponentially towards 1e4
       (Wortsman et al. 2023); the event: the largest attention logit above 1e4.
 
@@ -82,8 +87,8 @@ class EarlyWarningMonitor(Monitor):
     from values reduced across ranks, so every rank decides the same.
 
     Scalars under ``<prefix>/warning/<event>/``: the signals (``gap_median``, ``threshold``,
-    ``sc_fraction``; ``loss``, ``update_ratio``; ``max_logit``) and ``steps_to``, the expected
-    steps to the event while one is expected within twice the horizon.
+    ``sc_fraction``; ``loss``, ``threshold``, ``update_ratio``; ``max_logit``) and ``steps_to``,
+    the expected steps to the event while one is expected within twice the horizon.
 
     Args:
         events: which of ``"collapse"``, ``"divergence"``, ``"attention"`` to forecast.
@@ -91,8 +96,9 @@ class EarlyWarningMonitor(Monitor):
         every_n_steps: measure every this many steps (default 10).
         curvature_every_n_steps: measure the update ratio every this many steps (default 50; a
             multiple of ``every_n_steps``; two forward passes on the step's batch).
-        window: measured points a trend is fitted to, once there are that many (default 16, at
-            least 4).
+        window: measured points a trend is fitted to, once there are that many (at least 4): one
+            number for every event, or a mapping event → points; by default 16, and 32 for
+            collapse (:data:`WINDOWS`).
         z: standard errors the slope must be from 0 (default 2).
         action: at a warning, ``None`` (warn only), ``"checkpoint"`` (save a rollback checkpoint,
             ``dynlens-warning-<event>-step<step>.ckpt`` in ``checkpoint_dir``, default the
@@ -120,7 +126,7 @@ class EarlyWarningMonitor(Monitor):
         horizon: int = 500,
         every_n_steps: int = 10,
         curvature_every_n_steps: int = 50,
-        window: int = 16,
+        window: int | Mapping[str, int] | None = None,
         z: float = 2.0,
         action: Action = None,
         checkpoint_dir: str | None = None,
@@ -146,9 +152,17 @@ class EarlyWarningMonitor(Monitor):
                 f"Expected `curvature_every_n_steps` a multiple of `every_n_steps` "
                 f"({self.every_n_steps}), got {curvature_every_n_steps}."
             )
-        self.window = check_positive_int("window", window)
-        if self.window < MIN_POINTS:  # the bend of a parabola needs four
-            raise ConfigurationError(f"Expected `window` >= {MIN_POINTS}, got {window}.")
+        given = window if isinstance(window, Mapping) else dict.fromkeys(EVENTS, window)
+        for event in given:
+            check_choice("window", event, EVENTS)
+        #: The points each event's trend is fitted to.
+        self.windows: dict[str, int] = {}
+        for event in EVENTS:
+            points = given.get(event)
+            points = WINDOWS[event] if points is None else check_positive_int("window", points)
+            if points < MIN_POINTS:  # the bend of a parabola needs four
+                raise ConfigurationError(f"Expected `window` >= {MIN_POINTS}, got {window}.")
+            self.windows[event] = points
         self.z = check_positive_number("z", z)
         if not callable(action):
             check_choice("action", action, (None, "checkpoint", "stop"))
@@ -184,6 +198,8 @@ class EarlyWarningMonitor(Monitor):
         self._ratio_possible = True
         self._no_ratio_reason: str | None = None
         self._follow_logits_dtype = True
+        #: The latest update ratio η/η_c (``None`` until one is measured).
+        self.last_update_ratio: float | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
         return {**super().state_key_fields(), "events": self.events_watched}
@@ -203,6 +219,9 @@ class EarlyWarningMonitor(Monitor):
                 "collapse/gap_median", "collapse/threshold"
             )
         if self.watches("divergence"):
+            charts["divergence: training loss and 10× its lowest value"] = self.multiline(
+                "divergence/loss", "divergence/threshold"
+            )
             charts["divergence: update ratio η/η_c (1: the step stops lowering the loss)"] = (
                 self.multiline("divergence/update_ratio")
             )
@@ -354,34 +373,40 @@ class EarlyWarningMonitor(Monitor):
     def _decide(self, trainer: Any, step: int, parts: dict) -> None:
         host = self.reduce_to_host(trainer, parts)
         scalars: dict[str, float] = {}
-        signals: dict[str, float] = {}
+        signals: dict[str, tuple[float, float]] = {}  # event: (step, value)
         if "losses" in host:
+            steps = [s for s, _ in self._losses]
             self._scan_losses(trainer, host["losses"])
-            scalars["divergence/loss"] = host["losses"][-1]
+            if all(math.isfinite(v) for v in host["losses"]):
+                # the mean loss of the steps since the last measured one, at their mean step
+                loss = sum(host["losses"]) / len(host["losses"])
+                signals["divergence"] = (sum(steps) / len(steps), loss)
+                scalars["divergence/loss"] = loss
+                scalars["divergence/threshold"] = self._threshold("divergence")
         if "counts" in host:
             samples, collapsed = host["counts"]
             share, gap = collapsed / max(samples, 1.0), host["gap"][0]
             scalars["collapse/sc_fraction"], scalars["collapse/gap_median"] = share, gap
-            scalars["collapse/threshold"], signals["collapse"] = self._threshold("collapse"), gap
+            scalars["collapse/threshold"] = self._threshold("collapse")
+            signals["collapse"] = (step, gap)
             if share > COLLAPSE_SHARE:
                 self._happen(trainer, "collapse", step, f"{share:.1%} of the samples collapsed")
         if "max_logit" in host:
             top = host["max_logit"][0]
             scalars["attention/max_logit"] = top
-            signals["attention"] = top
+            signals["attention"] = (step, top)
             if top > ATTENTION_LIMIT:
                 self._happen(trainer, "attention", step, f"the largest attention logit {top:.4g}")
         if "ratio_losses" in host:
             before, after = host["ratio_losses"]
             ratio = update_ratio(before, after, host["decrease"][0])
             if math.isfinite(ratio):
-                scalars["divergence/update_ratio"] = ratio
-                signals["divergence"] = ratio
+                scalars["divergence/update_ratio"] = self.last_update_ratio = ratio
         elif self.watches("divergence") and not self._ratio_possible:
             message = f"the update ratio is not measured under {self._no_ratio_reason}"
             self.log_event(trainer, step, "no_update_ratio", message, once=True)
-        for event, value in signals.items():
-            forecast = self._forecast(event, step, value)
+        for event, (at, value) in signals.items():
+            forecast = self._forecast(event, at, value)
             if forecast is not None and forecast.within(2 * self.horizon):
                 scalars[f"{event}/steps_to"] = forecast.steps_to
             self._warn_or_clear(trainer, event, step, forecast)
@@ -406,26 +431,29 @@ class EarlyWarningMonitor(Monitor):
             if math.isfinite(value):
                 self.loss_min = min(self.loss_min, value)
 
-    def _forecast(self, event: str, step: int, value: float) -> Forecast | None:
+    def _forecast(self, event: str, step: float, value: float) -> Forecast | None:
         kind = SIGNALS[event][1]
         if not math.isfinite(value) or (kind == "exponential" and value <= 0):
             return None
+        if self.happened.get(event) is not None:
+            return None  # the event came: no more forecasts of it
         points = self.history.setdefault(event, [])
         points.append([float(step), float(value)])
-        del points[: -self.window]
-        if self.happened.get(event) is not None or len(points) < self.window:
+        del points[: -self.windows[event]]
+        threshold = self._threshold(event)
+        if len(points) < self.windows[event] or not math.isfinite(threshold):
             return None
         steps, values = zip(*points, strict=True)
         if decelerating(steps, values, kind=kind, z=self.z):
             return None  # levelling off: a line would reach what the signal may not
-        return steps_to_threshold(
-            steps, values, self._threshold(event), kind=kind, rising=True, z=self.z
-        )
+        return steps_to_threshold(steps, values, threshold, kind=kind, rising=True, z=self.z)
 
     def _threshold(self, event: str) -> float:
         if event == "collapse":
             return collapse_threshold(self._collapse_in[1], self._collapse_in[0])
-        return 1.0 if event == "divergence" else ATTENTION_LIMIT
+        if event == "divergence":
+            return DIVERGENCE_FACTOR * self.loss_min
+        return ATTENTION_LIMIT
 
     def _warn_or_clear(
         self, trainer: Any, event: str, step: int, forecast: Forecast | None
@@ -443,9 +471,11 @@ class EarlyWarningMonitor(Monitor):
         quantity, _ = SIGNALS[event]
         expected = math.ceil(forecast.expected_step)
         message = (
-            f"{event} expected at step {expected} (in {forecast.steps_to:.0f} steps, range "
+            f"{event} expected at step {expected} (in {expected - step} steps, range "
             f"{forecast.range_text()}): {quantity} is trending to {forecast.threshold:.4g}"
         )
+        if event == "divergence" and self.last_update_ratio is not None:
+            message += f"; the latest update ratio η/η_c is {self.last_update_ratio:.3g}"
         warning = {
             "event": event,
             "step": int(step),

@@ -60,11 +60,21 @@ def test_bad_arguments_say_what_to_do():
         {"events": ("collapse", "spikes")},
         {"every_n_steps": 10, "curvature_every_n_steps": 25},
         {"window": 3},
+        {"window": {"divergence": 3}},
+        {"window": {"spikes": 8}},
         {"action": "email"},
         {"horizon": 0},
     ):
         with pytest.raises(ConfigurationError):
             dynlens.EarlyWarningMonitor(**kwargs)
+
+
+def test_each_event_has_its_window_by_default_and_one_number_sets_them_all():
+    defaults = dynlens.EarlyWarningMonitor().windows
+    assert defaults == {"collapse": 32, "divergence": 16, "attention": 16}
+    assert dynlens.EarlyWarningMonitor(window=8).windows == dict.fromkeys(defaults, 8)
+    mixed = dynlens.EarlyWarningMonitor(window={"divergence": 8}).windows
+    assert mixed == {**defaults, "divergence": 8}
 
 
 def test_a_linear_gap_is_forecast_exactly_and_the_collapse_comes_when_more_than_half_collapse():
@@ -150,6 +160,56 @@ def test_divergence_is_a_non_finite_loss_or_ten_times_the_lowest_after_step_50()
     monitor = dynlens.EarlyWarningMonitor(events=("divergence",), every_n_steps=10, verbose=False)
     fit(Scripted(curve=lambda s: math.inf if s == 23 else 1.0), monitor, 30)
     assert monitor.happened == {"divergence": 23}
+
+
+def test_an_exponentially_growing_loss_is_forecast_to_ten_times_its_lowest_value():
+    # flat at 1.0 (the lowest) until step 100, then e^(0.01 (t − 100)): 10× at t = 330.26, the
+    # event at step 331. Each point is the mean loss of ten steps at their mean step, which on an
+    # exponential lies 0.04 steps off the curve: the forecast is 331 too
+    rate, horizon = 0.01, 100
+    crossing = 100 + math.log(10) / rate
+
+    def curve(step):
+        return 1.0 if step < 100 else math.exp(rate * (step - 100))
+
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("divergence",), every_n_steps=10, window=4, horizon=horizon, verbose=False
+    )
+    fit(Scripted(curve=curve), monitor, 400)
+    assert monitor.happened == {"divergence": math.ceil(crossing)}
+    assert len(monitor.warnings) == 1
+    warning = monitor.warnings[0]
+    # the first measured step whose window's last point (4.5 steps back) is within the horizon
+    warned = next(s for s in range(140, 400, 10) if crossing - (s - 4.5) <= horizon)
+    assert (warning["step"], warning["expected_step"]) == (warned, math.ceil(crossing))
+    assert monitor.latest["divergence/threshold"] == pytest.approx(10.0)
+    # the event was found at step 340, among the losses of steps 331–340: the last point is that
+    # of steps 321–330
+    step, value = monitor.history["divergence"][-1]
+    assert step == 325.5
+    assert value == pytest.approx(sum(curve(s) for s in range(321, 331)) / 10, rel=1e-6)
+
+
+def test_a_loss_that_jumps_and_levels_off_does_not_warn_and_one_that_keeps_growing_does():
+    # a catapult's shape: the loss jumps from 1 to 2.2 at step 300 and stays there (with a little
+    # batch-to-batch noise); against it the same jump followed by growth of 1% a step
+    noise = torch.randn(700, generator=torch.Generator().manual_seed(0)).mul(0.02).tolist()
+
+    def levels_off(step):
+        return (1.0 if step < 300 else 2.2) * (1 + noise[step])
+
+    def keeps_growing(step):
+        return levels_off(step) * math.exp(0.01 * max(step - 300, 0))
+
+    catapult = dynlens.EarlyWarningMonitor(events=("divergence",), verbose=False)
+    fit(Scripted(curve=levels_off), catapult, 700)
+    assert catapult.warnings == [] and catapult.happened == {"divergence": None}
+    growing = dynlens.EarlyWarningMonitor(events=("divergence",), verbose=False)
+    fit(Scripted(curve=keeps_growing), growing, 700)
+    # 10× the lowest (about 0.96) at about step 300 + ln(10 · 0.96 / 2.2) / 0.01 = 447
+    assert [w["event"] for w in growing.warnings] == ["divergence"]
+    assert growing.warnings[0]["step"] < growing.happened["divergence"]
+    assert 440 <= growing.happened["divergence"] <= 455
 
 
 class Regression(pl.LightningModule):
@@ -270,7 +330,7 @@ def test_flat_noise_warns_of_nothing():
     )
     fit(Noisy(), monitor, 300)
     assert monitor.warnings == [] and monitor.happened == {"collapse": None}
-    assert len(monitor.history["collapse"]) == 16
+    assert len(monitor.history["collapse"]) == monitor.windows["collapse"]
 
 
 @pytest.mark.parametrize("action", ["stop", "checkpoint", "callable"])

@@ -155,7 +155,7 @@ def test_bad_options_are_refused(monitored_run, argv, capsys):
 def test_command_line_in_a_pipe_prints_plain_tables_wide_enough_for_every_cell(monitored_run):
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     done = subprocess.run(
-        [sys.executable, "-m", "dynlens.cli", "report", str(monitored_run[0])],
+        [sys.executable, "-m", "dynlens", "report", str(monitored_run[0])],
         capture_output=True,
         text=True,
         timeout=120,
