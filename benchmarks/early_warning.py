@@ -28,7 +28,7 @@ control. Targets (issue 17): recall ≥ 90%, median lead ≥ 100 steps and ≥ 2
 event, false alarms ≤ 10% of controls; and (``--overhead``) ≤ 1.03× a training step at the
 defaults on the example Transformer (examples/transformer_instability.py, with qk-layernorm),
 with ``--paired`` (the method of record) from one run per round that switches the monitor on
-and off in alternate blocks of 50 steps, else from whole runs alternated with runs without it.
+and off in alternate blocks of 100 steps, else from whole runs alternated with runs without it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dynlens
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformer_instability.py"
-BLOCK = 50  # the paired blocks: curvature_every_n_steps at the defaults
+BLOCK = 100  # the paired blocks: curvature_every_n_steps at the defaults
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,9 +256,9 @@ def overhead(rounds: int, steps: int, paired: bool) -> dict:
     """The monitor at its defaults (all three events) on the example Transformer, against no
     monitor.
 
-    ``paired``: in each run the monitor is switched on and off in alternate blocks of 50 steps
-    (``_harness.Toggled``; 50 = ``curvature_every_n_steps``, so every "on" block holds the
-    defaults' five measured steps and one update ratio) and the run's ratio is the median "on"
+    ``paired``: in each run the monitor is switched on and off in alternate blocks of 100 steps
+    (``_harness.Toggled``; 100 = ``curvature_every_n_steps``, so every "on" block holds the
+    defaults' ten measured steps and one update ratio) and the run's ratio is the median "on"
     block's step time over the median "off" block's (``_harness.StepTimer``). Otherwise: whole
     ``fit`` wall times, with and without the monitor alternating within each round and swapping
     which goes first. The median over rounds of each round's ratio, with the quartiles."""
@@ -283,7 +283,7 @@ def overhead(rounds: int, steps: int, paired: bool) -> dict:
             ratios.append(times[True] / times[False])
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {
-        "method": "paired blocks of 50 steps" if paired else "alternated whole runs",
+        "method": f"paired blocks of {BLOCK} steps" if paired else "alternated whole runs",
         "rounds": rounds,
         "steps": steps,
         "ratio": statistics.median(ratios),
@@ -310,7 +310,7 @@ def main() -> None:
         metavar="ROUNDS",
         help="instead of the suites: the cost at the defaults, in this many rounds",
     )
-    parser.add_argument("--overhead-steps", type=int, default=1000)
+    parser.add_argument("--overhead-steps", type=int, default=3000)
     parser.add_argument(
         "--paired",
         action="store_true",

@@ -5,9 +5,10 @@ from the signals dynlens already logs. Plain numpy and torch, no Lightning.
 
 * :func:`fit_trend` fits a window of logged points by least squares: a straight line
   (``"linear"``: the top-vs-runner-up logit gap growing towards ln(2/eps) before Softmax
-  Collapse, Prieto et al. 2025) or a straight line through the logarithms (``"exponential"``: the
-  max attention logit growing by a constant factor per step before divergence, Wortsman et al.
-  2023), with the slope's standard error.
+  Collapse, Prieto et al. 2025), a straight line through the logarithms (``"exponential"``: the
+  training loss running away by a constant factor per step), or through the logarithms of both
+  the values and the steps (``"power"``: the max attention logit, a product of weight norms that
+  grow polynomially under Adam, Wortsman et al. 2023), with the slope's standard error.
 * :func:`steps_to_threshold` extrapolates the fit to the step at which it crosses a threshold,
   with the range the slope's uncertainty gives, and says whether the trend is clear enough
   (the slope at least ``z`` standard errors away from 0) to be believed.
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-TrendKind = Literal["linear", "exponential"]
+TrendKind = Literal["linear", "exponential", "power"]
+TREND_KINDS: tuple[str, ...] = ("linear", "exponential", "power")
 
 #: The share by which the slope at a window's end must fall below its average for
 #: :func:`decelerating`.
@@ -60,11 +62,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Trend:
-    """A least-squares line ``y ≈ intercept + slope · step`` through a window of points (``y`` the
-    values, or their natural logarithms for ``kind="exponential"``)."""
+    """A least-squares line ``y ≈ intercept + slope · x`` through a window of points: ``x`` the
+    steps and ``y`` the values (``kind="linear"``), ``y`` their natural logarithms
+    (``"exponential"``), or both logarithms (``"power"``: ``value ≈ e^intercept · step^slope``)."""
 
     kind: TrendKind
-    slope: float  #: per step (e-folds per step for an exponential trend)
+    slope: float  #: per step (e-folds per step if exponential, the exponent of a power law)
     intercept: float  #: at step 0
     slope_stderr: float  #: standard error of the slope (inf with two points: no residual left)
     last_step: int  #: the window's last step
@@ -72,8 +75,8 @@ class Trend:
 
     def value_at(self, step: float) -> float:
         """The fitted signal at ``step`` (in the signal's own units, not its logarithm)."""
-        y = self.intercept + self.slope * step
-        return math.exp(y) if self.kind == "exponential" else y
+        y = self.intercept + self.slope * (math.log(step) if self.kind == "power" else step)
+        return y if self.kind == "linear" else math.exp(y)
 
 
 def fit_trend(
@@ -82,27 +85,35 @@ def fit_trend(
     """Least-squares trend of ``values`` over ``steps`` (at least two distinct steps).
 
     ``kind="exponential"`` fits ``ln(values)`` (every value must be positive): a signal that grows
-    by a constant factor per step is a straight line there. The slope's standard error is the
-    textbook one, ``sqrt(RSS / (n − 2) / Σ(t − t̄)²)``.
+    by a constant factor per step is a straight line there. ``kind="power"`` fits ``ln(values)``
+    against ``ln(steps)`` (steps counted from the run's start, all positive): a signal that grows
+    as a power of the step — a product of weight norms, each growing by about the learning rate
+    per step under Adam — is a straight line there. The slope's standard error is the textbook
+    one, ``sqrt(RSS / (n − 2) / Σ(x − x̄)²)``.
 
     Example:
         >>> fit_trend([0, 1, 2, 3], [1.0, 3.0, 5.0, 7.0]).slope
         2.0
     """
-    if kind not in ("linear", "exponential"):
-        raise ValueError(f"Expected `kind` 'linear' or 'exponential', got {kind!r}.")
+    if kind not in TREND_KINDS:
+        raise ValueError(f"Expected `kind` one of {TREND_KINDS}, got {kind!r}.")
     t = np.asarray(steps, dtype=np.float64)
     y = np.asarray(values, dtype=np.float64)
     if t.shape != y.shape or t.ndim != 1:
         raise ValueError(f"Expected steps and values of one length, got {t.shape} and {y.shape}.")
     if not (np.isfinite(t).all() and np.isfinite(y).all()):
         raise ValueError("steps and values must be finite.")
-    if kind == "exponential":
+    if kind != "linear":
         if (y <= 0).any():
-            raise ValueError("An exponential trend needs positive values.")
+            raise ValueError("An exponential or power trend needs positive values.")
         y = np.log(y)
     if len(np.unique(t)) < 2:
         raise ValueError("A trend needs at least two distinct steps.")
+    last_step = int(t.max())
+    if kind == "power":
+        if (t <= 0).any():
+            raise ValueError("A power trend needs positive steps (counted from the run's start).")
+        t = np.log(t)
     dt = t - t.mean()
     sxx = float(dt @ dt)
     slope = float(dt @ (y - y.mean()) / sxx)
@@ -113,14 +124,14 @@ def fit_trend(
         stderr = math.sqrt(float(residual @ residual) / (n - 2) / sxx)
     else:
         stderr = math.inf
-    return Trend(kind, slope, intercept, stderr, int(t.max()), n)
+    return Trend(kind, slope, intercept, stderr, last_step, n)
 
 
 def decelerating(
     steps: Sequence[float], values: Sequence[float], *, kind: TrendKind = "linear", z: float = 2.0
 ) -> bool:
     """Whether the points bend down: the quadratic term of a least-squares parabola through them
-    (through their logarithms for ``kind="exponential"``) is negative by at least ``z`` standard
+    (in the axes of ``kind``, as :func:`fit_trend`'s) is negative by at least ``z`` standard
     errors, and the slope at the window's end is at least :data:`LEVELLING` (10%) below the
     window's average slope (so that rounding errors on a straight line do not count); or the
     last quarter of the points rises slower than the whole by ``z`` of its standard errors and by
@@ -138,8 +149,10 @@ def decelerating(
     y = np.asarray(values, dtype=np.float64)
     if t.shape != y.shape or t.ndim != 1 or len(np.unique(t)) < 4:
         raise ValueError("A parabola's bend needs at least four distinct steps, one value each.")
-    if kind == "exponential":
+    if kind != "linear":
         y = np.log(y)
+    if kind == "power":
+        t = np.log(t)
     u = (t - t.mean()) / max(float(np.ptp(t)), 1e-300)  # centred and scaled: a stable design
     design = np.stack([np.ones_like(u), u, u * u], axis=1)
     coef, _, _, _ = np.linalg.lstsq(design, y, rcond=None)
@@ -158,10 +171,8 @@ def decelerating(
     later = len(t) - len(t) // 4
     if len(np.unique(t[later:])) < 3:
         return False
-    whole = fit_trend(t, np.exp(y) if kind == "exponential" else y, kind=kind)
-    recent = fit_trend(
-        t[later:], np.exp(y[later:]) if kind == "exponential" else y[later:], kind=kind
-    )
+    whole = fit_trend(t, y)  # t and y transformed already: straight lines
+    recent = fit_trend(t[later:], y[later:])
     drop = whole.slope - recent.slope
     return bool(drop > z * recent.slope_stderr and drop > LEVELLING * abs(whole.slope))
 
@@ -218,8 +229,9 @@ def steps_to_threshold(
     """Fit a trend to the points and extrapolate it to ``threshold``.
 
     The event is the signal rising above ``threshold`` (``rising=True``) or falling below it.
-    The crossing is where the fitted line, ``intercept + slope · t``, meets the threshold (its
-    logarithm for an exponential trend); the steps to it are counted from the window's last step,
+    The crossing is where the fitted line, ``intercept + slope · x``, meets the threshold (its
+    logarithm for an exponential or power trend; ``x`` the step, or its logarithm for a power
+    trend); the steps to it are counted from the window's last step,
     and a fit already past the threshold there gives 0. The range ``lower``–``upper`` holds the
     fitted value at the last step and moves the slope by ± ``z`` standard errors; the forecast is
     ``confident`` when the slope is at least ``z`` standard errors from 0 towards the threshold.
@@ -230,29 +242,38 @@ def steps_to_threshold(
         (90.0, 60.0)
     """
     trend = fit_trend(steps, values, kind=kind)
-    if kind == "exponential" and not threshold > 0:
-        raise ValueError("An exponential trend reaches only a positive threshold.")
-    level = math.log(threshold) if kind == "exponential" else float(threshold)
+    if kind != "linear" and not threshold > 0:
+        raise ValueError(f"An {kind} trend reaches only a positive threshold.")
+    level = float(threshold) if kind == "linear" else math.log(threshold)
     last = float(trend.last_step)
+    if kind == "power":  # the line is in ln(step): crossings map back through exp
+        here, step_at = math.log(last), _exp_step
+    else:
+        here, step_at = last, float
     sign = 1.0 if rising else -1.0
     # how far the fitted signal still has to go, and its speed, both towards the event
-    gap = sign * (level - (trend.intercept + trend.slope * last))
+    gap = sign * (level - (trend.intercept + trend.slope * here))
     speed, spread = sign * trend.slope, z * trend.slope_stderr
     if gap <= 0:
         return Forecast(trend, threshold, last, 0.0, last, last, True)
     if speed <= 0:
         return Forecast(trend, threshold, None, None, None, None, False)
-    expected = last + gap / speed
-    upper = last + gap / (speed - spread) if speed > spread else math.inf
+    expected = step_at(here + gap / speed)
+    upper = step_at(here + gap / (speed - spread)) if speed > spread else math.inf
     return Forecast(
         trend,
         threshold,
         expected,
         expected - last,
-        last + gap / (speed + spread),
+        step_at(here + gap / (speed + spread)),
         upper,
         speed >= spread,
     )
+
+
+def _exp_step(log_step: float) -> float:
+    """The step whose logarithm is ``log_step`` (inf beyond what a float holds)."""
+    return math.exp(log_step) if log_step < 700 else math.inf
 
 
 @dataclass(frozen=True)

@@ -65,12 +65,22 @@ def test_exponential_trend_fits_the_logarithms():
     assert trend.value_at(500) == pytest.approx(3 * math.exp(5))
 
 
+def test_power_trend_fits_both_logarithms():
+    t = [10, 20, 40, 80]
+    trend = fit_trend(t, [3 * s**2.5 for s in t], kind="power")
+    assert trend.slope == pytest.approx(2.5) and trend.intercept == pytest.approx(math.log(3))
+    assert trend.value_at(160) == pytest.approx(3 * 160**2.5)
+    assert trend.last_step == 80 and trend.slope_stderr == pytest.approx(0, abs=1e-9)
+
+
 @pytest.mark.parametrize(
     ("steps", "values", "kind", "match"),
     [
         ([1, 1], [1.0, 2.0], "linear", "two distinct steps"),
         ([0, 1], [1.0], "linear", "one length"),
         ([0, 1], [1.0, -1.0], "exponential", "positive"),
+        ([1, 2], [1.0, -1.0], "power", "positive"),
+        ([0, 1], [1.0, 2.0], "power", "positive steps"),
         ([0, 1], [1.0, math.nan], "linear", "finite"),
         ([0, 1], [1.0, 2.0], "cubic", "kind"),
     ],
@@ -118,6 +128,28 @@ def test_exponential_growth_to_ten_thousand():
     f = steps_to_threshold(steps, [10 * 2 ** (s / 100) for s in steps], 1e4, kind="exponential")
     assert f.expected_step == pytest.approx(100 * math.log2(1000))
     assert f.steps_to == pytest.approx(100 * math.log2(1000) - 400)
+
+
+def test_power_growth_to_ten_thousand_and_its_range():
+    # 0.01 · t²: 1e4 at t = 1000, from points at 100–400
+    steps = [100, 200, 300, 400]
+    f = steps_to_threshold(steps, [0.01 * s**2 for s in steps], 1e4, kind="power")
+    assert f.expected_step == pytest.approx(1000) and f.steps_to == pytest.approx(600)
+    assert f.confident and f.lower == pytest.approx(1000) and f.upper == pytest.approx(1000)
+    # noise in the exponent: the range maps ln(400) + gap / (slope ± z·se) back through exp
+    rng = np.random.default_rng(0)
+    noisy = [0.01 * s**2 * math.exp(rng.normal(0, 0.05)) for s in steps]
+    f = steps_to_threshold(steps, noisy, 1e4, kind="power", z=2.0)
+    trend = f.trend
+    gap = math.log(1e4) - (trend.intercept + trend.slope * math.log(400))
+    spread = 2.0 * trend.slope_stderr
+    assert f.lower == pytest.approx(math.exp(math.log(400) + gap / (trend.slope + spread)))
+    assert f.upper == pytest.approx(math.exp(math.log(400) + gap / (trend.slope - spread)))
+    assert f.lower < f.expected_step < f.upper
+    # a power law does not bend in its own axes; the same points read as exponential do
+    t = np.arange(100.0, 260.0, 10.0)
+    assert not decelerating(t, 0.01 * t**3, kind="power")
+    assert decelerating(t, 0.01 * t**3, kind="exponential")
 
 
 def test_the_range_follows_the_slope_error_and_noise_lowers_confidence():

@@ -44,7 +44,7 @@ ATTENTION_LIMIT = 1e4
 SIGNALS: dict[str, tuple[str, TrendKind]] = {
     "collapse": ("gap_median", "linear"),
     "divergence": ("loss", "exponential"),
-    "attention": ("max_logit", "exponential"),
+    "attention": ("max_logit", "power"),
 }
 #: Fewest points a trend may be fitted to.
 MIN_POINTS = 4
@@ -74,8 +74,12 @@ class EarlyWarningMonitor(Monitor):
       critical sharpness of Kalra et al. 2026 over 2/η; 1: the step stops lowering the loss, the
       edge of stability; a loss that grows while the ratio stays near 1 is a step size the model
       can no longer follow), which the warning's message gives;
-    * **attention** — the largest attention logit, growing exponentially towards 1e4
-      (Wortsman et al. 2023); the event: the largest attention logit above 1e4.
+    * **attention** — the largest attention logit (Wortsman et al. 2023), growing as a power of
+      the step towards 1e4 (a straight line in ln–ln: the logit is a product of weight norms,
+      and under Adam each weight moves by about the learning rate per step, so the norms grow
+      polynomially; an exponential drawn through a window of such growth runs ahead of it, and
+      warned of blow-ups that levelled off under qk-layernorm); the event: the largest attention
+      logit above 1e4.
 
     A **warning** is raised when the event is expected within ``horizon`` steps even at the slow end
     of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`): kept in :attr:`warnings`
@@ -94,7 +98,7 @@ class EarlyWarningMonitor(Monitor):
         events: which of ``"collapse"``, ``"divergence"``, ``"attention"`` to forecast.
         horizon: warn when the event is expected within this many steps (default 500).
         every_n_steps: measure every this many steps (default 10).
-        curvature_every_n_steps: measure the update ratio every this many steps (default 50; a
+        curvature_every_n_steps: measure the update ratio every this many steps (default 100; a
             multiple of ``every_n_steps``; two forward passes on the step's batch).
         window: measured points a trend is fitted to, once there are that many (at least 4): one
             number for every event, or a mapping event → points; by default 16, and 32 for
@@ -125,7 +129,7 @@ class EarlyWarningMonitor(Monitor):
         events: Sequence[Event] = EVENTS,
         horizon: int = 500,
         every_n_steps: int = 10,
-        curvature_every_n_steps: int = 50,
+        curvature_every_n_steps: int = 100,
         window: int | Mapping[str, int] | None = None,
         z: float = 2.0,
         action: Action = None,
@@ -433,8 +437,10 @@ class EarlyWarningMonitor(Monitor):
 
     def _forecast(self, event: str, step: float, value: float) -> Forecast | None:
         kind = SIGNALS[event][1]
-        if not math.isfinite(value) or (kind == "exponential" and value <= 0):
+        if not math.isfinite(value) or (kind != "linear" and value <= 0):
             return None
+        if kind == "power" and step <= 0:
+            return None  # a power of the step: from step 1 on
         if self.happened.get(event) is not None:
             return None  # the event came: no more forecasts of it
         points = self.history.setdefault(event, [])

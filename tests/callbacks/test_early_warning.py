@@ -309,6 +309,32 @@ def test_the_attention_signal_is_the_largest_attention_logit():
     assert seen[1] == seen[0] and seen[5] == seen[4]  # nothing measured in between
 
 
+class PowerAttention(Scripted):
+    """q = k = (√(c) · t, …) over 4 dimensions at step t: the largest attention logit is
+    4 c t² / √4 = 2 c t², with c = 0.02 reaching 1e4 at t = 500."""
+
+    def training_step(self, batch, batch_idx):
+        t = float(self.global_step)
+        qk = torch.full((1, 1, 2, 4), math.sqrt(0.02) * t) + self.w
+        F.scaled_dot_product_attention(qk, qk, qk)
+        return self.w * 0 + 1.0
+
+
+def test_a_power_law_attention_logit_is_forecast_exactly():
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("attention",), every_n_steps=10, window=4, horizon=105, verbose=False
+    )
+    fit(PowerAttention(), monitor, 600)
+    assert monitor.happened == {"attention": 510}  # the first measured step above 1e4
+    (warning,) = monitor.warnings  # the first measured step within 105 steps of 500
+    assert warning["step"] == 400
+    assert warning["expected_step"] in (
+        500,
+        501,
+    )  # the ceiling of 500 up to the logarithms' rounding
+    assert [e["reason"] for e in monitor.events] == ["warn_attention", "attention"]
+
+
 def test_flat_noise_warns_of_nothing():
     g = torch.Generator().manual_seed(0)
     noise = (torch.rand(400, generator=g) * 4).tolist()
