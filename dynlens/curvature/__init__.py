@@ -1,4 +1,4 @@
-"""Curvature of a loss: Hessian-vector products, trace and top-eigenvalue estimators, thresholds.
+"""Curvature of a loss: Hessian-vector products, trace/eigenvalue/density estimators, thresholds.
 
 This is the pure measurement layer behind ``HessianMonitor``: plain torch, no Lightning. Every
 function takes
@@ -39,8 +39,11 @@ Modules
   :class:`CurvatureFallbackWarning`.
 * :mod:`.memory`: :class:`MemoryMeter` (:class:`CudaMemoryMeter`, :class:`RssMemoryMeter`,
   :func:`memory_meter`) and :class:`MemoryLimit`.
-* :mod:`.trace`: :class:`Estimate`, :func:`hutchinson_trace`, :func:`hutchpp_trace`.
-* :mod:`.eigen`: :class:`Eigen`, :func:`top_eigenvalue`, :func:`adam_preconditioner`.
+* :mod:`.trace`: :class:`Estimate`, :func:`hutchinson_trace` (with per-block traces),
+  :func:`hutchpp_trace`, :func:`parameter_blocks` (the blocks ``hutchinson_trace`` splits into),
+  :data:`BLOCK_RULES`, :data:`OTHER_BLOCK`.
+* :mod:`.eigen`: :class:`Eigen`, :func:`top_eigenvalue`, :func:`adam_preconditioner`;
+  :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos quadrature).
 * :mod:`.thresholds`: :func:`gd_sharpness_threshold`, :func:`momentum_sharpness_threshold`,
   :func:`sgd_trace_threshold`, :func:`adam_sharpness_threshold`, and those of the optimizer in use
   (``stability``, ``nesterov_sharpness_threshold``).
@@ -52,7 +55,7 @@ from __future__ import annotations
 
 import time as time  # tests patch curvature.time.perf_counter, the clock of route="tuned"
 
-from .eigen import Eigen, adam_preconditioner, top_eigenvalue
+from .eigen import Eigen, SpectralDensity, adam_preconditioner, spectral_density, top_eigenvalue
 from .errors import _OOM_ERRORS as _OOM_ERRORS
 from .errors import CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
 from .memory import _MEMORY_FIX as _MEMORY_FIX
@@ -81,7 +84,14 @@ from .thresholds import (
     momentum_sharpness_threshold,
     sgd_trace_threshold,
 )
-from .trace import Estimate, hutchinson_trace, hutchpp_trace
+from .trace import (
+    BLOCK_RULES,
+    OTHER_BLOCK,
+    Estimate,
+    hutchinson_trace,
+    hutchpp_trace,
+    parameter_blocks,
+)
 from .trace import _apply_chunked as _apply_chunked
 from .trace import _chunks as _chunks
 from .trace import _generator as _generator
@@ -89,6 +99,8 @@ from .trace import _rademacher as _rademacher
 from .trace import _stderr as _stderr
 
 __all__ = [
+    "BLOCK_RULES",
+    "OTHER_BLOCK",
     "ROUTES",
     "TUNING_PROBES",
     "CudaMemoryMeter",
@@ -101,6 +113,7 @@ __all__ = [
     "MemoryLimit",
     "MemoryMeter",
     "RssMemoryMeter",
+    "SpectralDensity",
     "adam_preconditioner",
     "adam_sharpness_threshold",
     "finite_difference_step",
@@ -110,6 +123,8 @@ __all__ = [
     "hvp",
     "memory_meter",
     "momentum_sharpness_threshold",
+    "parameter_blocks",
     "sgd_trace_threshold",
+    "spectral_density",
     "top_eigenvalue",
 ]
