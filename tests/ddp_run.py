@@ -75,7 +75,9 @@ def fit(out: Path, mode: str, devices: int) -> tuple[pl.Trainer, dict]:
         torch.manual_seed(0)
         model = Model()
         # the budget schedule, decided on rank 0 and broadcast, must match on every rank
-        budgeted = dynlens.HessianMonitor(budget=0.3, num_probes=2, max_iter=3, prefix="budget")
+        budgeted = dynlens.HessianMonitor(
+            budget=0.3, num_probes=2, max_iter=3, blocks="module", prefix="budget"
+        )
         callbacks.append(budgeted)
         extra["budget_steps"] = lambda: [int(h["step"]) for h in budgeted.history]
         evaluated: list[int] = []  # global_step of every budgeted evaluation (one batch each)

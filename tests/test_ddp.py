@@ -59,6 +59,9 @@ def test_every_monitor_under_two_process_ddp(tmp_path):
     values = logged(tmp_path / "ddp")
     assert any(key.startswith("dynlens/hessian/") for key in values)
     assert sorted(values["budget/hessian/trace"]) == rank0["budget_steps"]
+    # per-block traces are reduced with the total: every block at every measured step
+    blocks = [key for key in values if key.startswith("budget/hessian/trace/")]
+    assert blocks and all(sorted(values[key]) == rank0["budget_steps"] for key in blocks)
     # an evaluation after optimizer step k is logged at Lightning's step k - 1
     assert sorted(values["budget/continual/acc_task_0"]) == [k - 1 for k in evaluated]
 

@@ -98,7 +98,10 @@ class HessianMonitor(HessianMeasuring, Monitor):
     ``trace_ratio``, ``precond_lambda_max``, ``precond_threshold``, ``precond_ratio`` (Adam
     family), ``one`` (the constant 1, the reference line of the ratio chart) and ``overhead``
     (measurement time ÷ training time so far). The first time ``eos_ratio`` (not for Adam) or
-    ``precond_ratio`` reaches 1 is a text event.
+    ``precond_ratio`` reaches 1 is a text event. With ``blocks``, per block ``b`` also
+    ``trace/<b>`` (the trace of the block's diagonal block tr(H_bb), from the same products as
+    the total: no extra cost), ``trace_stderr/<b>`` and ``trace_share/<b>`` (its share of the
+    total), each with a chart of a line per block.
 
     Cadence: ``every_n_steps``, or a compute ``budget`` (default 0.05): the monitor times itself
     and the training between measurements with ``clock`` and measures again once the training
@@ -169,6 +172,11 @@ class HessianMonitor(HessianMeasuring, Monitor):
             Rademacher probes are exact on the diagonal, which carries much of a network
             Hessian's trace. Hutch++ wins when a few eigenvalues dominate the trace itself.
         num_probes: Hessian-vector products for the trace (≥ 3 for Hutch++).
+        blocks: also the trace of each block of parameters (Hutchinson only): ``"module"`` (one
+            block per top-level module), ``"layer"`` (one per layer of a ``ModuleList``, e.g.
+            ``blocks.0``), ``"tensor"`` (one per parameter tensor), or a mapping block name →
+            parameter names, whose left-out parameters form a block ``"other"``
+            (:func:`dynlens.curvature.parameter_blocks`); checked at set-up.
         trace: measure the trace.
         sharpness: measure λ_max (and, for Adam, the preconditioned λ_max).
         preconditioned: measure the preconditioned sharpness under Adam-family optimizers.
@@ -209,6 +217,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
         loss_fn: UserLossFn | None = None,
         estimator: Estimator = "hutchinson",
         num_probes: int = 30,
+        blocks: curvature.Blocks | None = None,
         trace: bool = True,
         sharpness: bool = True,
         preconditioned: bool = True,
@@ -236,6 +245,19 @@ class HessianMonitor(HessianMeasuring, Monitor):
                 f"trace and the deflated rest), got {num_probes}: raise it or pass "
                 "estimator='hutchinson'."
             )
+        if blocks is not None:
+            if isinstance(blocks, str):
+                check_choice("blocks", blocks, curvature.BLOCK_RULES)
+            elif not isinstance(blocks, Mapping):
+                raise ConfigurationError(
+                    f"Expected `blocks` one of {curvature.BLOCK_RULES} or a mapping block name → "
+                    f"parameter names, got {blocks!r}."
+                )
+            if estimator != "hutchinson" or not trace:
+                raise ConfigurationError(
+                    "Per-block traces come from Hutchinson's products: pass "
+                    "estimator='hutchinson' and trace=True with `blocks`, or drop `blocks`."
+                )
         if not (trace or sharpness):
             raise ConfigurationError(
                 "Nothing to measure: `trace` and `sharpness` are both False; enable at least one."
@@ -258,6 +280,9 @@ class HessianMonitor(HessianMeasuring, Monitor):
         self.estimator = estimator
         self.num_probes = num_probes
         self.trace = trace
+        self.blocks = blocks
+        #: The blocks' parameter names, once set up (``None`` without ``blocks``).
+        self.partition: dict[str, list[str]] | None = None
         self.sharpness = sharpness
         self.preconditioned = preconditioned
         self.max_iter = max_iter
@@ -344,6 +369,12 @@ class HessianMonitor(HessianMeasuring, Monitor):
         charts["stability ratios (1 = at the threshold)"] = self.multiline(*ratios, "one")
         if self.trace and self.estimator == "hutchinson":
             charts["Frobenius norm ‖H‖_F"] = self.multiline("frobenius")
+        if self.blocks is not None:
+            charts["trace of each block tr(H_bb)"] = ["Multiline", [f"^{self.key('trace')}/"]]
+            charts["share of the trace per block"] = [
+                "Multiline",
+                [f"^{self.key('trace_share')}/"],
+            ]
         charts["loss at the measured batch"] = self.multiline("loss")
         charts["learning rate η the thresholds use"] = self.multiline("lr")
         charts["measurement time ÷ training time"] = self.multiline("overhead")
@@ -356,6 +387,12 @@ class HessianMonitor(HessianMeasuring, Monitor):
             return
         self._trainer = weakref.ref(trainer)
         self._check_measurable(trainer, pl_module)
+        if self.blocks is not None:
+            names = [k for k, p in pl_module.named_parameters() if p.requires_grad]
+            try:
+                self.partition = curvature.parameter_blocks(names, self.blocks)
+            except ValueError as err:
+                raise ConfigurationError(f"HessianMonitor(blocks=...): {err}") from err
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
@@ -425,6 +462,12 @@ class HessianMonitor(HessianMeasuring, Monitor):
             )
             if not math.isnan(values["frobenius"]):
                 logged["frobenius"] = values["frobenius"]
+            for block in self.partition or ():
+                value = values[f"trace/{block}"]
+                logged[f"trace/{block}"] = value
+                logged[f"trace_stderr/{block}"] = math.sqrt(values[f"trace_var/{block}"] / world)
+                if values["trace"] != 0:
+                    logged[f"trace_share/{block}"] = value / values["trace"]
         if not math.isnan(values["product_error"]):
             logged["product_error"] = values["product_error"]
         if self.sharpness:

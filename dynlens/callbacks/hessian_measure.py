@@ -159,6 +159,7 @@ class HessianMeasuring:
                 generator=generator,
                 route=self._route,  # type: ignore[arg-type]
                 memory=memory,
+                **({} if self.partition is None else {"blocks": self.partition}),
             )
             self._route = estimate.route or self._route  # skip a failed route next time
             self._check_product_error(estimate.product_error, out)
@@ -166,6 +167,9 @@ class HessianMeasuring:
             out["trace_var"] = estimate.stderr**2
             if estimate.frobenius is not None:
                 out["frobenius"] = estimate.frobenius
+            for block, part in (estimate.blocks or {}).items():
+                out[f"trace/{block}"] = part.value
+                out[f"trace_var/{block}"] = part.stderr**2
         if self.sharpness:
             cold = self._eigvec is None or self._since_cold + 1 >= self.cold_start_every
             self._since_cold = 0 if cold else self._since_cold + 1
@@ -260,11 +264,17 @@ class HessianMeasuring:
     def _reduce(
         self, trainer: Any, local: dict[str, float], device: torch.device
     ) -> dict[str, float]:
+        # the blocks follow the fixed quantities, in the partition's order: the same on every rank
+        keys = _REDUCED + tuple(
+            f"{quantity}/{block}"
+            for block in self.partition or ()
+            for quantity in ("trace", "trace_var")
+        )
         vector = torch.tensor(
-            [local.get(k, math.nan) for k in _REDUCED], dtype=torch.float64, device=device
+            [local.get(k, math.nan) for k in keys], dtype=torch.float64, device=device
         )
         vector = self.reduce(trainer, vector, "mean")
-        values = dict(zip(_REDUCED, vector.tolist(), strict=True))
+        values = dict(zip(keys, vector.tolist(), strict=True))
         for key in ("cold", "iterations"):
             if key in local:
                 values[key] = local[key]

@@ -87,6 +87,7 @@ from .thresholds import (
 from .trace import (
     BLOCK_RULES,
     OTHER_BLOCK,
+    Blocks,
     Estimate,
     hutchinson_trace,
     hutchpp_trace,
@@ -103,6 +104,7 @@ __all__ = [
     "OTHER_BLOCK",
     "ROUTES",
     "TUNING_PROBES",
+    "Blocks",
     "CudaMemoryMeter",
     "CurvatureError",
     "CurvatureFallbackWarning",
