@@ -33,14 +33,14 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 TrendKind = Literal["linear", "exponential", "power"]
-TREND_KINDS: tuple[str, ...] = ("linear", "exponential", "power")
+TREND_KINDS: tuple[str, ...] = get_args(TrendKind)
 
 #: The share by which the slope at a window's end must fall below its average for
 #: :func:`decelerating`.
@@ -103,17 +103,14 @@ def fit_trend(
         raise ValueError(f"Expected steps and values of one length, got {t.shape} and {y.shape}.")
     if not (np.isfinite(t).all() and np.isfinite(y).all()):
         raise ValueError("steps and values must be finite.")
-    if kind != "linear":
-        if (y <= 0).any():
-            raise ValueError("An exponential or power trend needs positive values.")
-        y = np.log(y)
+    if kind != "linear" and (y <= 0).any():
+        raise ValueError("An exponential or power trend needs positive values.")
     if len(np.unique(t)) < 2:
         raise ValueError("A trend needs at least two distinct steps.")
+    if kind == "power" and (t <= 0).any():
+        raise ValueError("A power trend needs positive steps (counted from the run's start).")
     last_step = int(t.max())
-    if kind == "power":
-        if (t <= 0).any():
-            raise ValueError("A power trend needs positive steps (counted from the run's start).")
-        t = np.log(t)
+    t, y = _axes(t, y, kind)
     dt = t - t.mean()
     sxx = float(dt @ dt)
     slope = float(dt @ (y - y.mean()) / sxx)
@@ -125,6 +122,12 @@ def fit_trend(
     else:
         stderr = math.inf
     return Trend(kind, slope, intercept, stderr, last_step, n)
+
+
+def _axes(t: np.ndarray, y: np.ndarray, kind: TrendKind) -> tuple[np.ndarray, np.ndarray]:
+    """The axes a trend of ``kind`` is a straight line in: the values' logarithms unless
+    linear, the steps' too for a power law."""
+    return (np.log(t) if kind == "power" else t), (y if kind == "linear" else np.log(y))
 
 
 def decelerating(
@@ -149,10 +152,7 @@ def decelerating(
     y = np.asarray(values, dtype=np.float64)
     if t.shape != y.shape or t.ndim != 1 or len(np.unique(t)) < 4:
         raise ValueError("A parabola's bend needs at least four distinct steps, one value each.")
-    if kind != "linear":
-        y = np.log(y)
-    if kind == "power":
-        t = np.log(t)
+    t, y = _axes(t, y, kind)
     u = (t - t.mean()) / max(float(np.ptp(t)), 1e-300)  # centred and scaled: a stable design
     design = np.stack([np.ones_like(u), u, u * u], axis=1)
     coef, _, _, _ = np.linalg.lstsq(design, y, rcond=None)

@@ -379,8 +379,7 @@ class EarlyWarningMonitor(Monitor):
         scalars: dict[str, float] = {}
         signals: dict[str, tuple[float, float]] = {}  # event: (step, value)
         if "losses" in host:
-            steps = [s for s, _ in self._losses]
-            self._scan_losses(trainer, host["losses"])
+            steps = self._scan_losses(trainer, host["losses"])
             if all(math.isfinite(v) for v in host["losses"]):
                 # the mean loss of the steps since the last measured one, at their mean step
                 loss = sum(host["losses"]) / len(host["losses"])
@@ -417,7 +416,9 @@ class EarlyWarningMonitor(Monitor):
         logged = self.log_metrics(trainer, scalars, step=step)
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
-    def _scan_losses(self, trainer: Any, values: list[float]) -> None:
+    def _scan_losses(self, trainer: Any, values: list[float]) -> list[int]:
+        """Find the divergence among the pending losses (their reduced ``values``), update the
+        lowest loss, and let them go; the steps they were taken at."""
         steps = [s for s, _ in self._losses]
         self._losses = []
         for s, value in zip(steps, values, strict=True):
@@ -434,6 +435,7 @@ class EarlyWarningMonitor(Monitor):
                     )
             if math.isfinite(value):
                 self.loss_min = min(self.loss_min, value)
+        return steps
 
     def _forecast(self, event: str, step: float, value: float) -> Forecast | None:
         kind = SIGNALS[event][1]

@@ -7,6 +7,7 @@ number it shows is computed by a function of that pure layer.
 from __future__ import annotations
 
 import math
+import re
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -369,12 +370,12 @@ class HessianMonitor(HessianMeasuring, Monitor):
         charts["stability ratios (1 = at the threshold)"] = self.multiline(*ratios, "one")
         if self.trace and self.estimator == "hutchinson":
             charts["Frobenius norm ‖H‖_F"] = self.multiline("frobenius")
-        if self.blocks is not None:
-            charts["trace of each block tr(H_bb)"] = ["Multiline", [f"^{self.key('trace')}/"]]
-            charts["share of the trace per block"] = [
-                "Multiline",
-                [f"^{self.key('trace_share')}/"],
-            ]
+        if self.blocks is not None:  # one pattern for every block's tag
+            for title, stem in (
+                ("trace of each block tr(H_bb)", "trace"),
+                ("share of the trace per block", "trace_share"),
+            ):
+                charts[title] = ["Multiline", ["^" + re.escape(self.key(stem)) + "/"]]
         charts["loss at the measured batch"] = self.multiline("loss")
         charts["learning rate η the thresholds use"] = self.multiline("lr")
         charts["measurement time ÷ training time"] = self.multiline("overhead")
