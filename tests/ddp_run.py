@@ -7,7 +7,8 @@ logger holds what was logged.
     python tests/ddp_run.py OUTDIR [contract|values]
 
 ``contract`` (the default) runs the conformance model (Dropout, BatchNorm, a budgeted
-HessianMonitor and ContinualEvaluation) and records each rank's schedules. ``values`` runs a
+HessianMonitor with per-block traces and the spectral density, and ContinualEvaluation) and
+records each rank's schedules and last pooled spectrum. ``values`` runs a
 deterministic model (no Dropout, no BatchNorm: its forward on a shard equals the single-process
 forward on the same samples) for comparison with a single process on the same global batches,
 logging every second step (so pooled statistics are reduced too), and records each rank's own
@@ -76,10 +77,18 @@ def fit(out: Path, mode: str, devices: int) -> tuple[pl.Trainer, dict]:
         model = Model()
         # the budget schedule, decided on rank 0 and broadcast, must match on every rank
         budgeted = dynlens.HessianMonitor(
-            budget=0.3, num_probes=2, max_iter=3, blocks="module", prefix="budget"
+            budget=0.3,
+            num_probes=2,
+            max_iter=3,
+            blocks="module",
+            density=True,
+            density_iter=4,
+            density_top_k=2,
+            prefix="budget",
         )
         callbacks.append(budgeted)
         extra["budget_steps"] = lambda: [int(h["step"]) for h in budgeted.history]
+        extra["spectrum"] = lambda: budgeted.last_spectrum
         evaluated: list[int] = []  # global_step of every budgeted evaluation (one batch each)
 
         def forward(module, batch, task):

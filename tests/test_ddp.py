@@ -62,6 +62,16 @@ def test_every_monitor_under_two_process_ddp(tmp_path):
     # per-block traces are reduced with the total: every block at every measured step
     blocks = [key for key in values if key.startswith("budget/hessian/trace/")]
     assert blocks and all(sorted(values[key]) == rank0["budget_steps"] for key in blocks)
+    # the spectral density: the ranks' quadratures pooled in one collective, the same on both
+    # (its top eigenvalues are among the values compared above), at every measured step
+    for i in (1, 2):
+        assert sorted(values[f"budget/hessian/spectrum_top/{i}"]) == rank0["budget_steps"]
+    spectrum = rank0["spectrum"]
+    assert spectrum is not None and spectrum == rank1["spectrum"]
+    assert spectrum["step"] == rank0["budget_steps"][-1]
+    # each rank's run of 4 Lanczos steps gives at most 4 nodes, each rank's weights sum to 1/2
+    assert 2 < len(spectrum["nodes"]) <= 8
+    assert sum(spectrum["weights"]) == pytest.approx(1.0, rel=1e-9)
     # an evaluation after optimizer step k is logged at Lightning's step k - 1
     assert sorted(values["budget/continual/acc_task_0"]) == [k - 1 for k in evaluated]
 

@@ -38,7 +38,9 @@ from .hessian_measure import (  # noqa: F401  (re-exported: their former home)
     MEMORY_FACTOR,
     METERED_STEPS,
     HessianMeasuring,
+    PooledSpectrum,
 )
+from .layout import tensorboard_writers
 from .replay import _BATCHNORM_STATE as _BATCHNORM_STATE  # its former home re-exports them
 from .replay import UserLossFn
 from .replay import _as_loss as _as_loss
@@ -102,7 +104,27 @@ class HessianMonitor(HessianMeasuring, Monitor):
     ``precond_ratio`` reaches 1 is a text event. With ``blocks``, per block ``b`` also
     ``trace/<b>`` (the trace of the block's diagonal block tr(H_bb), from the same products as
     the total: no extra cost), ``trace_stderr/<b>`` and ``trace_share/<b>`` (its share of the
-    total), each with a chart of a line per block.
+    total), each with a chart of a line per block. With ``density``, ``spectrum_top/1`` …
+    ``spectrum_top/<k>`` (the top eigenvalues λ_1 ≥ … ≥ λ_k, one chart) and a TensorBoard
+    histogram ``spectrum`` (TensorBoard loggers only): the eigenvalue density of H.
+
+    Spectral density (``density``): stochastic Lanczos quadrature (Lin, Saad & Yang 2016,
+    *Approximating spectral densities of large matrices*; Ghorbani, Krishnan & Xiao 2019, *An
+    Investigation into Neural Net Optimization via Hessian Eigenvalue Density*) through
+    :func:`dynlens.curvature.spectral_density` on the same loss: ``density_runs`` runs of
+    ``density_iter`` Lanczos steps from Rademacher starts give Ritz values λ_j with weights w_j
+    (Σ w_j = 1) whose moments Σ w_j λ_j^k are unbiased for tr(H^k)/n up to k = 2·``density_iter``
+    − 1. The histogram holds each Ritz value with the count n·w_j (n parameters), so its counts
+    sum to n, as a histogram of H's exact eigenvalues would, and its Histograms and
+    Distributions tabs show the spectrum evolve: a bulk near 0 and outliers that move away from
+    it as the network sharpens (Ghorbani et al.). The extreme Ritz values converge first, so the
+    top ones estimate λ_1 … λ_k from below. Cost: ``density_runs`` × ``density_iter``
+    Hessian-vector products per measurement (fewer where a Krylov space becomes invariant), on
+    top of the trace's and λ_max's, all within the same ``budget`` (a dearer measurement is made
+    less often); memory for ``density_iter`` vectors of n entries. Per-block traces cost
+    nothing: they come from the trace's own products. Under DDP each rank runs its quadrature
+    on its local batch; the ranks' quadratures are pooled (the mean of their densities) and the
+    top eigenvalues averaged, in one collective, identical on every rank.
 
     Cadence: ``every_n_steps``, or a compute ``budget`` (default 0.05): the monitor times itself
     and the training between measurements with ``clock`` and measures again once the training
@@ -181,6 +203,12 @@ class HessianMonitor(HessianMeasuring, Monitor):
         trace: measure the trace.
         sharpness: measure λ_max (and, for Adam, the preconditioned λ_max).
         preconditioned: measure the preconditioned sharpness under Adam-family optimizers.
+        density: measure the spectral density and its top eigenvalues (see above).
+        density_iter: Lanczos steps (Hessian-vector products) per quadrature run; with at least
+            as many as H has distinct eigenvalues, the Ritz values are H's eigenvalues.
+        density_runs: independent quadrature runs, pooled (one is the usual choice: the error of
+            a density over n eigenvalues shrinks like 1/√(runs·n)).
+        density_top_k: how many top eigenvalues to log.
         max_iter: Lanczos steps (products) at most per eigenvalue.
         tol: Lanczos relative residual at which to stop.
         cold_start_every: start Lanczos from a random vector every this many measurements
@@ -222,6 +250,10 @@ class HessianMonitor(HessianMeasuring, Monitor):
         trace: bool = True,
         sharpness: bool = True,
         preconditioned: bool = True,
+        density: bool = False,
+        density_iter: int = 50,
+        density_runs: int = 1,
+        density_top_k: int = 5,
         max_iter: int = 20,
         tol: float = 1e-3,
         cold_start_every: int = 10,
@@ -259,9 +291,15 @@ class HessianMonitor(HessianMeasuring, Monitor):
                     "Per-block traces come from Hutchinson's products: pass "
                     "estimator='hutchinson' and trace=True with `blocks`, or drop `blocks`."
                 )
-        if not (trace or sharpness):
+        if not isinstance(density, bool):
+            raise ConfigurationError(f"Expected `density` to be True or False, got {density!r}.")
+        check_positive_int("density_iter", density_iter)
+        check_positive_int("density_runs", density_runs)
+        check_positive_int("density_top_k", density_top_k)
+        if not (trace or sharpness or density):
             raise ConfigurationError(
-                "Nothing to measure: `trace` and `sharpness` are both False; enable at least one."
+                "Nothing to measure: `trace`, `sharpness` and `density` are all False; enable at "
+                "least one."
             )
         check_positive_int("max_iter", max_iter)
         check_positive_number("tol", tol)
@@ -286,6 +324,14 @@ class HessianMonitor(HessianMeasuring, Monitor):
         self.partition: dict[str, list[str]] | None = None
         self.sharpness = sharpness
         self.preconditioned = preconditioned
+        self.density = density
+        self.density_iter = density_iter
+        self.density_runs = density_runs
+        self.density_top_k = density_top_k
+        #: The last measurement's spectrum (with ``density``): ``step``, the pooled ``nodes`` and
+        #: ``weights`` (lists, ascending nodes) and the histogram ``edges`` and ``counts`` written.
+        self.last_spectrum: dict[str, Any] | None = None
+        self._local_spectrum: curvature.SpectralDensity | None = None
         self.max_iter = max_iter
         self.tol = float(tol)
         self.cold_start_every = cold_start_every
@@ -370,12 +416,14 @@ class HessianMonitor(HessianMeasuring, Monitor):
         charts["stability ratios (1 = at the threshold)"] = self.multiline(*ratios, "one")
         if self.trace and self.estimator == "hutchinson":
             charts["Frobenius norm ‖H‖_F"] = self.multiline("frobenius")
-        if self.blocks is not None:  # one pattern for every block's tag
-            for title, stem in (
-                ("trace of each block tr(H_bb)", "trace"),
-                ("share of the trace per block", "trace_share"),
-            ):
-                charts[title] = ["Multiline", ["^" + re.escape(self.key(stem)) + "/"]]
+        stems: list[tuple[str, str]] = []
+        if self.blocks is not None:
+            stems += [("trace of each block tr(H_bb)", "trace")]
+            stems += [("share of the trace per block", "trace_share")]
+        if self.density:
+            stems += [("top eigenvalues λ_1 … λ_k (Lanczos quadrature)", "spectrum_top")]
+        for title, stem in stems:  # one pattern for every block's (every eigenvalue's) tag
+            charts[title] = ["Multiline", ["^" + re.escape(self.key(stem)) + "/"]]
         charts["loss at the measured batch"] = self.multiline("loss")
         charts["learning rate η the thresholds use"] = self.multiline("lr")
         charts["measurement time ÷ training time"] = self.multiline("overhead")
@@ -442,14 +490,22 @@ class HessianMonitor(HessianMeasuring, Monitor):
         start = self._schedule.measure_start(step, device)
         local, failure = self._measure_locally(trainer, pl_module, batch, batch_idx)
         values = self._reduce(trainer, local, device)
+        spectrum = self._reduce_spectrum(trainer, device) if self.density else None
         self._schedule.measured(trainer, step, start, device)
         if values["failed"] > 0:
             self.disable(failure or "the measurement failed on another rank")
             return
-        self._publish(trainer, pl_module, step, values)
+        self._publish(trainer, pl_module, step, values, spectrum)
 
     # ----------------------------------------------------------------------------- logging
-    def _publish(self, trainer: Any, pl_module: Any, step: int, values: dict[str, float]) -> None:
+    def _publish(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        step: int,
+        values: dict[str, float],
+        spectrum: PooledSpectrum | None = None,
+    ) -> None:
         world = max(int(getattr(trainer, "world_size", 1)), 1)
         logged: dict[str, float] = {"loss": values["loss"], "one": 1.0}
         if self.trace:
@@ -475,16 +531,51 @@ class HessianMonitor(HessianMeasuring, Monitor):
             logged["lambda_max"] = values["lambda_max"]
             if not math.isnan(values["precond_lambda_max"]):
                 logged["precond_lambda_max"] = values["precond_lambda_max"]
+        for i, value in enumerate(spectrum.top if spectrum is not None else (), start=1):
+            if math.isfinite(value):
+                logged[f"spectrum_top/{i}"] = value
         rule = self._stability_values(trainer, pl_module, logged)
         overhead = self._schedule.overhead
         if overhead is not None:
             logged["overhead"] = overhead
         self.log_metrics(trainer, logged, step=step)
+        if spectrum is not None:
+            self._write_spectrum(trainer, step, spectrum)
         self.num_measurements += 1
         self.last = dict(logged)
         extra = {k: values[k] for k in ("cold", "iterations") if k in values}
         self.history.append({"step": float(step), **logged, **extra})
         self._announce(trainer, step, logged, rule)
+
+    def _write_spectrum(self, trainer: Any, step: int, spectrum: PooledSpectrum) -> None:
+        """The spectrum as a TensorBoard histogram ``<prefix>/hessian/spectrum`` (rank 0): the
+        Ritz values weighted by n·w (:func:`dynlens.curvature.spectrum_histogram`), so its counts
+        sum to the number of parameters and its sum is n·Σ w λ, the quadrature's tr(H)."""
+        edges, counts = curvature.spectrum_histogram(
+            spectrum.nodes, spectrum.weights, spectrum.num_params
+        )
+        self.last_spectrum = {
+            "step": step,
+            "nodes": spectrum.nodes.tolist(),
+            "weights": spectrum.weights.tolist(),
+            "edges": edges.tolist(),
+            "counts": counts.tolist(),
+        }
+        at, mass = edges[1::2], counts[::2]  # each node's bucket ends at the node
+        for writer in tensorboard_writers(trainer):
+            self._rank_zero_side_effect(
+                "SummaryWriter.add_histogram_raw",
+                writer.add_histogram_raw,
+                self.key("spectrum"),
+                min=edges[0].item(),
+                max=edges[-1].item(),
+                num=spectrum.num_params,
+                sum=(mass * at).sum().item(),
+                sum_squares=(mass * at**2).sum().item(),
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(),
+                global_step=step,
+            )
 
     def _announce(
         self, trainer: Any, step: int, logged: dict[str, float], rule: Stability | None

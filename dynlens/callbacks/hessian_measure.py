@@ -1,11 +1,11 @@
 """The measuring half of :class:`~dynlens.callbacks.hessian.HessianMonitor`: one measurement.
 
 A measurement replays the training loss at the current parameters (:mod:`.replay`), plans its
-products under the memory limit (:class:`dynlens.curvature.MemoryLimit`), estimates the trace
-and the top eigenvalues with the route in use, falls back to finite differences where the exact
-routes fail or do not fit, and averages the results across ranks. The monitor class adds the
-hooks, the cadence, the logging and the state; this mixin holds no state of its own beyond what
-the monitor declares.
+products under the memory limit (:class:`dynlens.curvature.MemoryLimit`), estimates the trace,
+the top eigenvalues and (with ``density``) the spectral density with the route in use, falls
+back to finite differences where the exact routes fail or do not fit, and averages the results
+across ranks. The monitor class adds the hooks, the cadence, the logging and the state; this
+mixin holds no state of its own beyond what the monitor declares.
 
 Memory (``memory``): every pass of Hessian-vector products is metered (CUDA: the allocator's
 ``max_memory_allocated``; CPU: the process's peak RSS) and planned under a limit, starting from
@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,6 +60,16 @@ _REDUCED = (
 #: monitor off: the loss is not smooth at the step's scale (e.g. ReLU kinks), and the values
 #: would not be the Hessian's.
 FD_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True, eq=False)
+class PooledSpectrum:
+    """The spectral density of one measurement, pooled over ranks (``_reduce_spectrum``)."""
+
+    nodes: Tensor  # Ritz values of every run of every rank, float64 on the CPU
+    weights: Tensor  # their weights, summing to 1
+    top: list[float]  # the top eigenvalues, descending (NaN where a rank had fewer)
+    num_params: int
 
 
 class HessianMeasuring:
@@ -132,6 +143,7 @@ class HessianMeasuring:
                     self.probe_batch, pl_module.device, 0
                 )
             batch, batch_idx = self._probe_on_device, 0
+        self._local_spectrum = None  # a retry by finite differences starts afresh
         params, loss_of = loss_closure(pl_module, batch, batch_idx, self.loss_fn)
         device = next(iter(params.values())).device
         # Grad stays enabled: a training_step may differentiate inside (e.g. a gradient penalty).
@@ -203,6 +215,22 @@ class HessianMeasuring:
                 self._precond_eigvec = peig.vector
                 self._check_product_error(peig.product_error, out)
                 out["precond_lambda_max"] = peig.value
+        if self.density:
+            # last, so the trace's probes and λ_max's start are those of a run without it
+            spectrum = curvature.spectral_density(
+                loss_of,
+                params,
+                num_runs=self.density_runs,
+                num_iter=self.density_iter,
+                grid=2,  # the smoothed curve is not logged: the histogram shows the masses
+                top_k=self.density_top_k,
+                generator=generator,
+                route=self._route,  # type: ignore[arg-type]
+                memory=memory,
+            )
+            self._route = spectrum.route or self._route
+            self._check_product_error(spectrum.product_error, out)
+            self._local_spectrum = spectrum
         return out
 
     @staticmethod
@@ -279,6 +307,38 @@ class HessianMeasuring:
             if key in local:
                 values[key] = local[key]
         return values
+
+    def _reduce_spectrum(self, trainer: Any, device: torch.device) -> PooledSpectrum:
+        """Pool the ranks' quadratures into one, identical on every rank (call it on every rank).
+
+        Each rank writes its nodes, weights and top eigenvalues into its own row of a zero
+        ``(ranks, …)`` array, padded with NaN to the fixed ``density_runs · density_iter`` nodes
+        and ``density_top_k`` values, and one sum-reduction gives every rank every row. The
+        pooled quadrature (weights divided by the number of ranks) is the mean of the ranks'
+        spectral densities of their local batches, as the trace is the mean of their traces;
+        the top eigenvalues are the ranks' mean, as λ_max is (an upper bound of the global
+        batch's λ_1 from the ranks' λ_1, by convexity).
+        """
+        world = max(int(getattr(trainer, "world_size", 1)), 1)
+        size, k = self.density_runs * self.density_iter, self.density_top_k
+        rows = torch.zeros(world, 2 * size + k + 1, dtype=torch.float64, device=device)
+        local = self._local_spectrum
+        if local is not None:  # None where this rank failed: the measurement is dropped
+            row = rows[int(trainer.global_rank)]
+            row[: 2 * size + k] = math.nan
+            m, t = local.nodes.numel(), local.top_eigenvalues.numel()
+            row[:m], row[size : size + m] = local.nodes, local.weights
+            row[2 * size : 2 * size + t] = local.top_eigenvalues
+            row[-1] = local.num_params
+        rows = self.reduce(trainer, rows, "sum").cpu()
+        nodes, weights = rows[:, :size].reshape(-1), rows[:, size : 2 * size].reshape(-1)
+        kept = torch.isfinite(nodes)
+        return PooledSpectrum(
+            nodes=nodes[kept],
+            weights=weights[kept] / world,
+            top=rows[:, 2 * size : 2 * size + k].mean(0).tolist(),
+            num_params=int(rows[:, -1].max()),
+        )
 
     def _check_measurable(self, trainer: Any, pl_module: Any) -> None:
         """Refuse, at set-up, a run whose loss cannot be replayed and differentiated twice."""

@@ -43,7 +43,8 @@ Modules
   :func:`hutchpp_trace`, :func:`parameter_blocks` (the blocks ``hutchinson_trace`` splits into),
   :data:`BLOCK_RULES`, :data:`OTHER_BLOCK`.
 * :mod:`.eigen`: :class:`Eigen`, :func:`top_eigenvalue`, :func:`adam_preconditioner`;
-  :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos quadrature).
+  :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos quadrature),
+  :func:`spectrum_histogram` (its point masses as histogram buckets).
 * :mod:`.thresholds`: :func:`gd_sharpness_threshold`, :func:`momentum_sharpness_threshold`,
   :func:`sgd_trace_threshold`, :func:`adam_sharpness_threshold`, and those of the optimizer in use
   (``stability``, ``nesterov_sharpness_threshold``).
@@ -55,7 +56,14 @@ from __future__ import annotations
 
 import time as time  # tests patch curvature.time.perf_counter, the clock of route="tuned"
 
-from .eigen import Eigen, SpectralDensity, adam_preconditioner, spectral_density, top_eigenvalue
+from .eigen import (
+    Eigen,
+    SpectralDensity,
+    adam_preconditioner,
+    spectral_density,
+    spectrum_histogram,
+    top_eigenvalue,
+)
 from .errors import _OOM_ERRORS as _OOM_ERRORS
 from .errors import CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
 from .memory import _MEMORY_FIX as _MEMORY_FIX
@@ -128,5 +136,6 @@ __all__ = [
     "parameter_blocks",
     "sgd_trace_threshold",
     "spectral_density",
+    "spectrum_histogram",
     "top_eigenvalue",
 ]

@@ -312,6 +312,63 @@ def spectral_density(
     )
 
 
+def spectrum_histogram(nodes: Tensor, weights: Tensor, num_params: int) -> tuple[Tensor, Tensor]:
+    """Histogram buckets that show a quadrature's point masses, counts summing to ``num_params``.
+
+    Stochastic Lanczos quadrature (:func:`spectral_density`) approximates the spectral density
+    φ(t) = (1/n) Σ_i δ(t − λ_i) by point masses w_j at nodes λ_j (Ghorbani, Krishnan & Xiao 2019
+    plot them smoothed). Scaled by n, n·w_j estimates *how many* of H's n eigenvalues lie near
+    λ_j, so a histogram of counts n·w_j sums to n, as a histogram of the exact eigenvalues would.
+
+    Each distinct node x_j gets a narrow bucket (x_j − δ, x_j] holding n·Σw of the nodes merged
+    into it, and the gaps between nodes get empty buckets, so a viewer that re-bins (TensorBoard's
+    Histograms tab) puts each mass where its node is. Nodes closer than 10⁻⁶·s are merged (s the
+    larger of the nodes' span and largest magnitude; 1 where both are 0), at their weighted mean;
+    δ = min(10⁻³·s, half the smallest gap), wider than float32's resolution at every node, as
+    TensorBoard keeps bucket edges in float32.
+
+    Args:
+        nodes: the nodes, any order (e.g. :attr:`SpectralDensity.nodes`).
+        weights: their non-negative weights, summing to 1 (:attr:`SpectralDensity.weights`).
+        num_params: n, what the counts sum to.
+
+    Returns:
+        ``(edges, counts)``, float64 on the CPU: ``2k`` ascending edges and ``2k − 1`` counts for
+        k distinct nodes; bucket i is (edges[i], edges[i + 1]]; ``edges[0]`` is the histogram's
+        min and ``edges[-1]`` its max, the largest node.
+
+    Example (masses 1/3 at 1 and 2/3 at 3, n = 6):
+        >>> import torch
+        >>> edges, counts = spectrum_histogram(torch.tensor([3.0, 1.0]),
+        ...                                    torch.tensor([2 / 3, 1 / 3]), 6)
+        >>> [round(e, 3) for e in edges.tolist()], [round(c, 6) for c in counts.tolist()]
+        ([0.997, 1.0, 2.997, 3.0], [2.0, 0.0, 4.0])
+    """
+    x = nodes.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    w = weights.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    if x.numel() == 0 or x.shape != w.shape:
+        raise ValueError(
+            f"Expected as many weights as nodes, at least one, got {x.numel()} and {w.numel()}"
+        )
+    x, order = x.sort()
+    w = w[order]
+    scale = max((x[-1] - x[0]).item(), x.abs().max().item()) or 1.0
+    # groups of nodes within 1e-6·s of their neighbour: one bucket each
+    group = torch.cat([torch.zeros(1, dtype=torch.long), (x.diff() > 1e-6 * scale).cumsum(0)])
+    k = int(group[-1]) + 1
+    mass = torch.zeros(k, dtype=torch.float64).index_add_(0, group, w)
+    count = torch.zeros(k, dtype=torch.float64).index_add_(0, group, torch.ones_like(w))
+    mean = torch.zeros(k, dtype=torch.float64).index_add_(0, group, w * x)
+    plain = torch.zeros(k, dtype=torch.float64).index_add_(0, group, x) / count
+    at = torch.where(mass > 0, mean / mass.clamp_min(torch.finfo(torch.float64).tiny), plain)
+    delta = 1e-3 * scale
+    if k > 1:
+        delta = min(delta, 0.5 * at.diff().min().item())
+    edges = torch.stack([at - delta, at], dim=1).reshape(-1)
+    counts = torch.stack([mass * num_params, torch.zeros(k, dtype=torch.float64)], dim=1)
+    return edges, counts.reshape(-1)[:-1]
+
+
 def _default_sigma(nodes: Tensor) -> float:
     span = (nodes[-1] - nodes[0]).item()
     return 0.01 * (span or nodes.abs().max().item() or 1.0)
