@@ -154,7 +154,8 @@ class Monitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self.state_key_fields())
+        frozen = getattr(self, "_frozen_state_key", None)
+        return frozen or self._generate_state_key(**self.state_key_fields())
 
     def key(self, quantity: str) -> str:
         """Full metric key of ``quantity``: ``<prefix>/<name>/<quantity>``."""
@@ -221,6 +222,10 @@ class Monitor(Callback):
 
     # ----------------------------------------------------------------------------- set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Lightning reads `state_key` at every hook call (its profiler names the call by it),
+        # about six times a step: the key is built once per set-up, from the configuration
+        self._frozen_state_key = None
+        self._frozen_state_key = self.state_key
         if stage == "fit":
             self.reset_pooled()  # a new fit starts a new logging interval
             if not trainer.loggers and trainer.is_global_zero:

@@ -452,9 +452,15 @@ class EarlyWarningMonitor(Monitor):
         if len(points) < self.windows[event] or not math.isfinite(threshold):
             return None
         steps, values = zip(*points, strict=True)
+        forecast = steps_to_threshold(steps, values, threshold, kind=kind, rising=True, z=self.z)
+        horizon = self.horizon
+        if event not in self.active and not (
+            forecast.within(2 * horizon) or forecast.surely_within(horizon)
+        ):
+            return None  # nothing is logged or decided from it: the bend is not worth a fit
         if decelerating(steps, values, kind=kind, z=self.z):
             return None  # levelling off: a line would reach what the signal may not
-        return steps_to_threshold(steps, values, threshold, kind=kind, rising=True, z=self.z)
+        return forecast
 
     def _threshold(self, event: str) -> float:
         if event == "collapse":

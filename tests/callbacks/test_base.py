@@ -202,6 +202,26 @@ def test_same_configuration_twice_is_refused_by_lightning():
     fit([GrokkingMonitor(), GrokkingMonitor(threshold=0.9)], False, max_steps=1)
 
 
+def test_state_key_is_built_once_per_set_up_from_the_configuration():
+    def builds(max_steps, monitor=None):
+        monitor = monitor or GrokkingMonitor()
+        calls, fields = [], monitor.state_key_fields
+        monitor.state_key_fields = lambda: calls.append(1) or fields()
+        fit([monitor], False, max_steps=max_steps)
+        return len(calls), monitor
+
+    # Lightning names every hook call after the key; it is built before and at set-up only,
+    # however many steps follow
+    short, _ = builds(1)
+    long, monitor = builds(6)
+    assert short == long
+    assert monitor.state_key == GrokkingMonitor().state_key
+    # a new set-up builds it again from the configuration as it is then
+    monitor.threshold = 0.9
+    builds(1, monitor)
+    assert monitor.state_key == GrokkingMonitor(threshold=0.9).state_key
+
+
 def test_monitor_state_survives_a_checkpoint(tmp_path):
     first = Counter()
     t = fit([first], False, max_steps=5)
