@@ -44,7 +44,7 @@ Modules
   :data:`BLOCK_RULES`, :data:`OTHER_BLOCK`.
 * :mod:`.eigen`: :class:`Eigen`, :func:`top_eigenvalue`, :func:`adam_preconditioner`;
   :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos quadrature),
-  :func:`spectrum_histogram` (its point masses as histogram buckets).
+  :func:`spectrum_histogram` (its point masses as histogram buckets), :func:`smoothed_density`.
 * :mod:`.thresholds`: :func:`gd_sharpness_threshold`, :func:`momentum_sharpness_threshold`,
   :func:`sgd_trace_threshold`, :func:`adam_sharpness_threshold`, and those of the optimizer in use
   (``stability``, ``nesterov_sharpness_threshold``).
@@ -60,6 +60,7 @@ from .eigen import (
     Eigen,
     SpectralDensity,
     adam_preconditioner,
+    smoothed_density,
     spectral_density,
     spectrum_histogram,
     top_eigenvalue,
@@ -135,6 +136,7 @@ __all__ = [
     "momentum_sharpness_threshold",
     "parameter_blocks",
     "sgd_trace_threshold",
+    "smoothed_density",
     "spectral_density",
     "spectrum_histogram",
     "top_eigenvalue",

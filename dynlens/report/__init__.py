@@ -7,7 +7,8 @@ with the same pure functions the callbacks use, so a report and the live panels 
     dynlens report runs/a runs/b --json summary.json --plot figures/
 
 Pipeline: :func:`~dynlens.report.reader.find_runs` (directories holding event files) →
-:func:`~dynlens.report.reader.read_run` (every scalar point and text event; protobuf parsing only)
+:func:`~dynlens.report.reader.read_run` (every scalar point, text event and histogram; protobuf
+parsing only)
 → :func:`~dynlens.report.summary.summarise_run` (one summariser per monitor family, in the
 :data:`~dynlens.report.summary.FAMILIES` registry) → :mod:`~dynlens.report.render` (rich tables) and
 :mod:`~dynlens.report.plots` (PNG figures, needs ``pip install "dynlens[plot]"``).
@@ -57,6 +58,17 @@ precision whose :func:`~dynlens.collapse.collapse_threshold` it is), ``final_nlm
 ``final_trace_ratio``, ``share_trace_ratio_at_least_1`` (η·tr(H)/2), ``peak_precond_ratio``,
 ``final_precond_ratio`` (Adam's preconditioned sharpness), ``final_lambda_max``, ``final_trace``,
 ``final_lr``.
+
+``hessian_blocks`` — ``HessianMonitor(blocks=...)``: ``step`` (the last step the blocks were
+measured at) and ``blocks``, a list, largest share first, of ``{"block", "trace", "share"}``: the
+block's name, its trace tr(H_bb) (``trace/<block>``) and its share of tr(H)
+(``trace_share/<block>``) at that step, as logged.
+
+``hessian_spectrum`` — ``HessianMonitor(density=True)``: ``measurements`` (steps with top
+eigenvalues logged), ``histograms`` (``spectrum`` histograms read), ``first_step`` and
+``last_step`` of the measurements, ``first_top_eigenvalues`` and ``final_top_eigenvalues``
+(``spectrum_top/1`` … at those steps, λ_1 ≥ λ_2 ≥ …, as logged). ``--plot`` draws the density
+from the first and last histograms.
 
 ``logits`` — ``LogitGrowthMonitor``: ``measurements``, ``peak_attention_logit`` (largest
 ``attn_max``), ``peak_attention_step``, ``peak_attention_layer`` (the ``attn_max/<layer>`` with

@@ -9,6 +9,10 @@ name with every character other than letters, digits, ``.``, ``-`` and ``_`` rep
   collapse threshold below (0 = collapse), the onset marked;
 * ``hessian``: λ_max against its stability threshold (``eos_threshold``, else 2/η from the
   logged learning rate) above, the stability ratios against 1 below;
+* ``hessian_spectrum``: the Hessian's eigenvalue density at the first and the last measured step
+  (the ``spectrum`` histograms ``HessianMonitor(density=True)`` writes, smoothed as
+  :func:`dynlens.curvature.smoothed_density` smooths them, σ = 1% of their span; log scale), the
+  top eigenvalues marked;
 * ``continual``: every task's accuracy, task starts marked, and each stability gap shaded — the
   area between a task's end-of-task accuracy and its accuracy afterwards, where lower.
 
@@ -25,9 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
-from ..curvature import gd_sharpness_threshold
-from .reader import RunData, Series
+from ..curvature import gd_sharpness_threshold, smoothed_density
+from .reader import Histogram, RunData, Series
 from .summary import Context, Options, RunSummary, task_boundaries
 
 if TYPE_CHECKING:
@@ -129,6 +134,44 @@ def _hessian(fig: Any, ctx: Context, summary: dict[str, Any]) -> None:
     bottom.legend(loc="best", fontsize="small")
 
 
+def spectrum_masses(histogram: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """The point masses of a ``spectrum`` histogram: each non-empty bucket's right edge (where
+    :func:`dynlens.curvature.spectrum_histogram` puts its Ritz value) and its share of the
+    counts."""
+    full = histogram.counts > 0
+    return histogram.rights[full], histogram.counts[full] / histogram.counts[full].sum()
+
+
+def _spectrum(fig: Any, ctx: Context, summary: dict[str, Any]) -> None:
+    ax = fig.add_subplot()
+    events = ctx.run.histograms.get(ctx.options.key("hessian", "spectrum"), [])
+    shown = [e for e in (events[:1] + events[-1:] if len(events) > 1 else events) if e.total > 0]
+    masses = [spectrum_masses(e) for e in shown]
+    if masses:
+        everything = np.concatenate([nodes for nodes, _ in masses])
+        lo, hi = float(everything.min()), float(everything.max())
+        sigma = 0.01 * ((hi - lo) or max(abs(lo), abs(hi)) or 1.0)
+        grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, 1000, dtype=torch.float64)
+        colors = ("tab:grey", "tab:red")[-len(shown) :]  # the last step in red
+        peak = 0.0
+        for event, (nodes, weights), color in zip(shown, masses, colors, strict=True):
+            phi = smoothed_density(torch.from_numpy(nodes), torch.from_numpy(weights), grid, sigma)
+            peak = max(peak, float(phi.max()))
+            # the floor keeps the log scale readable where a Gaussian tail underflows
+            ax.plot(
+                grid.numpy(),
+                np.maximum(phi.numpy(), 1e-12),
+                color=color,
+                label=f"step {event.step:,}",
+            )
+            ax.axvline(nodes.max(), color=color, linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-6 * peak)
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density φ_σ(λ)")
+    ax.set_title(f"{ctx.run.name}: Hessian eigenvalue density (dotted: largest Ritz value)")
+
+
 def _continual(fig: Any, ctx: Context, summary: dict[str, Any]) -> None:
     ax = fig.add_subplot()
     accs = {
@@ -169,8 +212,11 @@ DRAWERS: dict[str, Callable[[Any, Context, dict[str, Any]], None]] = {
     "grokking": _grokking,
     "collapse": _collapse,
     "hessian": _hessian,
+    "hessian_spectrum": _spectrum,
     "continual": _continual,
 }
+#: Families whose x-axis is not the step.
+NOT_STEPS = frozenset({"hessian_spectrum"})
 
 
 def plot_run(
@@ -188,7 +234,7 @@ def plot_run(
         draw(fig, ctx, values)
         for ax in fig.axes:
             ax.grid(True, alpha=0.3)
-            if ax is fig.axes[-1]:
+            if ax is fig.axes[-1] and name not in NOT_STEPS:
                 ax.set_xlabel("step")
             if not ax.get_legend() and ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="best", fontsize="small")

@@ -32,6 +32,13 @@ Scalars are accepted in both encodings TensorBoard knows: ``simple_value`` (what
 the ``scalars`` plugin's metadata (TensorFlow 2 style). Text events (``add_text``, tag
 ``<tag>/text_summary``) are kept as strings. TensorBoard stores scalars as float32, so values read
 back are the logged floats rounded to float32.
+
+Histograms are kept too (:class:`Histogram`: buckets as left edge, right edge and count), in both
+encodings: a ``histo`` ``HistogramProto`` (what ``torch.utils.tensorboard``'s ``add_histogram``
+and ``add_histogram_raw`` write, read in its float64) and a ``(k, 3)`` tensor with the
+``histograms`` plugin's metadata. A ``HistogramProto``'s empty buckets at either end are dropped
+and its outer edges set to its ``min`` and ``max``, as TensorBoard converts it for display. They
+are rare records, so reading them costs next to nothing beside the scalars.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from tensorboard.util import tensor_util
 __all__ = [
     "EVENT_FILE_MARKER",
     "FileReport",
+    "Histogram",
     "RunData",
     "Series",
     "find_runs",
@@ -153,6 +161,20 @@ class Series:
 
 
 @dataclass
+class Histogram:
+    """One histogram event: bucket i holds ``counts[i]`` over (``lefts[i]``, ``rights[i]``]."""
+
+    step: int
+    lefts: np.ndarray
+    rights: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def total(self) -> float:
+        return float(self.counts.sum())
+
+
+@dataclass
 class FileReport:
     """What reading one event file found: records read and anything wrong, with its offset."""
 
@@ -172,6 +194,8 @@ class RunData:
         scalars: ``{tag: Series}``.
         texts: ``{tag: [(step, text), ...]}`` for text events, keyed by the tag given to
             ``add_text`` (without the ``/text_summary`` suffix), in the order written.
+        histograms: ``{tag: [Histogram, ...]}``, steps non-decreasing (restarts purged as for
+            scalars).
         notes: problems found, each naming the path it concerns (corrupt records, NaN values, …).
     """
 
@@ -180,6 +204,7 @@ class RunData:
     files: list[FileReport] = field(default_factory=list)
     scalars: dict[str, Series] = field(default_factory=dict)
     texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    histograms: dict[str, list[Histogram]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -188,8 +213,8 @@ class RunData:
 
     @property
     def readable(self) -> bool:
-        """True when at least one scalar point or text event was read."""
-        return bool(self.scalars or self.texts)
+        """True when at least one scalar point, text event or histogram was read."""
+        return bool(self.scalars or self.texts or self.histograms)
 
     def series(self, tag: str) -> Series | None:
         return self.scalars.get(tag)
@@ -273,6 +298,7 @@ def _gather_u32(buffer: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 _SIMPLE = "simple_value"
 _TENSOR = "tensor"
+_HISTO = "histo"
 _TEXT_SUFFIX = "/text_summary"
 
 
@@ -281,8 +307,10 @@ def read_event_file(
     scalars: dict[str, tuple[list[int], list[float]]],
     texts: dict[str, list[tuple[int, str]]],
     plugins: dict[str, str],
+    histograms: dict[str, list[Histogram]] | None = None,
 ) -> FileReport:
-    """Append the scalar points and text events of one event file to ``scalars`` and ``texts``.
+    """Append the scalar points and text events of one event file to ``scalars`` and ``texts``
+    (and its histograms to ``histograms``, when given).
 
     ``scalars`` maps a tag to ``(steps, values)`` lists in file order; ``plugins`` remembers the
     plugin of tags whose metadata came in an earlier event (TensorFlow 2 writers send it once per
@@ -318,7 +346,9 @@ def read_event_file(
                 points[0].append(step)
                 points[1].append(value.simple_value)
             elif kind == _TENSOR:
-                _read_tensor(value, step, scalars, texts, plugins)
+                _read_tensor(value, step, scalars, texts, plugins, histograms)
+            elif kind == _HISTO and histograms is not None:
+                histograms.setdefault(tag, []).append(_from_proto(step, value.histo))
     if undecodable:
         report.problems.append(
             f"{path}: {undecodable} record(s) are not TensorBoard events (protobuf decode "
@@ -335,6 +365,7 @@ def _read_tensor(
     scalars: dict[str, tuple[list[int], list[float]]],
     texts: dict[str, list[tuple[int, str]]],
     plugins: dict[str, str],
+    histograms: dict[str, list[Histogram]] | None = None,
 ) -> None:
     tag = value.tag
     if value.HasField("metadata") and value.metadata.plugin_data.plugin_name:
@@ -346,12 +377,48 @@ def _read_tensor(
             points = scalars.setdefault(tag, ([], []))
             points[0].append(step)
             points[1].append(float(array.reshape(())))
+    elif plugin == "histograms" and histograms is not None:
+        array = tensor_util.make_ndarray(value.tensor)
+        if array.ndim == 2 and array.shape[1] == 3:
+            b = array.astype(np.float64)
+            histograms.setdefault(tag, []).append(Histogram(step, b[:, 0], b[:, 1], b[:, 2]))
     elif plugin == "text":
         strings = value.tensor.string_val
         if strings:
             name = tag[: -len(_TEXT_SUFFIX)] if tag.endswith(_TEXT_SUFFIX) else tag
             text = b"\n".join(strings).decode("utf-8", errors="replace")
             texts.setdefault(name, []).append((step, text))
+
+
+def _from_proto(step: int, histo: event_pb2.summary_pb2.HistogramProto) -> Histogram:
+    """A ``HistogramProto`` as TensorBoard shows it: empty end buckets dropped, the outer edges
+    its ``min`` and ``max`` (bucket i is (limit[i−1], limit[i]]; a writer may put ±DBL_MAX
+    outermost)."""
+    counts = np.asarray(histo.bucket, dtype=np.float64)
+    limits = np.asarray(histo.bucket_limit, dtype=np.float64)
+    full = np.flatnonzero(counts > 0)
+    if not full.size or len(limits) != len(counts):
+        empty = np.zeros(0)
+        return Histogram(step, empty, empty, empty)
+    start, end = int(full[0]), int(full[-1])
+    inner = limits[start:end]
+    return Histogram(
+        step,
+        np.concatenate([[histo.min], inner]),
+        np.concatenate([inner, [histo.max]]),
+        counts[start : end + 1],
+    )
+
+
+def _purge_histograms(events: list[Histogram]) -> list[Histogram]:
+    """As :func:`_purge_restarts`: a step going back drops the histograms at or after it."""
+    kept: list[Histogram] = []
+    for event in events:
+        if kept and event.step < kept[-1].step:
+            while kept and kept[-1].step >= event.step:
+                kept.pop()
+        kept.append(event)
+    return kept
 
 
 def _purge_restarts(steps: list[int], values: list[float]) -> Series:
@@ -390,13 +457,15 @@ def read_run(directory: str | os.PathLike[str], name: str | None = None) -> RunD
     run = RunData(name=name if name is not None else directory.name, path=directory)
     raw: dict[str, tuple[list[int], list[float]]] = {}
     plugins: dict[str, str] = {}
+    histograms: dict[str, list[Histogram]] = {}
     for path in event_files(directory):
         try:
-            report = read_event_file(path, raw, run.texts, plugins)
+            report = read_event_file(path, raw, run.texts, plugins, histograms)
         except OSError as exc:
             report = FileReport(path, problems=[f"{path}: cannot be read ({exc.strerror or exc})"])
         run.files.append(report)
         run.notes.extend(report.problems)
+    run.histograms = {tag: _purge_histograms(histograms[tag]) for tag in sorted(histograms)}
     for tag in sorted(raw):
         series = _purge_restarts(*raw[tag])
         run.scalars[tag] = series

@@ -259,7 +259,16 @@ def test_a_run_shows_only_the_families_it_logged(tmp_path):
 
 
 def test_every_registered_family_declares_its_columns_and_a_docstring():
-    assert list(FAMILIES) == ["grokking", "collapse", "hessian", "logits", "continual", "warning"]
+    assert list(FAMILIES) == [
+        "grokking",
+        "collapse",
+        "hessian",
+        "hessian_blocks",
+        "hessian_spectrum",
+        "logits",
+        "continual",
+        "warning",
+    ]
     for fam in FAMILIES.values():
         assert fam.summarise.__doc__, fam.name
         if fam.rows is None:

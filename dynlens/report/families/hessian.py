@@ -1,10 +1,25 @@
-"""The ``hessian`` family: the stability ratios ``HessianMonitor`` logs, read as logged."""
+"""The ``hessian`` families: what ``HessianMonitor`` logs, read as logged: the stability ratios
+(``hessian``), the trace per block (``hessian_blocks``) and the spectrum (``hessian_spectrum``)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
-from ..summary import Column, Context, family, fmt_float, fmt_int, fmt_percent, share_at_least
+import numpy as np
+
+from ..reader import Series
+from ..summary import (
+    Column,
+    Context,
+    family,
+    fmt_float,
+    fmt_int,
+    fmt_percent,
+    fmt_text,
+    share_at_least,
+)
 
 
 @family(
@@ -58,4 +73,118 @@ def hessian(ctx: Context) -> dict[str, Any] | None:
         "final_lambda_max": ctx.last(lam),
         "final_trace": ctx.last(trace),
         "final_lr": ctx.last(ctx.series("hessian", "lr")),
+    }
+
+
+def fmt_general(value: Any) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def fmt_floats(values: Any) -> str:
+    """The first three of a list, 3 significant digits: ``"12.3, 4.56, 1.2"``."""
+    if not values:
+        return "—"
+    return ", ".join(f"{v:.3g}" for v in values[:3]) + (", …" if len(values) > 3 else "")
+
+
+def _at(series: Series | None, step: int) -> float | None:
+    """The finite value logged at ``step`` (the last written there), else ``None``."""
+    if series is None:
+        return None
+    points = series.per_step()
+    i = int(np.searchsorted(points.steps, step))
+    if i < len(points) and int(points.steps[i]) == step and math.isfinite(points.values[i]):
+        return float(points.values[i])
+    return None
+
+
+def _last_step(series: Iterable[Series]) -> int | None:
+    """The last step at which any of ``series`` has a finite value."""
+    steps = [int(s.steps[np.isfinite(s.values)][-1]) for s in series if np.isfinite(s.values).any()]
+    return max(steps) if steps else None
+
+
+@family(
+    "hessian_blocks",
+    title="Curvature per block (last step)",
+    fields=("step", "blocks"),
+    columns=(
+        Column("block", "block", fmt_text),
+        Column("trace", "tr(H_bb)", fmt_general),
+        Column("share", "share of tr(H)", fmt_percent),
+    ),
+    rows="blocks",
+)
+def hessian_blocks(ctx: Context) -> dict[str, Any] | None:
+    """``HessianMonitor(blocks=...)``: at the last step the blocks were measured, each block's
+    trace ``trace/<block>`` and its share ``trace_share/<block>`` of the total, as logged,
+    largest share first."""
+    traces = ctx.matching("hessian", r"trace/.+")
+    if not traces:
+        return None
+    shares = ctx.matching("hessian", r"trace_share/.+")
+    step = _last_step(traces.values())
+    if step is None:
+        return {"step": None, "blocks": []}
+    blocks = [
+        {
+            "block": quantity[len("trace/") :],
+            "trace": _at(series, step),
+            "share": _at(shares.get("trace_share/" + quantity[len("trace/") :]), step),
+        }
+        for quantity, series in traces.items()
+    ]
+    blocks.sort(key=lambda b: (b["share"] is None, -(b["share"] or 0.0), b["block"]))
+    return {"step": step, "blocks": blocks}
+
+
+def top_eigenvalues(ctx: Context, step: int) -> list[float]:
+    """``spectrum_top/1`` … at ``step``, descending, as logged (stopping at the first missing)."""
+    found = ctx.matching("hessian", r"spectrum_top/\d+")
+    values = []
+    for i in range(1, len(found) + 1):
+        value = _at(found.get(f"spectrum_top/{i}"), step)
+        if value is None:
+            break
+        values.append(value)
+    return values
+
+
+@family(
+    "hessian_spectrum",
+    title="Hessian spectrum (top eigenvalues)",
+    fields=(
+        "measurements",
+        "histograms",
+        "first_step",
+        "last_step",
+        "first_top_eigenvalues",
+        "final_top_eigenvalues",
+    ),
+    columns=(
+        Column("measurements", "meas.", fmt_int),
+        Column("first_step", "first step", fmt_int),
+        Column("last_step", "last step", fmt_int),
+        Column("first_top_eigenvalues", "λ_1 … first", fmt_floats),
+        Column("final_top_eigenvalues", "λ_1 … last", fmt_floats),
+    ),
+)
+def hessian_spectrum(ctx: Context) -> dict[str, Any] | None:
+    """``HessianMonitor(density=True)``: how many measurements logged top eigenvalues
+    (``spectrum_top/<i>``) and spectrum histograms (``spectrum``), the first and last such
+    step, and the top eigenvalues λ_1 ≥ λ_2 ≥ … at each, as logged."""
+    top = ctx.series("hessian", "spectrum_top/1")
+    histograms = ctx.run.histograms.get(ctx.options.key("hessian", "spectrum"), [])
+    if top is None and not histograms:
+        return None
+    ok = top.steps[np.isfinite(top.values)] if top is not None else np.zeros(0, dtype=np.int64)
+    first = int(ok[0]) if ok.size else None
+    last = int(ok[-1]) if ok.size else None
+    return {
+        "measurements": int(ok.size),
+        "histograms": len(histograms),
+        "first_step": first,
+        "last_step": last,
+        "first_top_eigenvalues": None if first is None else top_eigenvalues(ctx, first),
+        "final_top_eigenvalues": None if last is None else top_eigenvalues(ctx, last),
     }
