@@ -319,8 +319,8 @@ def smoothed_density(nodes: Tensor, weights: Tensor, points: Tensor, sigma: floa
     1 it integrates to 1. All in float64 on the CPU.
 
         >>> import torch
-        >>> phi = smoothed_density(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.0]), 1.0)
-        >>> round(phi.item(), 6)  # 1/√(2π)
+        >>> one, zero = torch.tensor([1.0]), torch.tensor([0.0])
+        >>> round(smoothed_density(zero, one, zero, 1.0).item(), 6)  # 1/√(2π)
         0.398942
     """
     if not (math.isfinite(sigma) and sigma > 0):
