@@ -24,6 +24,7 @@ from .base import (
     sharding_strategy,
 )
 from .capture import AttentionCapture, LogitsCapture, announce_logits, take_logits
+from .logits import LogitGrowthMonitor
 from .replay import losses_across_step
 from .schedule import StepWindow
 
@@ -114,6 +115,12 @@ class EarlyWarningMonitor(Monitor):
             for ``training_step``'s ``"logits"``).
         prefix, verbose: as for every monitor.
 
+    With a :class:`dynlens.LogitGrowthMonitor` attached that measures attention at every step
+    this monitor measures (its ``attention_every_n_steps`` divides ``every_n_steps``), the
+    attention signal is read from its measurement instead of measured a second time (an event
+    ``attention_shared`` says so; should it stop measuring, this monitor measures itself from the
+    next step on, event ``attention_own``).
+
     The collapse signal's precision and activation follow the first
     :class:`dynlens.CrossEntropyLoss` in the module (else the logits' dtype, softmax). The ratio
     needs the step's gradient on the step's own batch, so it is not measured with gradient
@@ -174,6 +181,10 @@ class EarlyWarningMonitor(Monitor):
         self.checkpoint_dir = checkpoint_dir
         self.capture = LogitsCapture(logits_module)
         self.attention_capture = AttentionCapture()
+        #: The LogitGrowthMonitor whose attention measurement the attention signal is read from
+        #: (found at set-up; ``None``: measured by the monitor itself).
+        self.attention_from: LogitGrowthMonitor | None = None
+        self._attention_step: int | None = None
         #: Warnings so far: dicts with ``event``, ``step``, ``expected_step``, ``reason``,
         #: ``message`` (and ``checkpoint`` when one was saved).
         self.warnings: list[dict[str, Any]] = self.add_state("warnings", list)
@@ -244,6 +255,7 @@ class EarlyWarningMonitor(Monitor):
             self.capture.attach(pl_module, type(self).__name__)
         if self.watches("attention"):
             self.attention_capture.attach(pl_module, type(self).__name__)
+            self.attention_from = _attention_source(trainer, self.every_n_steps)
         losses = [m for m in pl_module.modules() if isinstance(m, CrossEntropyLoss)]
         if losses:
             dtype = losses[0].dtype
@@ -293,7 +305,9 @@ class EarlyWarningMonitor(Monitor):
         if self.watches("collapse"):
             self.capture.arm()
         if self.watches("attention"):
-            self.attention_capture.arm()
+            self._attention_step = trainer.global_step
+            if self.attention_from is None:
+                self.attention_capture.arm()
 
     @fail_soft
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
@@ -329,13 +343,34 @@ class EarlyWarningMonitor(Monitor):
         if collapse:
             parts.update(self._collapse_parts(trainer, outputs))
         if self.watches("attention"):
-            sums = self.attention_capture.take()
+            sums = self._attention_sums(trainer, step)
             maxima = [s.max_logit for s in sums.values() if isinstance(s.max_logit, torch.Tensor)]
             if maxima:
                 parts["max_logit"] = (torch.stack(maxima).max().float(), "max")
         if self._theta is not None:
             parts.update(self._ratio_parts(pl_module, batch, batch_idx))
         self._decide(trainer, step, {**parts, **self._loss_part(pl_module.device)})
+
+    def _attention_sums(self, trainer: Any, step: int) -> dict:
+        """The step's attention statistics: the monitor's own, or those of the LogitGrowthMonitor
+        that measures the same step (read, not taken from it: the same numbers, measured once)."""
+        source = self.attention_from
+        if source is None:
+            return self.attention_capture.take()
+        sums = None
+        if source.disabled_reason is None:
+            sums = source.attention_capture.statistics_of(self._attention_step)
+        if sums is None:  # it stopped measuring: the monitor measures itself from the next step
+            self.attention_from = None
+            message = "LogitGrowthMonitor stopped measuring attention: measuring it here"
+            self.log_event(trainer, step, "attention_own", message, once=True)
+            return {}
+        message = (
+            "the largest attention logit is read from LogitGrowthMonitor's measurement (every "
+            f"{source.attention_every_n_steps} steps), not measured twice"
+        )
+        self.log_event(trainer, step, "attention_shared", message, once=True)
+        return sums
 
     def _loss_part(self, device: torch.device) -> dict[str, tuple[torch.Tensor, str]]:
         if not self._losses:
@@ -529,6 +564,20 @@ class EarlyWarningMonitor(Monitor):
         warned = [w for w in self.warnings if w["event"] == event]
         lead = f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
         self.log_event(trainer, step, event, f"{event}: {what}{lead}")
+
+
+def _attention_source(trainer: Any, every_n_steps: int) -> LogitGrowthMonitor | None:
+    """A LogitGrowthMonitor of ``trainer`` that measures attention at every step this monitor
+    measures (its attention cadence divides ``every_n_steps``), if there is one."""
+    for callback in getattr(trainer, "callbacks", ()):
+        if (
+            isinstance(callback, LogitGrowthMonitor)
+            and callback.attention
+            and callback.disabled_reason is None
+            and every_n_steps % callback.attention_every_n_steps == 0
+        ):
+            return callback
+    return None
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:

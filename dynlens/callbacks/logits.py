@@ -314,7 +314,7 @@ class LogitGrowthMonitor(Monitor):
             self.capture.arm()
             self._output_armed = True
         if attention_due:
-            self.attention_capture.arm()
+            self.attention_capture.arm(tag=trainer.global_step)
             self._attention_armed = True
         if output_due or attention_due:
             self._window.open(trainer)

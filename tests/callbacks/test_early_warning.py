@@ -309,6 +309,64 @@ def test_the_attention_signal_is_the_largest_attention_logit():
     assert seen[1] == seen[0] and seen[5] == seen[4]  # nothing measured in between
 
 
+def _attention_seen(monitor, callbacks):
+    """Fit the Attention module with ``callbacks``; the monitor's attention signal by the step
+    it was measured at, the module, and the steps the monitor armed its own capture at."""
+    model, seen, armed = Attention(), {}, []
+    own_arm = monitor.attention_capture.arm
+    monitor.attention_capture.arm = lambda *a, **k: armed.append(1) or own_arm(*a, **k)
+
+    class After(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if "attention/max_logit" in monitor.latest:
+                seen[trainer.global_step - 1] = monitor.latest["attention/max_logit"]
+
+    trainer = make_trainer(max_steps=6, logger=False, callbacks=[*callbacks, After()])
+    trainer.fit(model, loader(n=8, d=4))
+    return seen, model, armed
+
+
+@pytest.mark.parametrize("first", ["warning", "logits"])
+def test_the_attention_signal_is_read_from_a_logit_growth_monitor_measuring_the_same_steps(first):
+    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    growth = dynlens.LogitGrowthMonitor(
+        output_logits=False, attention_every_n_steps=1, verbose=False
+    )
+    order = [monitor, growth] if first == "warning" else [growth, monitor]
+    seen, model, armed = _attention_seen(monitor, order)
+    assert monitor.attention_from is growth and not armed  # measured once, by the other
+    for step in (0, 2, 4):  # whichever monitor's hook runs first, the same step's values
+        assert seen[step] == pytest.approx(model.largest[step], rel=1e-5)
+    assert [e["reason"] for e in monitor.events].count("attention_shared") == 1
+
+
+def test_a_logit_growth_monitor_on_other_steps_or_one_that_stops_is_not_read():
+    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    growth = dynlens.LogitGrowthMonitor(
+        output_logits=False, attention_every_n_steps=3, verbose=False
+    )
+    seen, model, armed = _attention_seen(monitor, [monitor, growth])
+    assert monitor.attention_from is None and len(armed) == 3  # its own, at steps 0, 2, 4
+    assert seen[4] == pytest.approx(model.largest[4], rel=1e-5)
+
+    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    growth = dynlens.LogitGrowthMonitor(
+        output_logits=False, attention_every_n_steps=1, verbose=False
+    )
+
+    class StopsAt(pl.Callback):  # the other monitor switches itself off after step 1
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                growth.disable("simulated failure")
+
+    seen, model, armed = _attention_seen(monitor, [StopsAt(), growth, monitor])
+    assert seen[0] == pytest.approx(model.largest[0], rel=1e-5)
+    # step 2 finds it off and goes without a point; from step 4 the monitor measures itself
+    assert 2 not in seen and len(armed) == 1
+    assert seen[4] == pytest.approx(model.largest[4], rel=1e-5)
+    assert "attention_own" in [e["reason"] for e in monitor.events]
+
+
 class PowerAttention(Scripted):
     """q = k = (√(c) · t, …) over 4 dimensions at step t: the largest attention logit is
     4 c t² / √4 = 2 c t², with c = 0.02 reaching 1e4 at t = 500."""

@@ -148,6 +148,8 @@ class AttentionCapture:
         self._error: Exception | None = None
         #: Attention calls seen (measured or not) since the last :meth:`take`.
         self.calls_seen = 0
+        self._tag: Any = None  # what the owner armed the statistics being gathered under
+        self._taken: tuple[Any, dict[str, AttentionLogitSums]] | None = None  # the last take
 
     @property
     def armed(self) -> bool:
@@ -162,13 +164,16 @@ class AttentionCapture:
         self.disarm()
         self._names = {}
         self._reset()
+        self._tag, self._taken = None, None
 
     def _reset(self) -> None:
         self._sums, self._error, self.calls_seen = {}, None, 0
 
-    def arm(self) -> None:
+    def arm(self, tag: Any = None) -> None:
         """Start intercepting (a measured micro-batch begins); statistics of earlier micro-batches
-        of the same optimizer step are kept until :meth:`take`."""
+        of the same optimizer step are kept until :meth:`take`. ``tag`` names what is measured
+        (the optimizer step), so that another reader can ask for it (:meth:`statistics_of`)."""
+        self._tag = tag
         if self.armed:
             return
         self._stack, self._calls = [], 0
@@ -195,9 +200,22 @@ class AttentionCapture:
         self.disarm()
         sums, error = self._sums, self._error
         self._reset()
+        self._taken = None if error is not None else (self._tag, sums)
         if error is not None:
             raise error
         return sums
+
+    def statistics_of(self, tag: Any) -> dict[str, AttentionLogitSums] | None:
+        """The statistics gathered under ``tag`` (see :meth:`arm`), whether or not the owner has
+        taken them yet; ``None`` when nothing was armed under it, or a measurement failed. For a
+        second reader of the same measurement: it does not take anything from the owner."""
+        if tag is None:
+            return None
+        if self._taken is not None and self._taken[0] == tag:
+            return dict(self._taken[1])
+        if self._tag == tag and self._error is None:
+            return dict(self._sums)
+        return None
 
     # -------------------------------------------------------------------------- interception
     def _enter_module(self, module: nn.Module, args: Any) -> None:
