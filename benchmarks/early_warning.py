@@ -2,6 +2,7 @@
 
     python benchmarks/early_warning.py [--suite collapse divergence attention] [--seeds 4]
     python benchmarks/early_warning.py --overhead 10 --paired    # the cost at the defaults
+    python benchmarks/early_warning.py --overhead 2 --paired --accelerator gpu
 
 Each suite trains small models on the CPU with the monitor at its defaults (``events`` the
 suite's one event) and reads, per run, the warnings and the step the event happened at (the
@@ -173,8 +174,10 @@ SUITES = {
 }
 
 
-def quiet_trainer(steps: int, callbacks: list) -> pl.Trainer:
+def quiet_trainer(steps: int, callbacks: list, accelerator: str = "cpu") -> pl.Trainer:
     return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -252,7 +255,7 @@ def transformer():
     return (lambda: example.TransformerLM(qk_layernorm=True)), example.loader()
 
 
-def overhead(rounds: int, steps: int, paired: bool) -> dict:
+def overhead(rounds: int, steps: int, paired: bool, accelerator: str = "cpu") -> dict:
     """The monitor at its defaults (all three events) on the example Transformer, against no
     monitor.
 
@@ -273,7 +276,7 @@ def overhead(rounds: int, steps: int, paired: bool) -> dict:
             callbacks = [timer, Toggled(monitor, block=BLOCK)] if paired else [timer]
             if with_monitor and not paired:
                 callbacks.append(monitor)
-            trainer = quiet_trainer(steps, callbacks)
+            trainer = quiet_trainer(steps, callbacks, accelerator)
             start = time.perf_counter()
             trainer.fit(model_of(), loader)
             times[with_monitor] = time.perf_counter() - start
@@ -312,6 +315,9 @@ def main() -> None:
     )
     parser.add_argument("--overhead-steps", type=int, default=3000)
     parser.add_argument(
+        "--accelerator", choices=("cpu", "gpu"), default="cpu", help="with --overhead"
+    )
+    parser.add_argument(
         "--paired",
         action="store_true",
         help="with --overhead: the monitor on and off in alternate blocks of one run (the method "
@@ -324,7 +330,8 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(2)
     if args.overhead:
-        cost = overhead(args.overhead, args.overhead_steps, args.paired)
+        cost = overhead(args.overhead, args.overhead_steps, args.paired, args.accelerator)
+        cost["accelerator"] = args.accelerator
         print(json.dumps(cost, indent=1))
         return
     settings = {} if args.horizon is None else {"horizon": args.horizon}

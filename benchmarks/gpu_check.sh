@@ -13,8 +13,9 @@
 # 3. benchmarks/scale.py at GPT-2 small (124M parameters, sequence 1,024): each product route's
 #    time and peak memory against a training step, and the monitors at their defaults.
 # 4. The benchmarks that can run on CUDA: hessian_routes.py (--device cuda), collapse.py,
-#    logits.py and overhead.py (--accelerator gpu), continual.py (--device cuda). hessian.py has no
-#    device option and report_read.py measures file reading: skipped, with a note.
+#    logits.py, overhead.py and early_warning.py --overhead (--accelerator gpu), continual.py
+#    (--device cuda). hessian.py has no device option and report_read.py measures file reading:
+#    skipped, with a note.
 # 5. The callback and conformance tests (not slow), when pytest is installed.
 #
 # Each step runs under `timeout`, clamped so the whole script ends within GPU_CHECK_SECONDS (560).
@@ -265,6 +266,9 @@ PY
     run_step "benchmarks/overhead.py --accelerator gpu" 120 \
         "$PYTHON" benchmarks/overhead.py --accelerator gpu --repeats 3 --long-steps 2000 \
         --long-repeats 1
+    run_step "benchmarks/early_warning.py --overhead 2 --paired --accelerator gpu" 90 \
+        "$PYTHON" benchmarks/early_warning.py --overhead 2 --overhead-steps 1000 --paired \
+        --accelerator gpu
     if "$PYTHON" -c "import sklearn" 2>/dev/null; then
         run_step "benchmarks/continual.py --device cuda" 60 \
             "$PYTHON" benchmarks/continual.py --device cuda
