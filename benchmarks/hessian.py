@@ -26,6 +26,12 @@
     descent, the grokking MLP and the small Transformer: why HessianMonitor defaults to
     Hutchinson.
 
+(e) **The spectral density's cost** (``HessianMonitor(density=True)``: stochastic Lanczos
+    quadrature, ``spectral_density`` with its default 50 Lanczos steps, on the route the monitor
+    keeps) ÷ one gradient and ÷ the monitor's default trace (Hutchinson, 30 products), on the
+    edge-of-stability MLP and the two problems of (a); per product against (a)'s HVP, which
+    shows what the Lanczos bookkeeping (full reorthogonalisation) adds.
+
     python benchmarks/hessian.py            # full
     python benchmarks/hessian.py --quick    # smaller problems, shorter runs, fewer rounds
     python benchmarks/hessian.py --sections bd   # only some sections
@@ -52,7 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from hessian_routes import LossFn, _sync, _time, mlp_problem, transformer_problem
 
-from dynlens.curvature import Estimate, HessianOperator, hutchinson_trace, hutchpp_trace
+from dynlens.curvature import (
+    Estimate,
+    HessianOperator,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+)
 
 SEEDS = 5
 TOLERANCE = 0.05
@@ -312,11 +324,71 @@ def estimator_spread(quick: bool, probes: int = 30, seeds: int = 6) -> None:
         print(f"  {name:<18} std/mean over {seeds} seeds at {probes} products: {'  '.join(cells)}")
 
 
+# --------------------------------------------------------------------------------------------
+# (e) the spectral density's cost
+# --------------------------------------------------------------------------------------------
+
+
+def density_cost(
+    name: str, loss_fn: LossFn, params: dict[str, Tensor], num_iter: int, rounds: int
+) -> None:
+    device = next(iter(params.values())).device
+    names, leaves = list(params), [p.detach().requires_grad_(True) for p in params.values()]
+
+    def gradient() -> None:
+        torch.autograd.grad(loss_fn(dict(zip(names, leaves, strict=True))), leaves)
+
+    n = sum(p.numel() for p in params.values())
+    g = torch.Generator(device=device).manual_seed(0)
+    probes = (2 * torch.randint(0, 2, (4, n), generator=g, device=device) - 1).float()
+    trial = HessianOperator(loss_fn, params, route="tuned")
+    trial @ probes
+    route = trial.route  # what HessianMonitor passes on after its first measurement
+    products = [0]
+
+    def density() -> None:
+        sd = spectral_density(
+            loss_fn,
+            params,
+            num_iter=num_iter,
+            grid=2,
+            route=route,  # type: ignore[arg-type]
+            generator=torch.Generator().manual_seed(0),
+        )
+        products[0] = sd.num_products
+
+    def trace() -> None:
+        hutchinson_trace(
+            loss_fn, params, num_probes=30, route=route, generator=torch.Generator().manual_seed(0)
+        )
+
+    def hvps() -> None:
+        op = HessianOperator(loss_fn, params, route=route)  # type: ignore[arg-type]
+        for row in probes:
+            op @ row  # one vector at a time, as Lanczos applies them
+
+    gradient(), density(), trace(), hvps()  # warm-up
+    times: dict[str, list[float]] = {"gradient": [], "density": [], "trace": [], "hvp": []}
+    for _ in range(rounds):
+        times["gradient"].append(_time(gradient, device))
+        times["density"].append(_time(density, device))
+        times["trace"].append(_time(trace, device))
+        times["hvp"].append(_time(hvps, device) / len(probes))
+    t = {k: statistics.median(v) for k, v in times.items()}
+    per_product = t["density"] / products[0] / t["hvp"]
+    print(
+        f"  {name:<12} n={n:>7,}  {products[0]} products: density / gradient "
+        f"{t['density'] / t['gradient']:6.1f}x, / trace (30 probes) "
+        f"{t['density'] / t['trace']:5.2f}x; per product / one HVP {per_product:4.2f}x "
+        f"(route {route})"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller problems, shorter runs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--sections", default="abcd", help="which of a, b, c, d to run")
+    parser.add_argument("--sections", default="abcde", help="which of a, b, c, d, e to run")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -347,6 +419,23 @@ def main(argv: list[str] | None = None) -> None:
     if "d" in args.sections:
         print("(d) trace estimators on network Hessians: Hutchinson vs Hutch++ at equal budget")
         estimator_spread(args.quick)
+    if "e" in args.sections:
+        print("(e) spectral density (50 Lanczos steps) / one gradient and / the default trace")
+        from edge_of_stability import mlp, teacher_data
+        from torch.func import functional_call
+
+        torch.manual_seed(0)
+        x, y = teacher_data(n=300 if args.quick else 1000)
+        eos = mlp()
+        eos_params = {k: v.detach().clone() for k, v in eos.named_parameters()}
+        rounds, cpu = (2, torch.device("cpu")) if args.quick else (5, torch.device("cpu"))
+
+        def eos_loss(p: dict[str, Tensor]) -> Tensor:
+            return mse(functional_call(eos, p, (x,)), y)
+
+        density_cost("eos mlp", eos_loss, eos_params, 50, rounds)
+        density_cost("mlp", *mlp_problem(cpu, 500 if args.quick else 5107), 50, rounds)
+        density_cost("transformer", *transformer_problem(cpu, 8 if args.quick else 32), 50, rounds)
 
 
 if __name__ == "__main__":
