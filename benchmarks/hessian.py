@@ -75,9 +75,11 @@ TOLERANCE = 0.05
 # --------------------------------------------------------------------------------------------
 
 
-def hvp_cost(
-    name: str, loss_fn: LossFn, params: dict[str, Tensor], probes: int, rounds: int
-) -> None:
+def _anchors(
+    loss_fn: LossFn, params: dict[str, Tensor], k: int
+) -> tuple[Callable[[], None], Tensor, str]:
+    """One gradient of the loss (the anchor), ``k`` Rademacher vectors, and the route a tuned
+    operator keeps after its first batch (on the CPU a trial; what HessianMonitor passes on)."""
     device = next(iter(params.values())).device
     names, leaves = list(params), [p.detach().requires_grad_(True) for p in params.values()]
 
@@ -86,10 +88,17 @@ def hvp_cost(
 
     n = sum(p.numel() for p in params.values())
     g = torch.Generator(device=device).manual_seed(0)
-    vectors = (2 * torch.randint(0, 2, (probes, n), generator=g, device=device) - 1).float()
-    trial = HessianOperator(loss_fn, params, route="tuned")  # on CPU its first batch is a trial
+    vectors = (2 * torch.randint(0, 2, (k, n), generator=g, device=device) - 1).float()
+    trial = HessianOperator(loss_fn, params, route="tuned")
     trial @ vectors
-    route = trial.route
+    return gradient, vectors, trial.route
+
+
+def hvp_cost(
+    name: str, loss_fn: LossFn, params: dict[str, Tensor], probes: int, rounds: int
+) -> None:
+    gradient, vectors, route = _anchors(loss_fn, params, probes)
+    device, n = vectors.device, vectors.shape[1]
 
     def first() -> None:  # a first measurement: the trial, then the route it keeps
         HessianOperator(loss_fn, params, route="tuned") @ vectors
@@ -332,18 +341,8 @@ def estimator_spread(quick: bool, probes: int = 30, seeds: int = 6) -> None:
 def density_cost(
     name: str, loss_fn: LossFn, params: dict[str, Tensor], num_iter: int, rounds: int
 ) -> None:
-    device = next(iter(params.values())).device
-    names, leaves = list(params), [p.detach().requires_grad_(True) for p in params.values()]
-
-    def gradient() -> None:
-        torch.autograd.grad(loss_fn(dict(zip(names, leaves, strict=True))), leaves)
-
-    n = sum(p.numel() for p in params.values())
-    g = torch.Generator(device=device).manual_seed(0)
-    probes = (2 * torch.randint(0, 2, (4, n), generator=g, device=device) - 1).float()
-    trial = HessianOperator(loss_fn, params, route="tuned")
-    trial @ probes
-    route = trial.route  # what HessianMonitor passes on after its first measurement
+    gradient, probes, route = _anchors(loss_fn, params, 4)
+    device, n = probes.device, probes.shape[1]
     products = [0]
 
     def density() -> None:
