@@ -39,6 +39,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import statistics
 import time
 import warnings
@@ -54,6 +55,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
+from dynlens.callbacks.base import logging_step
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformer_instability.py"
 BLOCK = 100  # the paired blocks: curvature_every_n_steps at the defaults
@@ -122,6 +124,9 @@ class Run:
     happened: int | None
     warnings: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: Every point the event's forecast was asked for: [measured step, signal step, value,
+    #: threshold] (what :func:`replay` decides again from).
+    points: list[list[float]] = field(default_factory=list)
 
 
 def collapse_run(seed: int, variant: int, unstable: bool) -> tuple[pl.LightningModule, DataLoader]:
@@ -193,9 +198,17 @@ def train(event: str, seed: int, variant: int, unstable: bool, **settings) -> Ru
     model, loader = make(seed, variant, unstable)
     monitor = dynlens.EarlyWarningMonitor(events=(event,), verbose=False, **options, **settings)
     trainer = quiet_trainer(steps, [monitor])
+    points: list[list[float]] = []
+    forecast = monitor._forecast
+
+    def recorded(what, at, value):
+        points.append([logging_step(trainer), at, value, monitor._threshold(what)])
+        return forecast(what, at, value)
+
+    monitor._forecast = recorded
     start = time.perf_counter()
     trainer.fit(model, loader)
-    return Run(
+    run = Run(
         event,
         unstable,
         model.setting,
@@ -204,7 +217,33 @@ def train(event: str, seed: int, variant: int, unstable: bool, **settings) -> Ru
         monitor.happened[event],
         [dict(w) for w in monitor.warnings],
         time.perf_counter() - start,
+        points,
     )
+    decided = [(w["step"], w["expected_step"]) for w in replay(run, **settings)]
+    if decided != [(w["step"], w["expected_step"]) for w in run.warnings]:
+        raise AssertionError(f"replay differs from the run: {decided} against {run.warnings}")
+    return run
+
+
+def replay(run: Run, **settings) -> list[dict]:
+    """The warnings the monitor with ``settings`` would have raised on ``run``'s points: its own
+    forecast and warn/clear rule, without a trainer (the event stops forecasts from its step)."""
+    monitor = dynlens.EarlyWarningMonitor(events=(run.event,), verbose=False, **settings)
+    warnings_ = []
+    for step, at, value, threshold in run.points:
+        if run.happened is not None and step >= run.happened:
+            break
+        monitor._threshold = lambda event, threshold=threshold: threshold
+        forecast = monitor._forecast(run.event, at, value)
+        if run.event in monitor.active:
+            if forecast is not None and monitor._cleared(forecast):
+                monitor.active.remove(run.event)
+        elif forecast is not None and forecast.surely_within(monitor.horizon):
+            warnings_.append(
+                {"step": int(step), "expected_step": math.ceil(forecast.expected_step)}
+            )
+            monitor.active.append(run.event)
+    return warnings_
 
 
 def false_alarm(run: Run, horizon: int) -> list[dict]:
