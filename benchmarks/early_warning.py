@@ -235,14 +235,10 @@ def replay(run: Run, **settings) -> list[dict]:
             break
         monitor._threshold = lambda event, threshold=threshold: threshold
         forecast = monitor._forecast(run.event, at, value)
-        if run.event in monitor.active:
-            if forecast is not None and monitor._cleared(forecast):
-                monitor.active.remove(run.event)
-        elif forecast is not None and forecast.surely_within(monitor.horizon):
+        if monitor.decide(run.event, forecast):
             warnings_.append(
                 {"step": int(step), "expected_step": math.ceil(forecast.expected_step)}
             )
-            monitor.active.append(run.event)
     return warnings_
 
 

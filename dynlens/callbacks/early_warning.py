@@ -52,6 +52,11 @@ MIN_POINTS = 4
 #: The default window of each event's trend, in measured points: 16 (160 steps at the default
 #: cadence), and 32 for the logit gap, which grows over thousands of steps.
 WINDOWS: dict[str, int] = {"collapse": 32, "divergence": 16, "attention": 16}
+#: The default measured points in a row at which an event must be surely within the horizon
+#: before a warning. Chosen on the benchmark's seeds 4-11 (benchmarks/RESULTS.md): the false
+#: alarms there were forecasts that held for one or two points; the divergence, which comes
+#: within a few hundred steps of its first trend, warns at the first point.
+CONSECUTIVE: dict[str, int] = {"collapse": 2, "divergence": 1, "attention": 3}
 
 Action = Literal["checkpoint", "stop"] | Callable[[dict[str, Any]], Any] | None
 
@@ -83,7 +88,8 @@ class EarlyWarningMonitor(Monitor):
       logit above 1e4.
 
     A **warning** is raised when the event is expected within ``horizon`` steps even at the slow end
-    of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`): kept in :attr:`warnings`
+    of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`) at ``consecutive``
+    measured points in a row (:meth:`decide`): kept in :attr:`warnings`
     and in checkpoints, and written as a text event under ``<prefix>/warning/events`` (reason
     ``warn_<event>``). One warning per event until its forecast clears (the trend surely moves away,
     or puts the event beyond twice the horizon even at the fast end of its range). No forecast is
@@ -105,6 +111,10 @@ class EarlyWarningMonitor(Monitor):
             number for every event, or a mapping event → points; by default 16, and 32 for
             collapse (:data:`WINDOWS`).
         z: standard errors the slope must be from 0 (default 2).
+        consecutive: measured points in a row at which the event must be surely within the
+            horizon before a warning: one number for every event, or a mapping event → points;
+            by default 2 for collapse, 1 for divergence and 3 for attention
+            (:data:`CONSECUTIVE`; a fit that a few noisy points carry does not warn).
         action: at a warning, ``None`` (warn only), ``"checkpoint"`` (save a rollback checkpoint,
             ``dynlens-warning-<event>-step<step>.ckpt`` in ``checkpoint_dir``, default the
             trainer's ``default_root_dir``; every rank takes part, as ``trainer.save_checkpoint``
@@ -139,6 +149,7 @@ class EarlyWarningMonitor(Monitor):
         curvature_every_n_steps: int = 100,
         window: int | Mapping[str, int] | None = None,
         z: float = 2.0,
+        consecutive: int | Mapping[str, int] | None = None,
         action: Action = None,
         checkpoint_dir: str | None = None,
         logits_module: str | None = "auto",
@@ -175,6 +186,18 @@ class EarlyWarningMonitor(Monitor):
                 raise ConfigurationError(f"Expected `window` >= {MIN_POINTS}, got {window}.")
             self.windows[event] = points
         self.z = check_positive_number("z", z)
+        given = (
+            consecutive if isinstance(consecutive, Mapping) else dict.fromkeys(EVENTS, consecutive)
+        )
+        for event in given:
+            check_choice("consecutive", event, EVENTS)
+        #: The measured points in a row each event's warning needs.
+        self.consecutive: dict[str, int] = {
+            event: CONSECUTIVE[event]
+            if given.get(event) is None
+            else check_positive_int("consecutive", given[event])
+            for event in EVENTS
+        }
         if not callable(action):
             check_choice("action", action, (None, "checkpoint", "stop"))
         self.action = action
@@ -196,6 +219,8 @@ class EarlyWarningMonitor(Monitor):
         self.history: dict[str, list[list[float]]] = self.add_state("history", dict)
         #: Events with a warning that has not cleared.
         self.active: list[str] = self.add_state("active", list)
+        #: Per event, the measured points in a row at which it was surely within the horizon.
+        self.in_a_row: dict[str, int] = self.add_state("in_a_row", dict)
         self.loss_min: float = self.add_state("loss_min", math.inf)
         #: The training losses of the steps since the last measured step: (step, loss).
         self._losses: list[tuple[int, torch.Tensor]] = self.add_state(
@@ -504,19 +529,36 @@ class EarlyWarningMonitor(Monitor):
             return DIVERGENCE_FACTOR * self.loss_min
         return ATTENTION_LIMIT
 
+    def decide(self, event: str, forecast: Forecast | None) -> bool:
+        """Whether ``forecast`` (the event's forecast at a measured point, ``None`` for none)
+        raises a warning now; updates which warnings are active and the points in a row.
+
+        A warning needs the event surely within the horizon at ``consecutive`` measured points
+        in a row. An active warning clears once the trend surely moves away, or puts the event
+        beyond twice the horizon even at the fast end of its range; a bending or missing fit
+        says nothing."""
+        if self.happened.get(event) is not None:
+            return False
+        if event in self.active:
+            if forecast is not None and self._cleared(forecast):
+                self.active.remove(event)
+            return False
+        if forecast is None or not forecast.surely_within(self.horizon):
+            self.in_a_row[event] = 0
+            return False
+        self.in_a_row[event] = self.in_a_row.get(event, 0) + 1
+        if self.in_a_row[event] < self.consecutive[event]:
+            return False
+        self.in_a_row[event] = 0
+        self.active.append(event)
+        return True
+
     def _warn_or_clear(
         self, trainer: Any, event: str, step: int, forecast: Forecast | None
     ) -> None:
-        if self.happened.get(event) is not None:
+        if not self.decide(event, forecast):
             return
-        if event in self.active:
-            # cleared once the trend surely moves away, or puts the event beyond twice the
-            # horizon even at the fast end of its range; a bending or missing fit says nothing
-            if forecast is not None and self._cleared(forecast):
-                self.active.remove(event)
-            return
-        if forecast is None or not forecast.surely_within(self.horizon):
-            return
+        assert forecast is not None
         quantity, _ = SIGNALS[event]
         expected = math.ceil(forecast.expected_step)
         message = (
@@ -532,7 +574,6 @@ class EarlyWarningMonitor(Monitor):
             "reason": f"warn_{event}",
             "message": message,
         }
-        self.active.append(event)
         if self.action == "checkpoint":
             path = os.path.join(
                 str(self.checkpoint_dir), f"dynlens-warning-{event}-step{step}.ckpt"

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
 from dynlens.callbacks.base import ConfigurationError
+from dynlens.forecast import steps_to_threshold
 from tests.helpers import trainer as make_trainer
 
 
@@ -92,8 +93,11 @@ def test_a_linear_gap_is_forecast_exactly_and_the_collapse_comes_when_more_than_
     fit(Scripted(slope), monitor, 400)
     threshold = dynlens.collapse.collapse_threshold(torch.float32)
     expected = math.ceil(threshold / slope)
-    # measured steps are multiples of 5; the first with the crossing within the horizon
-    warned = next(s for s in range(20, 400, 5) if threshold / slope - s <= horizon)
+    # measured steps are multiples of 5; the first with the crossing within the horizon, and
+    # one measured point more in a row (collapse's consecutive=2 by default)
+    first = next(s for s in range(20, 400, 5) if threshold / slope - s <= horizon)
+    assert monitor.consecutive["collapse"] == 2
+    warned = first + 5
     assert len(monitor.warnings) == 1
     warning = monitor.warnings[0]
     assert {k: warning[k] for k in ("event", "step", "expected_step", "reason")} == {
@@ -108,6 +112,27 @@ def test_a_linear_gap_is_forecast_exactly_and_the_collapse_comes_when_more_than_
     assert monitor.happened["collapse"] == collapsed
     assert [e["reason"] for e in monitor.events] == ["warn_collapse", "collapse"]
     assert monitor.active == []
+
+
+@pytest.mark.parametrize("consecutive", [1, 3])
+def test_a_warning_needs_the_event_surely_within_the_horizon_at_points_in_a_row(consecutive):
+    near = steps_to_threshold([0, 10, 20, 30], [0.0, 1.0, 2.0, 3.0], 5.0, rising=True)
+    assert near.surely_within(100)  # exact line: at step 50, 20 steps on
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("collapse",), horizon=100, consecutive=consecutive, verbose=False
+    )
+    # in the horizon, in it, no forecast, then in it three times
+    decided = [monitor.decide("collapse", f) for f in (near, near, None, near, near, near)]
+    if consecutive == 1:
+        assert decided == [True, False, False, False, False, False]  # then active
+    else:
+        assert decided == [False, False, False, False, False, True]
+        assert monitor.in_a_row == {"collapse": 0} and monitor.active == ["collapse"]
+    for bad in (0, {"collapse": 0}, {"spikes": 2}):
+        with pytest.raises(ConfigurationError, match="consecutive"):
+            dynlens.EarlyWarningMonitor(consecutive=bad)
+    partly = dynlens.EarlyWarningMonitor(consecutive={"attention": 5}).consecutive
+    assert partly == {"collapse": 2, "divergence": 1, "attention": 5}  # the rest by default
 
 
 def test_collapse_signals_equal_their_brute_force_values():
@@ -172,8 +197,13 @@ def test_an_exponentially_growing_loss_is_forecast_to_ten_times_its_lowest_value
     def curve(step):
         return 1.0 if step < 100 else math.exp(rate * (step - 100))
 
-    monitor = dynlens.EarlyWarningMonitor(
-        events=("divergence",), every_n_steps=10, window=4, horizon=horizon, verbose=False
+    monitor = dynlens.EarlyWarningMonitor(  # consecutive=1: the first point in the horizon warns
+        events=("divergence",),
+        every_n_steps=10,
+        window=4,
+        horizon=horizon,
+        consecutive=1,
+        verbose=False,
     )
     fit(Scripted(curve=curve), monitor, 400)
     assert monitor.happened == {"divergence": math.ceil(crossing)}
@@ -379,8 +409,13 @@ class PowerAttention(Scripted):
 
 
 def test_a_power_law_attention_logit_is_forecast_exactly():
-    monitor = dynlens.EarlyWarningMonitor(
-        events=("attention",), every_n_steps=10, window=4, horizon=105, verbose=False
+    monitor = dynlens.EarlyWarningMonitor(  # consecutive=1: the first point in the horizon warns
+        events=("attention",),
+        every_n_steps=10,
+        window=4,
+        horizon=105,
+        consecutive=1,
+        verbose=False,
     )
     fit(PowerAttention(), monitor, 600)
     assert monitor.happened == {"attention": 510}  # the first measured step above 1e4
