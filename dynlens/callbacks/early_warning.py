@@ -249,10 +249,9 @@ class EarlyWarningMonitor(Monitor):
 
     def panel(self) -> dict[str, Chart]:
         charts: dict[str, Chart] = {
-            "expected steps to each event (while one is expected)": [
-                "Multiline",
-                [f"^{self.key(e)}/steps_to$" for e in self.events_watched],
-            ]
+            "expected steps to each event (while one is expected)": self.multiline(
+                *(f"{e}/steps_to" for e in self.events_watched)
+            )
         }
         if self.watches("collapse"):
             charts["collapse: median logit gap and the collapse threshold"] = self.multiline(

@@ -4,6 +4,7 @@ warning rule on signals whose forecast is known in closed form, and the actions.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -476,3 +477,10 @@ def test_actions(action, tmp_path):
         assert saved["global_step"] == warning["step"] + 1  # resumes with the next step
     else:
         assert got == [warning]
+
+
+def test_the_panel_escapes_the_prefix_in_its_tag_patterns():
+    monitor = dynlens.EarlyWarningMonitor(prefix="run.1+a", verbose=False)
+    pattern = monitor.panel()["expected steps to each event (while one is expected)"][1][0]
+    assert re.fullmatch(pattern, "run.1+a/warning/collapse/steps_to")
+    assert not re.fullmatch(pattern, "runX1+a/warning/collapse/steps_to")
