@@ -256,6 +256,17 @@ class Context:
         return None if series is None else series.last()
 
     @staticmethod
+    def at(series: Series | None, step: int) -> float | None:
+        """The finite value logged at ``step`` (the last one written there), else ``None``."""
+        if series is None:
+            return None
+        points = series.per_step()
+        i = int(np.searchsorted(points.steps, step))
+        if i < len(points) and int(points.steps[i]) == step and math.isfinite(points.values[i]):
+            return float(points.values[i])
+        return None
+
+    @staticmethod
     def peak(series: Series | None) -> float | None:
         if series is None:
             return None

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -87,17 +86,6 @@ def fmt_floats(values: Any) -> str:
     return ", ".join(f"{v:.3g}" for v in values[:3]) + (", …" if len(values) > 3 else "")
 
 
-def _at(series: Series | None, step: int) -> float | None:
-    """The finite value logged at ``step`` (the last written there), else ``None``."""
-    if series is None:
-        return None
-    points = series.per_step()
-    i = int(np.searchsorted(points.steps, step))
-    if i < len(points) and int(points.steps[i]) == step and math.isfinite(points.values[i]):
-        return float(points.values[i])
-    return None
-
-
 def _last_step(series: Iterable[Series]) -> int | None:
     """The last step at which any of ``series`` has a finite value."""
     steps = [int(s.steps[np.isfinite(s.values)][-1]) for s in series if np.isfinite(s.values).any()]
@@ -129,8 +117,8 @@ def hessian_blocks(ctx: Context) -> dict[str, Any] | None:
     blocks = [
         {
             "block": quantity[len("trace/") :],
-            "trace": _at(series, step),
-            "share": _at(shares.get("trace_share/" + quantity[len("trace/") :]), step),
+            "trace": ctx.at(series, step),
+            "share": ctx.at(shares.get("trace_share/" + quantity[len("trace/") :]), step),
         }
         for quantity, series in traces.items()
     ]
@@ -143,7 +131,7 @@ def top_eigenvalues(ctx: Context, step: int) -> list[float]:
     found = ctx.matching("hessian", r"spectrum_top/\d+")
     values = []
     for i in range(1, len(found) + 1):
-        value = _at(found.get(f"spectrum_top/{i}"), step)
+        value = ctx.at(found.get(f"spectrum_top/{i}"), step)
         if value is None:
             break
         values.append(value)

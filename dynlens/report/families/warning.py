@@ -6,21 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
-from ..reader import Series
 from ..summary import WARNING_EVENTS, Column, Context, family, fmt_int, fmt_text, warning_reason
-
-
-def value_at(series: Series | None, step: int) -> float | None:
-    """The finite value logged at ``step`` (the last one written there), else ``None``."""
-    if series is None:
-        return None
-    points = series.per_step()
-    i = int(np.searchsorted(points.steps, step))
-    if i < len(points) and int(points.steps[i]) == step and math.isfinite(points.values[i]):
-        return float(points.values[i])
-    return None
 
 
 def happened_step(steps: list[int], warned: int) -> int | None:
@@ -66,7 +52,7 @@ def warning(ctx: Context) -> dict[str, Any] | None:
     )
     warnings = []
     for warned, _, event in raised:
-        steps_to = value_at(ctx.series("warning", f"{event}/steps_to"), warned)
+        steps_to = ctx.at(ctx.series("warning", f"{event}/steps_to"), warned)
         came = happened_step(happened[event], warned)
         warnings.append(
             {
