@@ -127,6 +127,8 @@ class Run:
     #: Every point the event's forecast was asked for: [measured step, signal step, value,
     #: threshold] (what :func:`replay` decides again from).
     points: list[list[float]] = field(default_factory=list)
+    #: The learning-rate warm-up's steps (0: none): the rate rises up to global step warmup − 1.
+    warmup: int = 0
 
 
 def collapse_run(seed: int, variant: int, unstable: bool) -> tuple[pl.LightningModule, DataLoader]:
@@ -218,6 +220,7 @@ def train(event: str, seed: int, variant: int, unstable: bool, **settings) -> Ru
         [dict(w) for w in monitor.warnings],
         time.perf_counter() - start,
         points,
+        model.warmup,
     )
     decided = [(w["step"], w["expected_step"]) for w in replay(run, **settings)]
     if decided != [(w["step"], w["expected_step"]) for w in run.warnings]:
@@ -229,11 +232,16 @@ def replay(run: Run, **settings) -> list[dict]:
     """The warnings the monitor with ``settings`` would have raised on ``run``'s points: its own
     forecast and warn/clear rule, without a trainer (the event stops forecasts from its step)."""
     monitor = dynlens.EarlyWarningMonitor(events=(run.event,), verbose=False, **settings)
+    peak = run.warmup - 1  # the warm-up's LambdaLR raises the rate up to this global step
     warnings_ = []
     for step, at, value, threshold in run.points:
         if run.happened is not None and step >= run.happened:
             break
         monitor._threshold = lambda event, threshold=threshold: threshold
+        # as the monitor's LRAhead reads the scheduler: the global step is the measured one + 1
+        monitor._rise_ends_before = lambda until, now=step + 1: (
+            peak if run.warmup and now < peak < until else None
+        )
         forecast = monitor._forecast(run.event, at, value)
         if monitor.decide(run.event, forecast):
             warnings_.append(
@@ -358,7 +366,12 @@ def main() -> None:
         help="with --overhead: the monitor on and off in alternate blocks of one run (the method "
         "of record) instead of alternating whole runs",
     )
-    parser.add_argument("--horizon", type=int, default=None, help="the monitor's (default 500)")
+    parser.add_argument(
+        "--horizon",
+        type=int,
+        default=None,
+        help="the monitor's, for every event (default: 1000 for collapse, 500 for the others)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -370,8 +383,8 @@ def main() -> None:
         print(json.dumps(cost, indent=1))
         return
     settings = {} if args.horizon is None else {"horizon": args.horizon}
-    horizon = dynlens.EarlyWarningMonitor(**settings).horizon
-    report: dict = {"horizon": horizon, "suites": {}}
+    horizons = dynlens.EarlyWarningMonitor(**settings).horizons
+    report: dict = {"horizons": horizons, "suites": {}}
     for event in args.suite:
         first = args.first_seed
         runs = [  # controls of the third and fourth variant take other seeds
@@ -384,7 +397,7 @@ def main() -> None:
                 else range(first // 2, first // 2 + args.seeds // 2)
             )
         ]
-        scores = score(runs, horizon)
+        scores = score(runs, horizons[event])
         report["suites"][event] = {"scores": scores, "runs": [asdict(r) for r in runs]}
         print(f"\n## {event}")
         for r in runs:

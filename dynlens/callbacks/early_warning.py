@@ -25,6 +25,7 @@ from .base import (
 )
 from .capture import AttentionCapture, LogitsCapture, announce_logits, take_logits
 from .logits import LogitGrowthMonitor
+from .lr_ahead import LRAhead
 from .replay import losses_across_step
 from .schedule import StepWindow
 
@@ -43,7 +44,7 @@ ATTENTION_LIMIT = 1e4
 
 #: The signal each event is forecast from: (its quantity, the trend it follows).
 SIGNALS: dict[str, tuple[str, TrendKind]] = {
-    "collapse": ("gap_median", "linear"),
+    "collapse": ("gap_median", "power"),
     "divergence": ("loss", "exponential"),
     "attention": ("max_logit", "power"),
 }
@@ -52,6 +53,9 @@ MIN_POINTS = 4
 #: The default window of each event's trend, in measured points: 16 (160 steps at the default
 #: cadence), and 32 for the logit gap, which grows over thousands of steps.
 WINDOWS: dict[str, int] = {"collapse": 32, "divergence": 16, "attention": 16}
+#: The default horizon of each event, in steps: 500, and 1,000 for collapse, whose logit gap
+#: grows over thousands of steps (chosen on the benchmark's seeds 4-11, benchmarks/RESULTS.md).
+HORIZONS: dict[str, int] = {"collapse": 1000, "divergence": 500, "attention": 500}
 #: The default measured points in a row at which an event must be surely within the horizon
 #: before a warning. Chosen on the benchmark's seeds 4-11 (benchmarks/RESULTS.md): the false
 #: alarms there were forecasts that held for one or two points; the divergence, which comes
@@ -144,7 +148,7 @@ class EarlyWarningMonitor(Monitor):
         self,
         *,
         events: Sequence[Event] = EVENTS,
-        horizon: int = 500,
+        horizon: int | Mapping[str, int] | None = None,
         every_n_steps: int = 10,
         curvature_every_n_steps: int = 100,
         window: int | Mapping[str, int] | None = None,
@@ -165,7 +169,8 @@ class EarlyWarningMonitor(Monitor):
         for event in events:
             check_choice("events", event, EVENTS)
         self.events_watched: tuple[str, ...] = tuple(dict.fromkeys(events))
-        self.horizon = check_positive_int("horizon", horizon)
+        #: The steps ahead within which each event is warned of.
+        self.horizons = _per_event("horizon", horizon, HORIZONS)
         self.curvature_every_n_steps = check_positive_int(
             "curvature_every_n_steps", curvature_every_n_steps
         )
@@ -174,30 +179,11 @@ class EarlyWarningMonitor(Monitor):
                 f"Expected `curvature_every_n_steps` a multiple of `every_n_steps` "
                 f"({self.every_n_steps}), got {curvature_every_n_steps}."
             )
-        given = window if isinstance(window, Mapping) else dict.fromkeys(EVENTS, window)
-        for event in given:
-            check_choice("window", event, EVENTS)
-        #: The points each event's trend is fitted to.
-        self.windows: dict[str, int] = {}
-        for event in EVENTS:
-            points = given.get(event)
-            points = WINDOWS[event] if points is None else check_positive_int("window", points)
-            if points < MIN_POINTS:  # the bend of a parabola needs four
-                raise ConfigurationError(f"Expected `window` >= {MIN_POINTS}, got {window}.")
-            self.windows[event] = points
+        #: The points each event's trend is fitted to (the bend of a parabola needs four).
+        self.windows = _per_event("window", window, WINDOWS, least=MIN_POINTS)
         self.z = check_positive_number("z", z)
-        given = (
-            consecutive if isinstance(consecutive, Mapping) else dict.fromkeys(EVENTS, consecutive)
-        )
-        for event in given:
-            check_choice("consecutive", event, EVENTS)
         #: The measured points in a row each event's warning needs.
-        self.consecutive: dict[str, int] = {
-            event: CONSECUTIVE[event]
-            if given.get(event) is None
-            else check_positive_int("consecutive", given[event])
-            for event in EVENTS
-        }
+        self.consecutive = _per_event("consecutive", consecutive, CONSECUTIVE)
         if not callable(action):
             check_choice("action", action, (None, "checkpoint", "stop"))
         self.action = action
@@ -240,6 +226,9 @@ class EarlyWarningMonitor(Monitor):
         self._follow_logits_dtype = True
         #: The latest update ratio η/η_c (``None`` until one is measured).
         self.last_update_ratio: float | None = None
+        #: Where the learning rate stops rising before a step, if it rises now (read from the
+        #: trainer's schedulers at set-up: :class:`dynlens.callbacks.lr_ahead.LRAhead`).
+        self._rise_ends_before: Callable[[float], int | None] = lambda step: None
 
     def state_key_fields(self) -> dict[str, Any]:
         return {**super().state_key_fields(), "events": self.events_watched}
@@ -275,6 +264,7 @@ class EarlyWarningMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self._rise_ends_before = LRAhead(trainer).rise_ends_before
         if self.watches("collapse"):
             self.capture.attach(pl_module, type(self).__name__)
         if self.watches("attention"):
@@ -469,7 +459,7 @@ class EarlyWarningMonitor(Monitor):
             self.log_event(trainer, step, "no_update_ratio", message, once=True)
         for event, (at, value) in signals.items():
             forecast = self._forecast(event, at, value)
-            if forecast is not None and forecast.within(2 * self.horizon):
+            if forecast is not None and forecast.within(2 * self.horizons[event]):
                 scalars[f"{event}/steps_to"] = forecast.steps_to
             self._warn_or_clear(trainer, event, step, forecast)
         logged = self.log_metrics(trainer, scalars, step=step)
@@ -512,11 +502,14 @@ class EarlyWarningMonitor(Monitor):
             return None
         steps, values = zip(*points, strict=True)
         forecast = steps_to_threshold(steps, values, threshold, kind=kind, rising=True, z=self.z)
-        horizon = self.horizon
+        horizon = self.horizons[event]
         if event not in self.active and not (
             forecast.within(2 * horizon) or forecast.surely_within(horizon)
         ):
             return None  # nothing is logged or decided from it: the bend is not worth a fit
+        expected = forecast.expected_step
+        if expected is not None and self._rise_ends_before(expected) is not None:
+            return None  # the learning rate stops rising first: a signal rising with it may too
         if decelerating(steps, values, kind=kind, z=self.z):
             return None  # levelling off: a line would reach what the signal may not
         return forecast
@@ -539,10 +532,10 @@ class EarlyWarningMonitor(Monitor):
         if self.happened.get(event) is not None:
             return False
         if event in self.active:
-            if forecast is not None and self._cleared(forecast):
+            if forecast is not None and self._cleared(event, forecast):
                 self.active.remove(event)
             return False
-        if forecast is None or not forecast.surely_within(self.horizon):
+        if forecast is None or not forecast.surely_within(self.horizons[event]):
             self.in_a_row[event] = 0
             return False
         self.in_a_row[event] = self.in_a_row.get(event, 0) + 1
@@ -589,11 +582,12 @@ class EarlyWarningMonitor(Monitor):
         if callable(self.action):
             self.action(dict(warning))
 
-    def _cleared(self, forecast: Forecast) -> bool:
+    def _cleared(self, event: str, forecast: Forecast) -> bool:
         trend = forecast.trend
         if trend.slope < -self.z * trend.slope_stderr:
             return True
-        return forecast.lower is not None and forecast.lower - trend.last_step > 2 * self.horizon
+        horizon = self.horizons[event]
+        return forecast.lower is not None and forecast.lower - trend.last_step > 2 * horizon
 
     def _happen(self, trainer: Any, event: str, step: int, what: str) -> None:
         if self.happened.get(event) is not None:
@@ -604,6 +598,24 @@ class EarlyWarningMonitor(Monitor):
         warned = [w for w in self.warnings if w["event"] == event]
         lead = f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
         self.log_event(trainer, step, event, f"{event}: {what}{lead}")
+
+
+def _per_event(
+    name: str, given: int | Mapping[str, int] | None, defaults: Mapping[str, int], least: int = 1
+) -> dict[str, int]:
+    """A setting given as one number for every event, or as a mapping event → number (events
+    not in it, and ``None``, take ``defaults``); each a whole number of at least ``least``."""
+    values = given if isinstance(given, Mapping) else dict.fromkeys(EVENTS, given)
+    for event in values:
+        check_choice(name, event, EVENTS)
+    settings = {}
+    for event in EVENTS:
+        value = values.get(event)
+        value = defaults[event] if value is None else check_positive_int(name, value)
+        if value < least:
+            raise ConfigurationError(f"Expected `{name}` >= {least}, got {given!r}.")
+        settings[event] = value
+    return settings
 
 
 def _attention_source(trainer: Any, every_n_steps: int) -> LogitGrowthMonitor | None:

@@ -1,0 +1,97 @@
+"""The learning rate ahead: where the trainer's schedule stops raising it.
+
+A signal that rises while the learning rate rises (the training loss during a warm-up, at the
+edge of stability) may stop rising when the learning rate does; a forecast drawn through it
+should not be believed past that step. The schedule's future is read by stepping the trainer's
+step-interval schedulers forward on the spot and putting everything back: their state, and
+every parameter group's settings (learning rates, momenta), so training sees nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+#: At most this many scheduler steps are taken to look ahead at one call.
+MOST_STEPS = 5000
+
+
+class LRAhead:
+    """Where the learning rate of ``trainer`` stops rising, read from its schedulers.
+
+    Only schedulers stepped every step (Lightning's ``interval="step"``) are read; epoch-interval
+    ones, and ``ReduceLROnPlateau`` (whose future depends on a metric), count as constant. The
+    learning rate is the largest of every parameter group of every optimizer. A schedule is
+    assumed to depend on the step only, so a peak once found is kept until it is passed.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self._peak: int | None = None  # a peak found ahead, as a global step
+        self._rising_to: int = -1  # the learning rate rises at least up to this global step
+
+    def rise_ends_before(self, step: float) -> int | None:
+        """The global step, before ``step``, from which the learning rate stops rising, if it
+        rises at the next step; ``None`` when it does not rise now, rises up to ``step`` or
+        beyond, or the schedule cannot be read."""
+        now = int(self.trainer.global_step)
+        if self._peak is not None and now < self._peak:
+            return self._peak if self._peak < step else None
+        if now < self._rising_to and step <= self._rising_to:
+            return None
+        self._peak = None
+        configs = [
+            c
+            for c in getattr(self.trainer, "lr_scheduler_configs", ())
+            if c.interval == "step" and not isinstance(c.scheduler, ReduceLROnPlateau)
+        ]
+        ahead = math.ceil(min(float(MOST_STEPS), step - now))
+        if not configs or ahead < 1:
+            return None
+        try:
+            rates = _rates_ahead(configs, self.trainer.optimizers, ahead)
+        except Exception:  # a scheduler that cannot be stepped here: its future is unknown
+            return None
+        if not rates[1] > rates[0]:
+            return None  # not rising now
+        for k in range(1, len(rates) - 1):
+            if not rates[k + 1] > rates[k]:
+                self._peak = now + k
+                return self._peak
+        self._rising_to = now + len(rates) - 1
+        return None
+
+
+def _rates_ahead(configs: list, optimizers: list, steps: int) -> list[float]:
+    """The learning rate now and after each of the next ``steps`` steps, every scheduler stepped
+    as Lightning steps it (every ``frequency`` steps); then every scheduler and parameter group
+    as it was."""
+    saved = [copy.deepcopy(c.scheduler.state_dict()) for c in configs]
+    groups = [
+        [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in o.param_groups]
+        for o in optimizers
+    ]
+    rates = [_largest_rate(optimizers)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k in range(1, steps + 1):
+                for c in configs:
+                    if k % max(int(c.frequency or 1), 1) == 0:
+                        c.scheduler.step()
+                rates.append(_largest_rate(optimizers))
+    finally:
+        for c, state in zip(configs, saved, strict=True):
+            c.scheduler.load_state_dict(state)
+        for o, kept in zip(optimizers, groups, strict=True):
+            for g, settings in zip(o.param_groups, kept, strict=True):
+                g.update(settings)
+    return rates
+
+
+def _largest_rate(optimizers: list) -> float:
+    return max((float(g.get("lr", 0.0)) for o in optimizers for g in o.param_groups), default=0.0)
