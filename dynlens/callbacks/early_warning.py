@@ -72,9 +72,11 @@ class EarlyWarningMonitor(Monitor):
     forecast from, fits the last ``window`` points of it by least squares
     (:func:`dynlens.forecast.steps_to_threshold`) and extrapolates them to the event's threshold:
 
-    * **collapse** — the median top-vs-runner-up logit gap, growing linearly towards the collapse
-      threshold ln(2/eps) of the loss's precision (Prieto et al. 2025); the event: more than half
-      of a measured step's samples in Softmax Collapse;
+    * **collapse** — the median top-vs-runner-up logit gap, growing as a power of the step
+      towards the collapse threshold ln(2/eps) of the loss's precision (Prieto et al. 2025; a
+      difference of logits, which grow as products of weight norms, as the attention logit
+      below; a straight line drawn through it expected collapse too early); the event: more
+      than half of a measured step's samples in Softmax Collapse;
     * **divergence** — the training loss (its mean over the steps since the last measured one)
       growing exponentially towards 10× its lowest value so far; the event: the training loss
       non-finite, or above 10× its lowest value so far after the first 50 steps (read at every
@@ -97,7 +99,11 @@ class EarlyWarningMonitor(Monitor):
     and in checkpoints, and written as a text event under ``<prefix>/warning/events`` (reason
     ``warn_<event>``). One warning per event until its forecast clears (the trend surely moves away,
     or puts the event beyond twice the horizon even at the fast end of its range). No forecast is
-    made from points that bend down (:func:`dynlens.forecast.decelerating`). When an event happens
+    made from points that bend down (:func:`dynlens.forecast.decelerating`), nor one whose
+    crossing lies past the step where the learning rate stops rising while it rises (a warm-up:
+    a loss that climbs with the learning rate may stop when it does; the trainer's step-interval
+    schedulers are read ahead by :class:`dynlens.callbacks.lr_ahead.LRAhead`, which puts them
+    back as they were). When an event happens
     it is an event of its own (reason ``<event>``) and its forecast stops. Every decision is taken
     from values reduced across ranks, so every rank decides the same.
 
@@ -107,7 +113,9 @@ class EarlyWarningMonitor(Monitor):
 
     Args:
         events: which of ``"collapse"``, ``"divergence"``, ``"attention"`` to forecast.
-        horizon: warn when the event is expected within this many steps (default 500).
+        horizon: warn when the event is expected within this many steps: one number for every
+            event, or a mapping event → steps; by default 500, and 1,000 for collapse, which
+            comes over thousands of steps (:data:`HORIZONS`).
         every_n_steps: measure every this many steps (default 10).
         curvature_every_n_steps: measure the update ratio every this many steps (default 100; a
             multiple of ``every_n_steps``; two forward passes on the step's batch).

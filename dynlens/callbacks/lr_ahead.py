@@ -52,24 +52,30 @@ class LRAhead:
         ahead = math.ceil(min(float(MOST_STEPS), step - now))
         if not configs or ahead < 1:
             return None
+        every = max(max(int(c.frequency or 1), 1) for c in configs)
         try:
-            rates = _rates_ahead(configs, self.trainer.optimizers, ahead)
-        except Exception:  # a scheduler that cannot be stepped here: its future is unknown
+            rates = _rates_ahead(configs, self.trainer.optimizers, ahead + every)
+        except Exception:  # a scheduler whose state cannot be kept aside: its future is unknown
             return None
-        if not rates[1] > rates[0]:
-            return None  # not rising now
-        for k in range(1, len(rates) - 1):
-            if not rates[k + 1] > rates[k]:
-                self._peak = now + k
-                return self._peak
-        self._rising_to = now + len(rates) - 1
+        if not max(rates[1 : every + 1], default=-math.inf) > rates[0]:
+            return None  # not rising now (or the schedule could not be stepped)
+        # the last rise before the rate falls, or stays put for as long as the least often
+        # stepped scheduler's period
+        last = 0
+        for k in range(1, len(rates)):
+            if rates[k] > rates[k - 1]:
+                last = k
+            elif rates[k] < rates[k - 1] or k - last >= every:
+                self._peak = now + last
+                return self._peak if self._peak < step else None
+        self._rising_to = now + last
         return None
 
 
 def _rates_ahead(configs: list, optimizers: list, steps: int) -> list[float]:
     """The learning rate now and after each of the next ``steps`` steps, every scheduler stepped
-    as Lightning steps it (every ``frequency`` steps); then every scheduler and parameter group
-    as it was."""
+    as Lightning steps it (every ``frequency`` steps), up to the first step a scheduler refuses
+    (one past its last step); then every scheduler and parameter group as it was."""
     saved = [copy.deepcopy(c.scheduler.state_dict()) for c in configs]
     groups = [
         [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in o.param_groups]
@@ -84,6 +90,8 @@ def _rates_ahead(configs: list, optimizers: list, steps: int) -> list[float]:
                     if k % max(int(c.frequency or 1), 1) == 0:
                         c.scheduler.step()
                 rates.append(_largest_rate(optimizers))
+    except Exception:  # the schedule's future is known only up to here
+        pass
     finally:
         for c, state in zip(configs, saved, strict=True):
             c.scheduler.load_state_dict(state)

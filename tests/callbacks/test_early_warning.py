@@ -79,9 +79,21 @@ def test_each_event_has_its_window_by_default_and_one_number_sets_them_all():
     assert mixed == {**defaults, "divergence": 8}
 
 
-def test_a_linear_gap_is_forecast_exactly_and_the_collapse_comes_when_more_than_half_collapse():
-    # the gap grows by 0.05 per step: it reaches ln(2/eps_float32) = 16.64 at step 332.7, and the
-    # samples collapse (log_softmax's max rounds to 0) from the first step whose gap does
+def test_each_event_has_its_horizon_by_default_and_one_number_sets_them_all():
+    defaults = dynlens.EarlyWarningMonitor().horizons
+    assert defaults == {"collapse": 1000, "divergence": 500, "attention": 500}
+    assert dynlens.EarlyWarningMonitor(horizon=300).horizons == dict.fromkeys(defaults, 300)
+    mixed = dynlens.EarlyWarningMonitor(horizon={"collapse": 800}).horizons
+    assert mixed == {**defaults, "collapse": 800}
+    for bad in ({"collapse": 0}, {"spikes": 100}, 2.5):
+        with pytest.raises(ConfigurationError, match="horizon"):
+            dynlens.EarlyWarningMonitor(horizon=bad)
+
+
+def test_a_gap_growing_with_the_step_is_forecast_exactly_and_collapse_is_over_half_collapsed():
+    # the gap grows by 0.05 per step (a power of the step, exponent 1): it reaches
+    # ln(2/eps_float32) = 16.64 at step 332.7, and the samples collapse (log_softmax's max
+    # rounds to 0) from the first step whose gap does
     slope, horizon = 0.05, 100
     monitor = dynlens.EarlyWarningMonitor(
         events=("collapse",),
@@ -113,6 +125,30 @@ def test_a_linear_gap_is_forecast_exactly_and_the_collapse_comes_when_more_than_
     assert monitor.happened["collapse"] == collapsed
     assert [e["reason"] for e in monitor.events] == ["warn_collapse", "collapse"]
     assert monitor.active == []
+
+
+class PowerGap(Scripted):
+    """Logits ``[1e-4 · t², 0]`` at step t."""
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        t = float(self.global_step)
+        logits = torch.zeros(len(x), 2) + self.w + torch.tensor([1e-4 * t * t, 0.0])
+        loss = F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
+        return {"loss": loss, "logits": logits.detach()}
+
+
+def test_a_gap_growing_as_a_power_of_the_step_is_forecast_exactly():
+    # 1e-4 t² reaches the float32 threshold 16.64 at t = 407.9: a straight line through the last
+    # four points (a window of 15 steps) would expect it at 426, 18 steps late
+    monitor = dynlens.EarlyWarningMonitor(
+        events=("collapse",), every_n_steps=5, window=4, horizon=100, logits_module=None
+    )
+    fit(PowerGap(), monitor, 450)
+    crossing = math.sqrt(dynlens.collapse.collapse_threshold(torch.float32) / 1e-4)
+    first = next(s for s in range(20, 450, 5) if crossing - s <= 100)
+    (warning,) = monitor.warnings  # one more measured point in a row: consecutive=2
+    assert (warning["step"], warning["expected_step"]) == (first + 5, math.ceil(crossing))
 
 
 @pytest.mark.parametrize("consecutive", [1, 3])
