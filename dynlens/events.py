@@ -1,4 +1,10 @@
-"""The text form of a monitor's event in TensorBoard: one definition, for writer and reader.
+"""Monitor events: their reasons, one enum per monitor, and their text form in TensorBoard.
+
+Every discrete event a monitor records carries a *reason*, a member of that monitor's enum
+below (:class:`CollapseReason` for ``SoftmaxCollapseMonitor``, ...). The callbacks log with the
+members and ``dynlens report`` reads by them, so writer and reader share one definition, and the
+report never imports the callbacks. :data:`REASONS` maps each monitor's ``name`` (the
+``<monitor>`` of its keys) to its enum.
 
 :meth:`dynlens.Monitor.log_event` writes each event with ``add_text`` as one markdown line whose
 first token is the machine-readable reason in backticks, then `` · `` and the readable text::
@@ -21,9 +27,26 @@ Pure (standard library only), so both ``callbacks/`` and ``report/`` import it.
 
 from __future__ import annotations
 
+import enum
 import re
+from typing import Literal
 
-__all__ = ["REASON_PATTERN", "SEPARATOR", "format_event", "parse_event"]
+__all__ = [
+    "INSTABILITIES",
+    "REASONS",
+    "REASON_PATTERN",
+    "SEPARATOR",
+    "CollapseReason",
+    "ContinualReason",
+    "GrokkingReason",
+    "HessianReason",
+    "Instability",
+    "LogitsReason",
+    "Reason",
+    "WarningReason",
+    "format_event",
+    "parse_event",
+]
 
 #: What a reason may be: no spaces or backticks, so the text form parses back unambiguously.
 REASON_PATTERN = r"[A-Za-z0-9_.-]+"
@@ -50,3 +73,98 @@ def parse_event(text: str) -> tuple[str | None, str]:
     if found is None:
         return None, text
     return found.group(1), found.group(2)
+
+
+class Reason(str, enum.Enum):
+    """Base of the monitors' reason enums: each member is a ``str`` equal to its code, so it
+    compares equal to the plain string a checkpoint or an event file holds."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class GrokkingReason(Reason):
+    """Events of ``GrokkingMonitor``."""
+
+    MEMORIZED = "memorized"  #: training accuracy reached the threshold
+    GENERALIZED = "generalized"  #: validation accuracy reached the threshold
+    STOPPED = "stopped"  #: training stopped ``stop_after_generalization`` steps after it
+    SUMMARY = "summary"  #: the run's classification, at the end of training
+
+
+class CollapseReason(Reason):
+    """Events of ``SoftmaxCollapseMonitor``."""
+
+    ONSET = "onset"  #: more than ``onset_threshold`` of a measured step's samples collapsed
+    REMEDY = "remedy"  #: the loss modules were switched to StableMax or float64
+    PRECISION = "precision"  #: the activation and precision collapse is measured in
+    LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
+
+
+class LogitsReason(Reason):
+    """Events of ``LogitGrowthMonitor``."""
+
+    ATTENTION_WARNING = "attention_warning"  #: the max attention logit passed its warning level
+    ATTENTION_DIVERGENCE = "attention_divergence"  #: ... and its divergence level
+    LOGZ_DRIFT = "logz_drift"  #: ``|logz_mean|`` passed ``logz_threshold``
+    LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
+
+
+class HessianReason(Reason):
+    """Events of ``HessianMonitor``."""
+
+    EDGE_OF_STABILITY = "edge_of_stability"  #: ``eos_ratio`` reached 1
+    ADAPTIVE_EDGE_OF_STABILITY = "adaptive_edge_of_stability"  #: ``precond_ratio`` reached 1
+    FINITE_DIFFERENCE = "finite_difference"  #: products by finite differences from now on
+    NO_PRECONDITIONED_SHARPNESS = "no_preconditioned_sharpness"  #: Adam's P is not defined
+
+
+class ContinualReason(Reason):
+    """Events of ``ContinualEvaluation``."""
+
+    TASK_START = "task_start"  #: training on a task began
+    GAP = "gap"  #: a previous task fell ``gap_threshold`` below its end-of-task accuracy
+    RECOVERY = "recovery"  #: ... and regained ``gap_threshold`` from its minimum
+    SUMMARY = "summary"  #: the metrics at the end of a fit
+
+
+#: The instabilities ``EarlyWarningMonitor`` forecasts.
+Instability = Literal["collapse", "divergence", "attention"]
+INSTABILITIES: tuple[Instability, ...] = ("collapse", "divergence", "attention")
+
+
+class WarningReason(Reason):
+    """Events of ``EarlyWarningMonitor``: for each instability a warning that it is coming
+    (``warn_<instability>``) and the instability itself (``<instability>``, when it happened)."""
+
+    WARN_COLLAPSE = "warn_collapse"
+    WARN_DIVERGENCE = "warn_divergence"
+    WARN_ATTENTION = "warn_attention"
+    COLLAPSE = "collapse"
+    DIVERGENCE = "divergence"
+    ATTENTION = "attention"
+    ATTENTION_SHARED = "attention_shared"  #: attention read from a ``LogitGrowthMonitor``
+    ATTENTION_OWN = "attention_own"  #: ... which stopped: measured by the monitor again
+    NO_UPDATE_RATIO = "no_update_ratio"  #: the update ratio cannot be measured in this run
+    LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
+
+    @classmethod
+    def warning(cls, instability: str) -> WarningReason:
+        """The reason of the warning that ``instability`` is coming: ``WARN_COLLAPSE``."""
+        return cls(f"warn_{instability}")
+
+    @classmethod
+    def happened(cls, instability: str) -> WarningReason:
+        """The reason of ``instability`` itself: ``COLLAPSE``."""
+        return cls(instability)
+
+
+#: Each monitor's reasons, by the monitor's ``name`` (the ``<monitor>`` of its keys).
+REASONS: dict[str, type[Reason]] = {
+    "grokking": GrokkingReason,
+    "collapse": CollapseReason,
+    "logits": LogitsReason,
+    "hessian": HessianReason,
+    "continual": ContinualReason,
+    "warning": WarningReason,
+}
