@@ -32,8 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from ._lightning import Callback
 from .callbacks import GrokkingMonitor, SoftmaxCollapseMonitor
+from .compat import Callback
 from .data import ModularArithmetic
 from .grokking import GrokkingReport
 from .nn import CrossEntropyLoss

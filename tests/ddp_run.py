@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynlens
-from dynlens.callbacks.hessian import probe_generator
+from dynlens.callbacks.replay import probe_generator
 from dynlens.curvature import hutchinson_trace
 from tests.test_conformance import FACTORIES, Model, data
 

@@ -1,87 +1,85 @@
 """The machinery every dynlens callback shares (the monitor contract of DESIGN.md).
 
-A monitor subclasses :class:`Monitor`, sets ``name`` (the ``<monitor>`` part of its metric keys),
+A monitor subclasses :class:`Monitor`, sets :attr:`~Monitor.name` (the ``<monitor>`` part of its
+metric keys) and :attr:`~Monitor.reasons` (its enum of event reasons, :mod:`dynlens.events`),
 describes its TensorBoard panel in :meth:`Monitor.panel`, and in its hooks measures, then calls
 :meth:`Monitor.log_metrics` and :meth:`Monitor.log_event`. The base provides:
 
-* **cadence** in optimizer steps, one rule for every monitor (:meth:`Monitor.is_due`: every n
-  steps, or a :class:`~dynlens.callbacks.schedule.BudgetSchedule` for a compute ``budget``),
-  never during the sanity check;
+* **cadence** in optimizer steps, one rule for every monitor (:meth:`Monitor.is_due`): every
+  ``every_n_steps`` steps, or, with a compute ``budget``, the steps a
+  :class:`~dynlens.callbacks.schedule.BudgetSchedule` chooses; never during the sanity check.
+  The base owns the schedule, times the training between measurements with ``clock``, times
+  each measurement in :meth:`Monitor.measuring` and keeps the schedule in the checkpoint
+  (``"schedule"``);
 * **declared state** (:meth:`Monitor.add_state`, :mod:`dynlens.callbacks.state`): checkpoints,
-  resets between logging intervals and the move back to the device follow from one declaration
-  per field; pooling between logs (:attr:`Monitor.pools_between_logs`, :meth:`Monitor.flush`);
+  resets, the move back to the device and the **reduction across ranks** follow from one
+  declaration per field; :meth:`Monitor.sync` reduces every field that holds a value in one
+  collective per reduction and brings them to the host in one copy (:mod:`~.sync`). Monitors
+  that pool measurements between logs derive from :class:`~dynlens.callbacks.pooling.PooledMonitor`;
 * **logging** to every Lightning logger at Lightning's own logging step, so dynlens charts line up
   with the run's ``self.log`` metrics whatever ``log_every_n_steps`` is, and into
   ``trainer.callback_metrics`` so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them;
 * **TensorBoard extras**: one custom-scalars layout per run merged from every attached monitor's
-  panel, and text events for discrete events, each carrying its reason (:mod:`dynlens.events`;
-  ``once=True`` for an event that fires once per run);
-* **DDP helpers** (:meth:`Monitor.reduce`, :meth:`Monitor.reduce_to_host`: one collective per
-  reduction and one host copy) that run on every rank; side effects on rank 0 only;
+  panel, and text events for discrete events, each carrying its reason (``once=True`` for an
+  event that fires once per run);
 * **validators** (:mod:`dynlens.callbacks.validate`) and a ``state_key`` built from the
   identifying arguments;
 * **failing soft**: a hook decorated with :func:`fail_soft` that raises mid-run warns once and
   disables its monitor; training goes on. :class:`ConfigurationError` is the exception: a set-up
   mistake stops the run with a message that names the fix.
 
+Every hook a monitor overrides is marked ``@override`` and calls the base's hook (the base's
+hooks carry the schedule, the layout and the pooled flush).
+
 Adding a monitor
 ----------------
 
-1. **The numbers** go in the pure measurement layer (``dynlens/<topic>.py``, no Lightning
-   import), each with a test against a closed-form or brute-force value on a tiny case.
-2. **The callback** is one module, ``dynlens/callbacks/<topic>.py``: a :class:`Monitor` subclass
-   that validates its arguments in ``__init__`` (:mod:`dynlens.callbacks.validate`), declares
-   every field of its state there with :meth:`Monitor.add_state`, measures in its hooks when
-   :meth:`Monitor.is_due` says so, through a capture of :mod:`dynlens.callbacks.capture` where
-   it needs logits or attention, and logs through :meth:`Monitor.log_metrics` and
-   :meth:`Monitor.log_event` (with a reason). It re-implements none of the above.
-3. **Export** it from ``dynlens/callbacks/__init__.py`` and ``dynlens/__init__.py``, and list it
-   in the README's table of metric keys.
-4. **Conformance**: add a factory to ``FACTORIES`` in ``tests/test_conformance.py``; the suite
-   then checks the monitor contract on it (drop-in on both Lightning packages, no observer
-   effect, DDP, the resume round trip of ``tests/test_resume_roundtrip.py``), and refuses a
-   monitor it does not list.
-5. **The report**, if the monitor logs something worth summarising: one family module in
-   ``dynlens/report/families/`` (see :mod:`dynlens.report.summary`).
+A new monitor touches seven places; everything else is derived from them.
+
+1. **The numbers**: pure functions in the measurement layer (``dynlens/<topic>.py``, no
+   Lightning import), each with a test against a closed-form or brute-force value on a tiny case
+   (``tests/test_<topic>.py``).
+2. **The callback**: one module, ``dynlens/callbacks/<topic>.py``, holding a :class:`Monitor`
+   subclass that validates its arguments in ``__init__`` (:mod:`dynlens.callbacks.validate`),
+   declares every field of its state there with :meth:`Monitor.add_state` (with ``reduce=`` for
+   what is reduced across ranks), measures in its hooks when :meth:`Monitor.is_due` says so,
+   through a capture of :mod:`dynlens.callbacks.capture` where it needs logits or attention,
+   and logs through :meth:`Monitor.log_metrics` and :meth:`Monitor.log_event`. It is exported
+   from ``dynlens`` and ``dynlens.callbacks`` by being a ``Monitor`` subclass in that folder.
+3. **Its tests**: ``tests/callbacks/test_<topic>.py``, short real ``Trainer`` runs asserting on
+   what was logged, and a ``conformance_monitor()`` function there returning a small instance:
+   the conformance suite (``tests/test_conformance.py``) finds it and checks the whole monitor
+   contract on it (drop-in on both Lightning packages, no observer effect, DDP, resume).
+4. **Its reasons**: one :class:`~dynlens.events.Reason` enum in ``dynlens/events.py``, listed in
+   :data:`~dynlens.events.REASONS` under the monitor's ``name``.
+5. **The report**, if it logs something worth summarising: one family module in
+   ``dynlens/report/families/`` (see :mod:`dynlens.report.family`).
+6. **The README**: its section, with its keys.
+7. **CHANGELOG.md**.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 import warnings
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from rich import get_console
+from typing_extensions import override
 
-from .._lightning import Callback
-from ..events import format_event
-from .context import (  # noqa: F401  (re-exported)
-    SHARDED_STRATEGIES,
-    in_own_forward,
-    logging_step,
-    own_forward,
-    sharding_strategy,
-)
-from .layout import (  # noqa: F401  (re-exported)
-    Chart,
-    layout,
-    tag_regex,
-    tensorboard_writers,
-    write_layout,
-)
+from ..compat import Callback
+from ..events import Reason, format_event
+from .context import logging_step
+from .layout import Chart, tag_regex, tensorboard_writers, write_layout
+from .schedule import BudgetSchedule, check_cadence
 from .state import StateField, get_nested, is_missing, set_nested, to_device
-from .validate import (  # noqa: F401  (re-exported: monitors import them from here)
-    ConfigurationError,
-    check_bool,
-    check_callable,
-    check_choice,
-    check_fraction,
-    check_non_negative_int,
-    check_positive_int,
-    check_positive_number,
-)
+from .sync import Reduce, sync_to_host
+from .validate import ConfigurationError, check_callable
 
 NO_LOGGER_WARNING = (
     "dynlens: this Trainer has no logger, so dynlens metrics reach only `trainer.callback_metrics` "
@@ -115,37 +113,65 @@ def fail_soft(hook: Hook) -> Hook:
 
 
 class Monitor(Callback):
-    """Base class of dynlens callbacks. Subclasses set :attr:`name` and implement hooks.
+    """Base class of dynlens callbacks. Subclasses set :attr:`name` and :attr:`reasons` and
+    implement hooks (module docstring).
 
     Args:
         every_n_steps: measure every this many training steps (where the monitor measures on
-            training steps). A step is a batch after which the optimizer stepped, counted as
-            Lightning's logging step counts them: ``trainer.global_step`` with one optimizer,
-            one per batch when manual optimisation steps several optimizers per batch.
+            training steps), exclusive with ``budget``. A step is a batch after which the
+            optimizer stepped, counted as Lightning's logging step counts them:
+            ``trainer.global_step`` with one optimizer, one per batch when manual optimisation
+            steps several optimizers per batch (a monitor may count its own steps:
+            :meth:`cadence_step`).
+        budget: a fraction of training time, in (0, 1), to spend measuring instead of a fixed
+            ``every_n_steps``: the :class:`~dynlens.callbacks.schedule.BudgetSchedule` then
+            chooses the steps (for monitors that take a budget).
+        clock: a ``() -> seconds`` function timing training and measurements; inject a fake one
+            for deterministic tests.
         prefix: first part of every metric key, ``<prefix>/<monitor>/<quantity>``.
         verbose: print event lines (rank 0) to the console.
     """
 
     #: The ``<monitor>`` part of metric keys, e.g. ``"grokking"``.
     name: ClassVar[str] = "monitor"
+    #: The enum of this monitor's event reasons (:mod:`dynlens.events`).
+    reasons: ClassVar[type[Reason]] = Reason
+    #: Whether measurements are timed without a ``budget`` too (for an ``overhead`` to log).
+    timed: ClassVar[bool] = False
 
-    def __init__(self, *, every_n_steps: int = 1, prefix: str = "dynlens", verbose: bool = True):
-        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = 1,
+        budget: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        prefix: str = "dynlens",
+        verbose: bool = True,
+    ) -> None:
+        check_cadence(every_n_steps, budget)
+        check_callable("clock", clock, signature="() -> seconds", allow_none=False)
         if not isinstance(prefix, str) or not prefix.strip("/"):
             raise ConfigurationError(f"Expected `prefix` to be a non-empty str, got {prefix!r}.")
+        self.every_n_steps = every_n_steps
+        self.budget = None if budget is None else float(budget)
         self.prefix = prefix.strip("/")
         self.verbose = verbose
         #: Why the monitor switched itself off mid-run, or ``None`` while it is active.
         self.disabled_reason: str | None = None
         self._failed_side_effects: set[str] = set()
         self._states: dict[str, StateField] = {}
+        self._trainer: weakref.ref[Any] | None = None  # the current fit's (charges the schedule)
         #: Discrete events so far: dicts with ``step``, ``reason`` and ``message`` (kept in state).
-        self.events: list[dict[str, Any]]
-        self.add_state("events", list, save=_copy_events, load=_copy_events)
-        if self.pools_between_logs:
-            # measured steps not logged yet, and the latest measured step (to log them at)
-            self.add_state("_pending_since_log", False, key="pending.since_log", pooled=True)
-            self.add_state("_last_measured", 0, key="pending.last_measured")
+        self.events: list[dict[str, Any]] = self.add_state("events", list, save=_copy_events)
+        #: Times training and measurements; with a ``budget`` it chooses the steps to measure at.
+        self.schedule: BudgetSchedule | None = None
+        if self.budget is not None or self.timed:
+            self.schedule = self.add_state(
+                "schedule",
+                lambda: BudgetSchedule(self.budget, clock),
+                save=BudgetSchedule.state_dict,
+                load=self._restore_schedule,
+            )
 
     # ----------------------------------------------------------------------------- identity
     def state_key_fields(self) -> dict[str, Any]:
@@ -162,104 +188,79 @@ class Monitor(Callback):
         return f"{self.prefix}/{self.name}/{quantity}"
 
     # ----------------------------------------------------------------------------- cadence
-    def is_due(
-        self,
-        trainer: Any,
-        every_n_steps: int | None = None,
-        *,
-        step: int | None = None,
-        schedule: Any = None,
-    ) -> bool:
+    def cadence_step(self, trainer: Any) -> int:
+        """The step the cadence counts: :func:`logging_step` (a monitor that counts its own
+        steps, across fits say, overrides it)."""
+        return logging_step(trainer)
+
+    def is_due(self, trainer: Any, every_n_steps: int | None = None) -> bool:
         """Whether this training step is measured: the one cadence rule of every monitor.
 
-        Never in the sanity check or outside training. With a ``schedule`` (a
-        :class:`~dynlens.callbacks.schedule.BudgetSchedule`, for a ``budget``) the schedule
-        decides; else every ``every_n_steps``-th step (default: the monitor's own). ``step``
-        defaults to :func:`logging_step`; a monitor counting its own steps passes them.
+        Never in the sanity check or outside training. With a ``budget`` the schedule decides
+        (call it then at every step that could be measured, on every rank: its first decision
+        is broadcast from rank 0); else every ``every_n_steps``-th :meth:`cadence_step` (default:
+        the monitor's own cadence; a monitor measuring a second quantity at another cadence
+        passes it).
         """
         if trainer.sanity_checking or not trainer.training:
             return False
-        step = logging_step(trainer) if step is None else step
-        if schedule is not None:
-            return schedule.due(trainer, step)
-        return step % (self.every_n_steps if every_n_steps is None else every_n_steps) == 0
+        step = self.cadence_step(trainer)
+        if every_n_steps is None and self.budget is not None:
+            assert self.schedule is not None
+            return self.schedule.due(trainer, step)
+        cadence = self.every_n_steps if every_n_steps is None else every_n_steps
+        assert cadence is not None
+        return step % cadence == 0
 
-    def logs_now(self, trainer: Any, *cadences: int) -> bool:
-        """Whether measurements pooled on the device are logged at this (measured) step.
+    @contextlib.contextmanager
+    def measuring(self, trainer: Any, device: torch.device) -> Iterator[None]:
+        """Time the measurement run inside the block against the training (with a schedule):
+        training is charged up to here, the block to measuring, and with a ``budget`` the next
+        step is decided after it, on every rank. A block that raises is not counted."""
+        if self.schedule is None:
+            yield
+            return
+        step = self.cadence_step(trainer)
+        start = self.schedule.measure_start(step, device)
+        yield
+        self.schedule.measured(trainer, step, start, device)
 
-        True at the last step of each of Lightning's logging intervals (``log_every_n_steps``
-        steps, the steps ``self.log`` values are written at) on which one of ``cadences``
-        (default: ``every_n_steps``) measures, and when no measurement is left before
-        ``max_steps``. So ``every_n_steps=1`` measures every step and logs as often as Lightning
-        does, and with ``log_every_n_steps=1`` (or a cadence of at least ``log_every_n_steps``)
-        every measured step is logged.
-        """
-        return self.interval_ends(trainer, *cadences) or self._none_left(trainer, *cadences)
-
-    def interval_ends(self, trainer: Any, *cadences: int) -> bool:
-        """This is the last step of its logging interval on which one of ``cadences`` measures
-        (see :meth:`logs_now`). A log for any other reason (the run ends inside an interval)
-        keeps the pooled measurements in the monitor's state as well, so that a run resumed from
-        a checkpoint saved now pools them into the interval as an uninterrupted run would."""
-        step = logging_step(trainer)
-        interval = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
-        return self._upcoming(step, cadences) // interval != step // interval
-
-    def run_ends_inside_interval(self, trainer: Any, *cadences: int) -> bool:
-        """No measurement is left before ``max_steps`` and this step does not end its logging
-        interval: a log now is partial, and its pooled measurements are kept (see
-        :meth:`interval_ends`)."""
-        return self._none_left(trainer, *cadences) and not self.interval_ends(trainer, *cadences)
-
-    def _none_left(self, trainer: Any, *cadences: int) -> bool:
-        max_steps = getattr(trainer, "max_steps", -1)
-        upcoming = self._upcoming(logging_step(trainer), cadences)
-        return isinstance(max_steps, int) and 0 < max_steps <= upcoming
-
-    def _upcoming(self, step: int, cadences: tuple[int, ...]) -> int:
-        """The next step after ``step`` on which one of ``cadences`` measures."""
-        return min(step - step % n + n for n in (cadences or (self.every_n_steps,)))
+    @property
+    def overhead(self) -> float | None:
+        """Measurement time ÷ training time so far (``None`` untimed, or before any training)."""
+        return None if self.schedule is None else self.schedule.overhead
 
     # ----------------------------------------------------------------------------- set-up
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Lightning reads `state_key` at every hook call (its profiler names the call by it),
         # about six times a step: the key is built once per set-up, from the configuration
         self._frozen_state_key = None
         self._frozen_state_key = self.state_key
         if stage == "fit":
-            self.reset_pooled()  # a new fit starts a new logging interval
+            self._trainer = weakref.ref(trainer)
             if not trainer.loggers and trainer.is_global_zero:
                 warnings.warn(NO_LOGGER_WARNING, UserWarning, stacklevel=2)
 
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._trainer = None  # the trainer is let go
+
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         device = getattr(pl_module, "device", None)
         for field in self._states.values():
             if field.device and device is not None:  # restored from a checkpoint on the CPU
-                setattr(self, field.name, to_device(getattr(self, field.name), device))
-        if trainer.is_global_zero:
-            write_layout(trainer)
+                self._set(field, to_device(self._get(field), device))
+        self.write_layout(trainer)
+        if self.schedule is not None:
+            self.schedule.train_start(self.cadence_step(trainer))
 
-    # ----------------------------------------------------------------------------- pooling
-    #: Whether the monitor pools measurements on the device between two logs. Such a monitor
-    #: declares its pooled fields with ``pooled=True``, calls :meth:`mark_measured` for each
-    #: measured step and implements :meth:`flush`; a run that ends with measured steps not yet
-    #: logged (``EarlyStopping``, ``max_epochs``) has them flushed at ``on_train_end``.
-    pools_between_logs: ClassVar[bool] = False
-
-    def mark_measured(self, step: int) -> None:
-        """A step was measured and pooled, not logged yet."""
-        self._pending_since_log = True
-        self._last_measured = int(step)
-
-    def flush(self, trainer: Any, step: int, last: bool = False) -> None:
-        """Log what was pooled since the last log, at ``step`` (monitors that pool implement it;
-        ``last``: the run ends inside a logging interval, see :meth:`interval_ends`)."""
-        raise NotImplementedError
-
-    @fail_soft
+    @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.pools_between_logs and self._pending_since_log:
-            self.flush(trainer, self._last_measured, last=True)
+        if self.schedule is not None:
+            self.schedule.train_end(self.cadence_step(trainer))
 
     # ----------------------------------------------------------------------------- logging
     def log_metrics(
@@ -299,7 +300,7 @@ class Monitor(Callback):
         return logged
 
     def _rank_zero_side_effect(
-        self, what: str, action: Callable[..., Any], *args, **kwargs
+        self, what: str, action: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> None:
         """Run a rank-0-only side effect (a logger, a writer, the console); if it fails, warn once
         per kind and keep measuring. Disabling the monitor here, on rank 0 alone, would leave the
@@ -317,27 +318,35 @@ class Monitor(Callback):
                     stacklevel=3,
                 )
 
-    def fired(self, reason: str) -> bool:
+    def fired(self, reason: Reason | str) -> bool:
         """Whether an event with this ``reason`` was recorded (this run or before a resume)."""
         return any(e["reason"] == reason for e in self.events)
 
     def log_event(
-        self, trainer: Any, step: int, reason: str, message: str, *, once: bool = False
+        self, trainer: Any, step: int, reason: Reason | str, message: str, *, once: bool = False
     ) -> bool:
         """Record a discrete event: kept in state, written as TensorBoard text, printed (rank 0).
 
-        ``reason`` is a short machine-readable code (``"memorized"``), ``message`` a sentence.
-        The TensorBoard text carries both (:func:`dynlens.events.format_event`:
+        ``reason`` is a member of :attr:`reasons` (or its value: ``"memorized"``), ``message`` a
+        sentence. The TensorBoard text carries both (:func:`dynlens.events.format_event`:
         ``"`memorized` · step 9: ..."``), so ``dynlens report`` reads the reason, not the wording.
         With ``once`` an event whose reason already :meth:`fired` is not recorded again. Returns
-        whether it was recorded.
+        whether it was recorded (on every rank: the side effects are rank 0's).
         """
-        if once and self.fired(reason):
+        try:
+            code = self.reasons(reason).value
+        except (ValueError, TypeError):  # not a member (TypeError: an enum without members)
+            raise ValueError(
+                f"{reason!r} is not a reason of {type(self).__name__}: add it to "
+                f"{self.reasons.__name__} in dynlens/events.py (one of "
+                f"{[r.value for r in self.reasons]})"
+            ) from None
+        if once and self.fired(code):
             return False
-        text = format_event(reason, f"step {step}: {message}")  # refuses a malformed reason
-        self.events.append({"step": int(step), "reason": reason, "message": message})
+        text = format_event(code, f"step {step}: {message}")
+        self.events.append({"step": int(step), "reason": code, "message": message})
         if not trainer.is_global_zero:
-            return
+            return True
         for writer in tensorboard_writers(trainer):
             self._rank_zero_side_effect(
                 "SummaryWriter.add_text",
@@ -357,6 +366,7 @@ class Monitor(Callback):
             )
         return True
 
+    # ----------------------------------------------------------------------------- the panel
     def panel(self) -> dict[str, Chart]:
         """This monitor's TensorBoard custom-scalars charts: ``{chart title: chart}``."""
         return {}
@@ -365,8 +375,15 @@ class Monitor(Callback):
     def panel_ready(self) -> bool:
         """Whether :meth:`panel` knows its charts. A monitor whose charts depend on what the run
         turns out to have (attention layers) says False until it knows, then calls
-        :func:`write_layout`; the run's one layout waits for it."""
+        :meth:`write_layout`; the run's one layout waits for it."""
         return True
+
+    def write_layout(self, trainer: Any, *, final: bool = False) -> None:
+        """Write the run's one layout, of every monitor attached to ``trainer``, once every
+        monitor's panel is ready (``final``: whatever is ready); rank 0 only."""
+        if trainer.is_global_zero:
+            monitors = [cb for cb in trainer.callbacks if isinstance(cb, Monitor)]
+            write_layout(trainer, monitors, final=final)
 
     def multiline(self, *quantities: str) -> Chart:
         """A multiline chart of exactly these quantities (anchored tag regexes)."""
@@ -375,36 +392,6 @@ class Monitor(Callback):
     def margin(self, value: str, lower: str, upper: str) -> Chart:
         """A margin chart: ``value`` with a band from ``lower`` to ``upper``."""
         return ["Margin", [self.key(value), self.key(lower), self.key(upper)]]
-
-    # ----------------------------------------------------------------------------- DDP
-    @staticmethod
-    def reduce(trainer: Any, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
-        """All-reduce across ranks (``"mean"``, ``"sum"`` or ``"max"``). Call it on every rank."""
-        return trainer.strategy.reduce(tensor, reduce_op=op)
-
-    @classmethod
-    def reduce_to_host(
-        cls, trainer: Any, parts: Mapping[str, tuple[torch.Tensor, str | None]]
-    ) -> dict[str, list[float]]:
-        """All-reduce many tensors, ``{name: (tensor, op)}``, in one collective per ``op``
-        (``None``: the tensor is already the same on every rank), and bring them all to the host
-        in one copy: ``{name: its values, flattened}``, in float64 (float32 on MPS). Call it on
-        every rank with the same names, at log time."""
-        names = list(parts)
-        if not names:
-            return {}
-        wide = torch.float32 if parts[names[0]][0].device.type == "mps" else torch.float64
-        flat = {n: parts[n][0].reshape(-1).to(wide) for n in names}
-        for op in dict.fromkeys(op for _, op in parts.values() if op is not None):
-            group = [n for n in names if parts[n][1] == op]
-            joined = torch.cat([flat[n] for n in group]) if len(group) > 1 else flat[group[0]]
-            reduced = cls.reduce(trainer, joined, op)
-            flat.update(zip(group, reduced.split([flat[n].numel() for n in group]), strict=True))
-        values = torch.cat([flat[n] for n in names]).cpu().tolist()  # the one host copy
-        out, start = {}, 0
-        for n in names:
-            out[n], start = values[start : start + flat[n].numel()], start + flat[n].numel()
-        return out
 
     # ----------------------------------------------------------------------------- failing soft
     def disable(self, reason: str) -> None:
@@ -426,47 +413,89 @@ class Monitor(Callback):
         persistent: bool = True,
         pooled: bool = False,
         device: bool = False,
+        reduce: Reduce | None = None,
         save: Callable[[Any], Any] | None = None,
         load: Callable[[Any], Any] | None = None,
+        owner: Any = None,
     ) -> Any:
         """Declare a field of the monitor's state and set it to ``default``
         (:mod:`dynlens.callbacks.state`): ``key`` in checkpoints (default ``name`` without its
         leading underscore; dotted keys nest), ``persistent`` (in checkpoints), ``pooled``
         (pooled between logs: reset when a fit starts), ``device`` (moved to the module's device
-        when training starts), ``save``/``load`` (to and from the checkpoint's form). Returns the
-        default it set, so a declaration can carry the attribute's type:
+        when training starts), ``reduce`` (how :meth:`sync` reduces it across ranks:
+        :mod:`dynlens.callbacks.sync`), ``save``/``load`` (to and from the checkpoint's form),
+        ``owner`` (the object holding the attribute, if not the monitor). Returns the default it
+        set, so a declaration can carry the attribute's type:
         ``self.onset_step: int | None = self.add_state("onset_step", None)``."""
         if name in self._states:
             raise RuntimeError(f"{type(self).__name__} declares the state {name!r} twice.")
         field = StateField(
-            name, default, key or name.lstrip("_"), persistent, pooled, device, save, load
+            name,
+            default,
+            key or name.lstrip("_"),
+            persistent,
+            pooled,
+            device,
+            save,
+            load,
+            reduce,
+            owner,
         )
         self._states[name] = field
-        setattr(self, name, field.fresh())
-        return getattr(self, name)
+        self._set(field, field.fresh())
+        return self._get(field)
 
-    def reset_pooled(self) -> None:
-        """Reset every ``pooled`` field to its default (nothing measured since the last log)."""
-        for field in self._states.values():
-            if field.pooled:
-                setattr(self, field.name, field.fresh())
+    def _get(self, field: StateField) -> Any:
+        return getattr(self if field.owner is None else field.owner, field.name)
 
+    def _set(self, field: StateField, value: Any) -> None:
+        setattr(self if field.owner is None else field.owner, field.name, value)
+
+    def sync(self, trainer: Any) -> dict[str, Any]:
+        """Reduce every ``reduce`` field that holds a value (not ``None``) across ranks and bring
+        them all to the host: one collective per reduction, one host copy
+        (:func:`dynlens.callbacks.sync.sync_to_host`); ``{field name: host value}``. The fields
+        are set back to their defaults. Call it on every rank at the same steps, with the same
+        fields holding values."""
+        held = {
+            name: (self._get(field), field.reduce)
+            for name, field in self._states.items()
+            if field.reduce is not None and self._get(field) is not None
+        }
+        for name in held:
+            self._set(self._states[name], self._states[name].fresh())
+        return sync_to_host(trainer, held)  # type: ignore[arg-type]
+
+    @override
     def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer() if self._trainer is not None else None
+        if self.schedule is not None and trainer is not None:
+            # a checkpoint mid-run: the training so far counts
+            self.schedule.charge(self.cadence_step(trainer))
         state: dict[str, Any] = {}
         for field in self._states.values():
             if field.persistent:
-                set_nested(state, field.key, field.to_checkpoint(getattr(self, field.name)))
+                set_nested(state, field.key, field.to_checkpoint(self._get(field)))
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Tolerant of older or partial checkpoints: a field they lack gets its default, and
         # pooled fields that checkpoints do not carry start empty.
+        if self.schedule is not None and "schedule" not in state_dict and "next_step" in state_dict:
+            # the layout before the base owned the schedule: its keys at the top level
+            state_dict = {**state_dict, "schedule": state_dict}
         for field in self._states.values():
             value = get_nested(state_dict, field.key) if field.persistent else None
             if field.persistent and not is_missing(value):
-                setattr(self, field.name, field.from_checkpoint(value))
+                self._set(field, field.from_checkpoint(value))
             elif field.persistent or field.pooled:
-                setattr(self, field.name, field.fresh())
+                self._set(field, field.fresh())
+
+    def _restore_schedule(self, saved: Mapping[str, Any]) -> BudgetSchedule:
+        assert self.schedule is not None
+        self.schedule.load_state_dict(dict(saved))
+        return self.schedule
 
 
 def _copy_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

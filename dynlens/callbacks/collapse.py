@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from typing_extensions import override
 
 from ..alignment import nlm_cosine_from_sums, nlm_cosines, nlm_sums
 from ..collapse import (
@@ -14,26 +15,22 @@ from ..collapse import (
     count_collapse,
     runner_up_gap,
 )
-from .base import (
-    Chart,
-    ConfigurationError,
-    Monitor,
-    check_choice,
-    check_fraction,
-    fail_soft,
-    logging_step,
-    sharding_strategy,
-)
+from ..events import CollapseReason
+from .base import fail_soft
 from .capture import (
     LogitsCapture,
     LogProbsTap,
     TargetsArg,
-    announce_logits,
     batch_targets,
+    logits_found,
     same_memory,
     take_logits,
 )
+from .context import logging_step, sharding_strategy
+from .layout import Chart
+from .pooling import PooledMonitor
 from .schedule import StepWindow
+from .validate import ConfigurationError, check_choice, check_fraction
 
 Remedy = Literal["stablemax", "float64"]
 
@@ -42,7 +39,7 @@ Remedy = Literal["stablemax", "float64"]
 PENDING_SAMPLES = 2**20
 
 
-class SoftmaxCollapseMonitor(Monitor):
+class SoftmaxCollapseMonitor(PooledMonitor):
     """Watch training logits approach Softmax Collapse (Prieto et al. 2025) and optionally fix it.
 
     Softmax Collapse (SC): once a sample's softmax sum Σ exp(z − max z) rounds to exactly 1, its
@@ -114,7 +111,7 @@ class SoftmaxCollapseMonitor(Monitor):
     """
 
     name = "collapse"
-    pools_between_logs = True
+    reasons = CollapseReason
 
     def __init__(
         self,
@@ -185,8 +182,25 @@ class SoftmaxCollapseMonitor(Monitor):
         )
         self._gaps: list[torch.Tensor]  # per-sample gaps of the step to be logged
         self.add_state("_gaps", list, persistent=False, pooled=True)
-        self._cosines: dict[str, torch.Tensor]
-        self.add_state("_cosines", dict, persistent=False, pooled=True)
+        # what a log reduces across ranks: the counts per step (summed), the worst and the
+        # median gap (the largest gap of any rank; the ranks' mean median), and the NLM cosines,
+        # as read at the logged step (the same on every rank), or as the sums of the shards of θ
+        # each rank holds under a sharding strategy (summed)
+        self._step_counts: torch.Tensor | None = self.add_state(
+            "_step_counts", None, persistent=False, reduce="sum"
+        )
+        self._worst_gap: torch.Tensor | None = self.add_state(
+            "_worst_gap", None, persistent=False, reduce="max"
+        )
+        self._median_gap: torch.Tensor | None = self.add_state(
+            "_median_gap", None, persistent=False, reduce="mean"
+        )
+        self._cosines: dict[str, torch.Tensor] | None = self.add_state(
+            "_cosines", None, persistent=False, pooled=True, reduce="local"
+        )
+        self._nlm_shard_sums: torch.Tensor | None = self.add_state(
+            "_nlm_shard_sums", None, persistent=False, pooled=True, reduce="sum"
+        )
         self._has_targets: bool = self.add_state("_has_targets", True, key="pending.has_targets")
         self._measured_in: tuple[str, torch.dtype]
         self.add_state(
@@ -225,6 +239,7 @@ class SoftmaxCollapseMonitor(Monitor):
         }
 
     # ------------------------------------------------------------------------------ set-up
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -246,17 +261,21 @@ class SoftmaxCollapseMonitor(Monitor):
             )
         self.capture.attach(pl_module, type(self).__name__)
 
+    @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.capture.detach()
         self.tap.detach()
         self._window.close()
+        super().teardown(trainer, pl_module, stage)
 
+    @override
     def disable(self, reason: str) -> None:
         # a step that failed half-way must not leave the capture or the loss's hooks recording
         self.capture.disarm()
         self.tap.disarm()
         super().disable(reason)
 
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         if self.remedy_applied:  # restored from a checkpoint: the loss modules are not
@@ -277,6 +296,7 @@ class SoftmaxCollapseMonitor(Monitor):
         pending_remedy = self.remedy is not None and not self.remedy_applied
         return pending_remedy or self.logs_now(trainer)
 
+    @override
     @fail_soft
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         if self.is_due(trainer):
@@ -285,20 +305,22 @@ class SoftmaxCollapseMonitor(Monitor):
             self.tap.arm()
             self._logging = self._logs_now(trainer)
 
+    @override
     @fail_soft
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not (self._window.is_open and self._logging):
             return  # the NLM cosine is read at the logged steps only
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
         if self._sharded:
-            # each rank holds a shard of θ and of its gradient (maybe none): sum the shards'
-            # sums on every rank, then take the cosine of the whole
+            # each rank holds a shard of θ and of its gradient (maybe none): the shards' sums
+            # are summed across ranks at the log, and the cosine is that of the whole
             grads, params = [p.grad for _, p in named], [p for _, p in named]
             sums = nlm_sums(grads, params) if named else torch.zeros(3, device=pl_module.device)
-            self._cosines = {"nlm_cosine": nlm_cosine_from_sums(self.reduce(trainer, sums, "sum"))}
+            self._nlm_shard_sums = sums
         elif named:
             self._cosines = nlm_cosines(named, per_layer=self.per_layer)
 
+    @override
     @fail_soft
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -308,10 +330,7 @@ class SoftmaxCollapseMonitor(Monitor):
         try:
             taken = take_logits(self.capture, outputs, type(self).__name__)
             shift = self._shifts()
-            announce_logits(
-                self,
-                trainer,
-                logging_step(trainer),
+            found = logits_found(
                 self.capture,
                 targets=(
                     "targets: the batch's labels shifted by one position (causal LM)"
@@ -319,6 +338,9 @@ class SoftmaxCollapseMonitor(Monitor):
                     else ""
                 ),
             )
+            if found is not None:
+                step = logging_step(trainer)
+                self.log_event(trainer, step, CollapseReason.LOGITS_FOUND, found, once=True)
             for logits in taken:
                 self._accumulate(logits, batch_targets(batch, self.targets, logits, shift))
         finally:
@@ -402,26 +424,26 @@ class SoftmaxCollapseMonitor(Monitor):
         (``last``) they are also kept: a checkpoint saved now carries them, and a run resumed
         from it pools them into the same interval as an uninterrupted run would."""
         if not (self._pending or self._counted):
-            self._gaps, self._cosines, self._pending_since_log = [], {}, False
+            self._gaps, self._pending_since_log = [], False
+            self._cosines = self._nlm_shard_sums = None
             return
         steps, per_step = self._counts()
-        gaps, cosines, has_targets = self._gaps, self._cosines, self._has_targets
-        self._gaps, self._cosines = [], {}
+        gaps, has_targets = self._gaps, self._has_targets
+        self._gaps = []
         self._pending, self._pending_samples = [], 0
         self._counted = [(steps, per_step)] if last else []
         if not last:
             self._has_targets = True
         self._pending_since_log = False
         activation, dtype = self._measured_in
-        # every pooled step's counts in one collective and, with the rest, one host copy
-        parts: dict[str, tuple[torch.Tensor, str | None]] = {"counts": (per_step, "sum")}
+        # every pooled step's counts, the gaps and the cosines: one collective per reduction
+        # and one host copy
+        self._step_counts = per_step
         if gaps:
             gap = torch.cat(gaps) if len(gaps) > 1 else gaps[0]
-            parts["worst_gap"], parts["median_gap"] = (gap.max(), "max"), (gap.median(), "mean")
-        parts.update({name: (c, None) for name, c in cosines.items()})  # reduced, or local
-        host = self.reduce_to_host(trainer, parts)
-        values = host["counts"]
-        counts = [values[3 * k : 3 * k + 3] for k in range(len(steps))]
+            self._worst_gap, self._median_gap = gap.max(), gap.median()
+        host = self.sync(trainer)
+        counts = host["_step_counts"]  # per step: samples, collapsed, zero-loss
         samples = max(sum(c[0] for c in counts), 1.0)
         threshold = collapse_threshold(dtype, activation)
         scalars: dict[str, float] = {
@@ -431,9 +453,12 @@ class SoftmaxCollapseMonitor(Monitor):
         if has_targets:
             scalars["zero_loss_fraction"] = sum(c[2] for c in counts) / samples
         if gaps:
-            scalars["headroom_median"] = threshold - host["median_gap"][0]
-            scalars["headroom_min"] = threshold - host["worst_gap"][0]
-        scalars.update({name: host[name][0] for name in cosines})
+            scalars["headroom_median"] = threshold - host["_median_gap"]
+            scalars["headroom_min"] = threshold - host["_worst_gap"]
+        if "_nlm_shard_sums" in host:
+            sums = torch.tensor(host["_nlm_shard_sums"], dtype=torch.float64)
+            scalars["nlm_cosine"] = float(nlm_cosine_from_sums(sums))
+        scalars.update(host.get("_cosines", {}))
         logged = self.log_metrics(trainer, scalars, step=step)
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
@@ -443,7 +468,7 @@ class SoftmaxCollapseMonitor(Monitor):
             self.log_event(
                 trainer,
                 steps[0],
-                "precision",
+                CollapseReason.PRECISION,
                 f"measuring {activation} collapse in {precision[1]} (threshold {threshold:.2f})",
             )
         fractions = [(s, c[1] / max(c[0], 1.0)) for s, c in zip(steps, counts, strict=True)]
@@ -456,7 +481,7 @@ class SoftmaxCollapseMonitor(Monitor):
             self.log_event(
                 trainer,
                 self.onset_step,
-                "onset",
+                CollapseReason.ONSET,
                 f"Softmax Collapse onset: {fraction:.1%} of samples collapsed "
                 f"(> {self.onset_threshold:.0%})",
             )
@@ -467,7 +492,7 @@ class SoftmaxCollapseMonitor(Monitor):
                 self.log_event(
                     trainer,
                     self.onset_step,
-                    "remedy",
+                    CollapseReason.REMEDY,
                     f"switched {switched} dynlens.CrossEntropyLoss to {target} (remedy)",
                 )
 

@@ -22,36 +22,31 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from ..continual import ContinualMetrics, ContinualSummary
-from ._eval_data import (  # noqa: F401  (re-exported: their former home)
+from ..events import ContinualReason
+from .base import Monitor, fail_soft
+from .eval_data import (
     EvalSets,
     ForwardFn,
     Metric,
     SubsetMode,
     TaskEvaluator,
-    _check_eval_sets,
-    _default_forward,
-    _EvalSource,
-    _IndexSampler,
-    _to_device,
+    accuracies,
     accuracy_counts,
+    check_eval_sets,
+    default_forward,
 )
-from ._tasks import TaskBoundaries
-from .base import (
-    Chart,
+from .layout import Chart
+from .tasks import TaskBoundaries
+from .validate import (
     ConfigurationError,
-    Monitor,
-    check_callable,
     check_choice,
     check_fraction,
     check_non_negative_int,
     check_positive_int,
-    fail_soft,
 )
-from .schedule import BudgetSchedule, check_cadence
-
-__all__ = ["ContinualEvaluation", "accuracy_counts"]
 
 
 class ContinualEvaluation(Monitor):
@@ -104,9 +99,10 @@ class ContinualEvaluation(Monitor):
     returns ``(outputs, targets)`` — by default ``(pl_module(batch[0]), batch[1])`` — and
     ``metric(outputs, targets)`` returns ``(correct, total)`` (tensors or numbers); a task's
     accuracy is Σ correct / Σ total over its subset (and over DDP ranks). The default metric,
-    :func:`accuracy_counts`, is top-1 accuracy of logits ``(N, C)`` against class indices, and
-    checks that every label is a valid output index: a target ≥ C (say, digit labels 0–9 with a
-    2-way head) raises :class:`ConfigurationError` naming the task at its first evaluation.
+    :func:`~dynlens.callbacks.eval_data.accuracy_counts`, is top-1 accuracy of logits ``(N, C)``
+    against class indices, and checks that every label is a valid output index: a target ≥ C
+    (say, digit labels 0–9 with a 2-way head) raises :class:`ConfigurationError` naming the task
+    at its first evaluation.
 
     **Subsets.** ``subset="random"`` draws a fresh random subset of ``subset_size`` samples per
     task and evaluation (as in the paper) from the callback's own ``torch.Generator`` (seeded
@@ -145,7 +141,8 @@ class ContinualEvaluation(Monitor):
         subset: ``"random"`` (a new subset every evaluation) or ``"fixed"`` (one per task).
         windows: window sizes w of WF^w and WP^w, in evaluations (paper: 10 and 100).
         metric: ``metric(outputs, targets) -> (correct, total)``; default
-            :func:`accuracy_counts` (top-1 accuracy, with the label check).
+            :func:`~dynlens.callbacks.eval_data.accuracy_counts` (top-1 accuracy, with the label
+            check).
         forward_fn: ``forward_fn(pl_module, batch, task) -> (outputs, targets)``; default
             ``(pl_module(batch[0]), batch[1])``. Use it for dict batches or one head per task.
         batch_size: evaluation batch size for datasets given without a ``DataLoader``.
@@ -168,6 +165,7 @@ class ContinualEvaluation(Monitor):
     """
 
     name = "continual"
+    reasons = ContinualReason
 
     def __init__(
         self,
@@ -188,10 +186,12 @@ class ContinualEvaluation(Monitor):
         prefix: str = "dynlens",
         verbose: bool = True,
     ) -> None:
-        super().__init__(prefix=prefix, verbose=verbose)
-        check_cadence(every_n_steps, budget)
-        check_callable("clock", clock, signature="() -> seconds", allow_none=False)
-        self.eval_sets = _check_eval_sets(eval_sets)
+        if every_n_steps is None and budget is None:
+            every_n_steps = 1  # the paper's protocol: every iteration
+        super().__init__(
+            every_n_steps=every_n_steps, budget=budget, clock=clock, prefix=prefix, verbose=verbose
+        )
+        self.eval_sets = check_eval_sets(eval_sets)
         if subset_size is not None:
             check_positive_int("subset_size", subset_size)
         hint = "'random': a new subset every evaluation, as in the paper; 'fixed': one per task"
@@ -211,14 +211,8 @@ class ContinualEvaluation(Monitor):
         self.subset_size = subset_size
         self.metric: Metric = metric if metric is not None else accuracy_counts
         self.check_labels = metric is None
-        self.forward_fn: ForwardFn = forward_fn if forward_fn is not None else _default_forward
+        self.forward_fn: ForwardFn = forward_fn if forward_fn is not None else default_forward
         self.evaluate_on_train_end = evaluate_on_train_end
-        if every_n_steps is None and budget is None:
-            every_n_steps = 1  # the paper's protocol: every iteration
-        self.every_n_steps: int | None = every_n_steps  # type: ignore[assignment]
-        self.budget = None if budget is None else float(budget)
-        # with a budget: the evaluations' schedule, in total_steps (kept under "schedule")
-        self._schedule = None if self.budget is None else BudgetSchedule(self.budget, clock)
         self._evaluator = TaskEvaluator(
             self.eval_sets,
             batch_size=batch_size,
@@ -252,6 +246,10 @@ class ContinualEvaluation(Monitor):
         self._gap_announced: set[int] = self.add_state("_gap_announced", set, save=sorted, load=set)
         self._recovery_announced: set[int] = self.add_state(
             "_recovery_announced", set, save=sorted, load=set
+        )
+        # an evaluation's sufficient statistics, summed over ranks (TaskEvaluator.measure)
+        self._counts: torch.Tensor | None = self.add_state(
+            "_counts", None, persistent=False, reduce="sum"
         )
         self._restored = False
         # total_steps when this fit's training began, and trainer.global_step at the last batch:
@@ -293,11 +291,17 @@ class ContinualEvaluation(Monitor):
         self.log_event(
             trainer,
             step,
-            "task_start",
+            ContinualReason.TASK_START,
             f"task {task} started; evaluating tasks {list(self.metrics.tasks)}",
         )
 
     # ----------------------------------------------------------------------------- hooks
+    @override
+    def cadence_step(self, trainer: Any) -> int:
+        """This callback's own step count, ``total_steps``, cumulative over fits."""
+        return self.total_steps
+
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         self._fit_start(trainer)
@@ -310,15 +314,8 @@ class ContinualEvaluation(Monitor):
         # The task starts with the fit's first batch, whose step is the steps taken so far.
         for task in self._tasks.at_fit_start(trainer, self.metrics, restored=restored):
             self._begin_task(trainer, task, self.total_steps)
-        if self._schedule is not None:
-            self._schedule.train_start(self.total_steps)
 
-    def is_due(self, trainer: Any, *args: Any, **kwargs: Any) -> bool:
-        """The base's cadence rule (:meth:`Monitor.is_due`) on this callback's own step count,
-        ``total_steps`` (cumulative over fits), and with a ``budget`` its schedule."""
-        kwargs = {"step": self.total_steps, "schedule": self._schedule, **kwargs}
-        return super().is_due(trainer, *args, **kwargs)
-
+    @override
     @fail_soft
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -330,6 +327,7 @@ class ContinualEvaluation(Monitor):
         if self.is_due(trainer):
             self._evaluate_and_log(trainer, pl_module)
 
+    @override
     @fail_soft
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if (
@@ -339,8 +337,7 @@ class ContinualEvaluation(Monitor):
         ):
             self._evaluate_and_log(trainer, pl_module)
         self._summarise(trainer)
-        if self._schedule is not None:
-            self._schedule.train_end(self.total_steps)
+        super().on_train_end(trainer, pl_module)
 
     # ----------------------------------------------------------------------------- measuring
     def measure(self, trainer: Any, pl_module: Any) -> dict[int, float]:
@@ -350,7 +347,9 @@ class ContinualEvaluation(Monitor):
         over ranks (one collective) and moves them to the host once. A task with no samples
         has accuracy NaN (skipped by :class:`ContinualMetrics`).
         """
-        return self._evaluator.measure(trainer, pl_module, self.metrics.tasks, self.generator)
+        tasks = self.metrics.tasks
+        self._counts = self._evaluator.measure(trainer, pl_module, tasks, self.generator)
+        return accuracies(tasks, self.sync(trainer)["_counts"])
 
     def _subset_indices(
         self, task: int, world_size: int, rank: int, sharded: bool = False
@@ -363,17 +362,13 @@ class ContinualEvaluation(Monitor):
         step = self.total_steps - 1  # Lightning's step of the batch just trained
         for task in self._tasks.during_fit(trainer, self.metrics):
             self._begin_task(trainer, task, step)
-        if self._schedule is None:
-            accuracies = self.measure(trainer, pl_module)
-        else:  # timed: the schedule keeps evaluation time within the budget
-            start = self._schedule.measure_start(self.total_steps, pl_module.device)
-            accuracies = self.measure(trainer, pl_module)
-            self._schedule.measured(trainer, self.total_steps, start, pl_module.device)
-        self.metrics.update(step, accuracies)
+        with self.measuring(trainer, pl_module.device):  # within the budget, if there is one
+            measured = self.measure(trainer, pl_module)
+        self.metrics.update(step, measured)
         self._last_eval_steps = self.total_steps
         summary = self.metrics.summary()
-        scalars = self._scalars(accuracies, summary)
-        overhead = self._schedule.overhead if self._schedule is not None else None
+        scalars = self._scalars(measured, summary)
+        overhead = self.overhead
         if overhead is not None:
             scalars["overhead"] = overhead
         self.log_metrics(trainer, scalars, step=step)
@@ -405,7 +400,7 @@ class ContinualEvaluation(Monitor):
                 self.log_event(
                     trainer,
                     step,
-                    "gap",
+                    ContinualReason.GAP,
                     f"stability gap on task {t} while training task {current}: accuracy fell "
                     f"{100 * gap:.1f} points below its end-of-task {100 * (low + gap):.1f}% "
                     f"(to {100 * low:.1f}%)",
@@ -420,7 +415,7 @@ class ContinualEvaluation(Monitor):
                 self.log_event(
                     trainer,
                     step,
-                    "recovery",
+                    ContinualReason.RECOVERY,
                     f"task {t} recovered {100 * recovery:.1f} points from its minimum "
                     f"{100 * low:.1f}% (now {100 * latest:.1f}%) while training task {current}",
                 )
@@ -442,7 +437,7 @@ class ContinualEvaluation(Monitor):
         self.log_event(
             trainer,
             self._last_eval_steps - 1,
-            "summary",
+            ContinualReason.SUMMARY,
             f"after training task {s['current_task']}: {', '.join(parts)}{detail}",
         )
 
@@ -463,26 +458,22 @@ class ContinualEvaluation(Monitor):
             "learning-curve area LCA": self.multiline("lca"),
             "task being trained": self.multiline("task"),
         }
-        if self._schedule is not None:
+        if self.schedule is not None:
             charts["evaluation time ÷ training time"] = self.multiline("overhead")
         return charts
 
     # ----------------------------------------------------------------------------- state
     # Declared in __init__; what cannot be declared: the pending task (a start_task() made
-    # before this fit wins over the checkpoint's), the optional schedule, the restore flag.
+    # before this fit wins over the checkpoint's), the restore flag.
+    @override
     def state_dict(self) -> dict[str, Any]:
-        state = {**super().state_dict(), "pending_task": self._tasks.pending}
-        if self._schedule is not None:
-            self._schedule.charge(self.total_steps)  # mid-run, the training so far counts
-            state["schedule"] = self._schedule.state_dict()
-        return state
+        return {**super().state_dict(), "pending_task": self._tasks.pending}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if self._tasks.pending is None:  # a start_task() made before this fit wins
             self._tasks.pending = state_dict.get("pending_task")
-        if self._schedule is not None:
-            self._schedule.load_state_dict(state_dict.get("schedule", {}))
         self._restored = True
 
     def _restore_metrics(self, saved: Mapping[str, Any]) -> ContinualMetrics:

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from typing_extensions import override
 
+from ..events import GrokkingReason
 from ..grokking import GrokkingReport, detect_grokking, weight_norm
-from .base import (
-    Chart,
+from .base import Monitor, fail_soft
+from .context import logging_step, sharding_strategy
+from .layout import Chart
+from .validate import (
     ConfigurationError,
-    Monitor,
     check_fraction,
     check_non_negative_int,
     check_positive_int,
-    fail_soft,
-    logging_step,
-    sharding_strategy,
 )
 
 #: Metric names tried, in order, when no key is given. ``_step``/``_epoch`` variants count too.
@@ -87,6 +88,7 @@ class GrokkingMonitor(Monitor):
     """
 
     name = "grokking"
+    reasons = GrokkingReason
 
     def __init__(
         self,
@@ -118,6 +120,17 @@ class GrokkingMonitor(Monitor):
         self.add_state("train_acc", list, load=lambda accs: [float(a) for a in accs])
         self.val_acc: list[float]
         self.add_state("val_acc", list, load=lambda accs: [float(a) for a in accs])
+        # read at a validation: the accuracies (rank mean) and the weight norm, whole on every
+        # rank (local), or as the squared norms of the shards each rank holds (summed)
+        self._accuracies: torch.Tensor | None = self.add_state(
+            "_accuracies", None, persistent=False, reduce="mean"
+        )
+        self._weight_norm: torch.Tensor | None = self.add_state(
+            "_weight_norm", None, persistent=False, reduce="local"
+        )
+        self._shard_norms_squared: torch.Tensor | None = self.add_state(
+            "_shard_norms_squared", None, persistent=False, reduce="sum"
+        )
 
     def state_key_fields(self) -> dict[str, Any]:
         return {
@@ -165,18 +178,25 @@ class GrokkingMonitor(Monitor):
             "keys: `GrokkingMonitor(train_acc_key=..., val_acc_key=...)`."
         )
 
+    @override
     @fail_soft
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         metrics = trainer.callback_metrics
         train_key, val_key = self._accuracy_keys(metrics)
-        accuracies = torch.stack([metrics[train_key].float(), metrics[val_key].float()])
-        accuracies = self.reduce(trainer, accuracies, "mean")  # every rank, same step
-        norm = weight_norm(pl_module.parameters()).to(accuracies.device)
+        self._accuracies = torch.stack([metrics[train_key].float(), metrics[val_key].float()])
+        norm = weight_norm(pl_module.parameters()).to(self._accuracies.device)
         if sharding_strategy(trainer) is not None:  # each rank holds a shard of θ: add them up
-            norm = self.reduce(trainer, norm.square(), "sum").sqrt()
-        train_acc, val_acc, norm_value = torch.cat([accuracies, norm[None]]).tolist()
+            self._shard_norms_squared = norm.square()
+        else:
+            self._weight_norm = norm
+        host = self.sync(trainer)  # every rank, same step
+        train_acc, val_acc = host["_accuracies"]
+        if "_weight_norm" in host:
+            norm_value = host["_weight_norm"]
+        else:
+            norm_value = math.sqrt(host["_shard_norms_squared"])
 
         step = logging_step(trainer)
         before = self.report
@@ -207,7 +227,7 @@ class GrokkingMonitor(Monitor):
             self.log_event(
                 trainer,
                 step,
-                "stopped",
+                GrokkingReason.STOPPED,
                 f"stopping training {step - report.generalized_step} steps after generalisation "
                 f"(stop_after_generalization={stop_after})",
             )
@@ -229,7 +249,7 @@ class GrokkingMonitor(Monitor):
             self.log_event(
                 trainer,
                 now.memorized_step,
-                "memorized",
+                GrokkingReason.MEMORIZED,
                 f"memorised: training accuracy reached {threshold}",
             )
         if before.generalized_step is None and now.generalized_step is not None:
@@ -237,14 +257,18 @@ class GrokkingMonitor(Monitor):
             self.log_event(
                 trainer,
                 now.generalized_step,
-                "generalized",
+                GrokkingReason.GENERALIZED,
                 f"generalised: validation accuracy reached {threshold}{detail} ({now.kind})",
             )
 
+    @override
     @fail_soft
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self.steps:
-            return
+        if self.steps:
+            self._summarise(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _summarise(self, trainer: Any) -> None:
         r = self.report
         never = f"never reached {r.threshold:g}"
         details = [
@@ -258,5 +282,8 @@ class GrokkingMonitor(Monitor):
         if r.delay is not None:
             details.append(f"delay {r.delay}")
         self.log_event(
-            trainer, self.steps[-1], "summary", f"run classified as {r.kind} ({', '.join(details)})"
+            trainer,
+            self.steps[-1],
+            GrokkingReason.SUMMARY,
+            f"run classified as {r.kind} ({', '.join(details)})",
         )

@@ -9,48 +9,28 @@ from __future__ import annotations
 import math
 import re
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from torch import Tensor
+from typing_extensions import override
 
 from .. import curvature
 from ..curvature.thresholds import Stability
-from ..curvature.thresholds import (  # its former home re-exports it
-    nesterov_sharpness_threshold as nesterov_sharpness_threshold,
-)
-from .base import (
-    Chart,
+from ..events import HessianReason
+from .base import Monitor, fail_soft
+from .context import logging_step
+from .hessian_measure import HessianMeasuring, PooledSpectrum
+from .layout import Chart, tensorboard_writers
+from .replay import UserLossFn
+from .validate import (
     ConfigurationError,
-    Monitor,
     check_callable,
     check_choice,
     check_non_negative_int,
     check_positive_int,
     check_positive_number,
-    fail_soft,
-    logging_step,
 )
-from .hessian_measure import (  # noqa: F401  (re-exported: their former home)
-    _REDUCED,
-    FD_TOLERANCE,
-    MEMORY_FACTOR,
-    METERED_STEPS,
-    HessianMeasuring,
-    PooledSpectrum,
-)
-from .layout import tensorboard_writers
-from .replay import _BATCHNORM_STATE as _BATCHNORM_STATE  # its former home re-exports them
-from .replay import UserLossFn
-from .replay import _as_loss as _as_loss
-from .replay import _Call as _Call
-from .replay import _cast_floats as _cast_floats
-from .replay import _no_log as _no_log
-from .replay import logging_suppressed as logging_suppressed
-from .replay import probe_generator as probe_generator
-from .schedule import BudgetSchedule, check_cadence
-from .schedule import budget_schedule as budget_schedule  # its former home re-exports it
 
 Estimator = Literal["hutchinson", "hutchpp"]
 Memory = Literal["auto"] | int | None
@@ -131,9 +111,9 @@ class HessianMonitor(HessianMeasuring, Monitor):
     time can pay for the measurements so far and the next one, so that after every measurement
     but the first (step 0, before any training) measuring has taken at most ``budget`` ×
     training time, as long as measurements cost about what they have cost so far (see
-    :func:`budget_schedule`; the first gap is decided one step after the first measurement, once
-    a training step has been timed). Between measurements a step costs one integer comparison:
-    no host sync, no collective.
+    :func:`~dynlens.callbacks.schedule.budget_schedule`; the first gap is decided one step after
+    the first measurement, once a training step has been timed). Between measurements a step
+    costs one integer comparison: no host sync, no collective.
 
     No observer effect: parameters, gradients (``.grad`` is never written), buffers, module
     modes, optimizer state and the global RNG streams are untouched, so the trained weights are
@@ -222,7 +202,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
             routes on CPU and keep the faster for the rest of the run (kept in checkpoints);
             ``"auto"`` skips the trial, for results identical to the last bit across runs.
         seed: seed of the probes, drawn per (seed, rank, step) from an own generator (see
-            :func:`probe_generator`); the global RNG is never used.
+            :func:`~dynlens.callbacks.replay.probe_generator`); the global RNG is never used.
         clock: a ``() -> seconds`` function; inject a fake one for deterministic tests.
         prefix: first part of the metric keys.
         verbose: print event lines to the console (rank 0).
@@ -232,10 +212,12 @@ class HessianMonitor(HessianMeasuring, Monitor):
         monitor = HessianMonitor(every_n_steps=50)
         trainer = Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs"))
         trainer.fit(model, datamodule)
-        print(monitor.last["eos_ratio"])   # η·λ_max/2 at the last measurement
+        print(monitor.latest["eos_ratio"])   # η·λ_max/2 at the latest measurement
     """
 
     name = "hessian"
+    reasons = HessianReason
+    timed = True  # the overhead is logged whatever the cadence
 
     def __init__(
         self,
@@ -266,10 +248,11 @@ class HessianMonitor(HessianMeasuring, Monitor):
         prefix: str = "dynlens",
         verbose: bool = True,
     ) -> None:
-        super().__init__(prefix=prefix, verbose=verbose)
-        check_cadence(every_n_steps, budget)
         if every_n_steps is None and budget is None:
             budget = 0.05
+        super().__init__(
+            every_n_steps=every_n_steps, budget=budget, clock=clock, prefix=prefix, verbose=verbose
+        )
         check_choice("estimator", estimator, ESTIMATORS)
         check_positive_int("num_probes", num_probes)
         if estimator == "hutchpp" and num_probes < 3:
@@ -307,13 +290,10 @@ class HessianMonitor(HessianMeasuring, Monitor):
         check_non_negative_int("optimizer_index", optimizer_index)
         check_choice("route", route, ("auto", "tuned", *curvature.EXPLICIT_ROUTES))
         check_callable("loss_fn", loss_fn, signature="(pl_module, batch) -> loss")
-        check_callable("clock", clock, allow_none=False)
         self._check_memory_arguments(memory, memory_meter)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigurationError(f"Expected `seed` to be an int, got {seed!r}.")
 
-        self.every_n_steps: int | None = every_n_steps  # type: ignore[assignment]
-        self.budget = None if budget is None else float(budget)
         self.probe_batch = probe_batch
         self.loss_fn = loss_fn
         self.estimator = estimator
@@ -349,18 +329,19 @@ class HessianMonitor(HessianMeasuring, Monitor):
         self.add_state("_metered_steps", 0, load=int)
         self._metering = False
 
-        #: The values logged at the last measurement, by quantity (without the prefix).
-        self.last: dict[str, float]
-        self.add_state("last", dict, load=lambda last: {k: float(v) for k, v in last.items()})
+        #: The values logged at the latest measurement, by quantity (without the prefix), as
+        #: every monitor's ``latest`` (kept in checkpoints under ``last``).
+        self.latest: dict[str, float]
+        self.add_state(
+            "latest", dict, key="last", load=lambda last: {k: float(v) for k, v in last.items()}
+        )
         #: One dict per measurement: ``step``, the logged values, ``cold`` (Lanczos cold start)
         #: and ``iterations`` (Lanczos products spent on λ_max).
         self.history: list[dict[str, float]]
         self.add_state("history", list)
         self.num_measurements: int
         self.add_state("num_measurements", 0, load=int)
-        # the budget's schedule (only timing with every_n_steps; its own flat keys in the state)
-        # and the last measured step
-        self._schedule = BudgetSchedule(self.budget, clock)
+        # the last measured step
         self._last_step: int | None
         self.add_state("_last_step", None, load=_int_or_none)
         self._since_cold: int
@@ -373,10 +354,10 @@ class HessianMonitor(HessianMeasuring, Monitor):
         self.add_state("_eigvec", None, key="eigvec", save=_detached, load=_detached)
         self._precond_eigvec: dict[str, Tensor] | None
         self.add_state("_precond_eigvec", None, save=_detached, load=_detached)
+        self._declare_reduced()
         # in memory only
         self._probe_on_device: Any = None
         self._precond_refused = False
-        self._trainer: weakref.ref[Any] | None = None
 
     # ----------------------------------------------------------------------------- identity
     def state_key_fields(self) -> dict[str, Any]:
@@ -430,11 +411,11 @@ class HessianMonitor(HessianMeasuring, Monitor):
         return charts
 
     # ----------------------------------------------------------------------------- set-up
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._trainer = weakref.ref(trainer)
         self._check_measurable(trainer, pl_module)
         if self.blocks is not None:
             names = [k for k, p in pl_module.named_parameters() if p.requires_grad]
@@ -443,6 +424,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
             except ValueError as err:
                 raise ConfigurationError(f"HessianMonitor(blocks=...): {err}") from err
 
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         if self.optimizer_index >= max(len(trainer.optimizers), 1):
@@ -455,20 +437,17 @@ class HessianMonitor(HessianMeasuring, Monitor):
             # A new Trainer restarted the step counter (a resume never lands at or before the last
             # measured step): start a fresh schedule and budget.
             self._last_step = None
-            self._schedule.reset(step)
-        self._schedule.train_start(step)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._schedule.train_end(logging_step(trainer))
+            assert self.schedule is not None
+            self.schedule.reset(step)
 
     # ----------------------------------------------------------------------------- cadence
     def _due(self, trainer: Any) -> bool:
         if logging_step(trainer) == self._last_step:  # a later micro-batch of a measured step
             return False
-        schedule = self._schedule if self.every_n_steps is None else None
-        return self.is_due(trainer, schedule=schedule)
+        return self.is_due(trainer)
 
     # ----------------------------------------------------------------------------- measuring
+    @override
     @fail_soft
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -477,6 +456,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
             self._measure_step(trainer, pl_module, batch, batch_idx)
         self._meter_training_step(trainer, pl_module)
 
+    @override
     @fail_soft
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -486,12 +466,10 @@ class HessianMonitor(HessianMeasuring, Monitor):
     def _measure_step(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = logging_step(trainer)
         self._last_step = step
-        device = pl_module.device
-        start = self._schedule.measure_start(step, device)
-        local, failure = self._measure_locally(trainer, pl_module, batch, batch_idx)
-        values = self._reduce(trainer, local, device)
-        spectrum = self._reduce_spectrum(trainer, device) if self.density else None
-        self._schedule.measured(trainer, step, start, device)
+        with self.measuring(trainer, pl_module.device):
+            values, spectrum, failure = self._measure_everywhere(
+                trainer, pl_module, batch, batch_idx
+            )
         if values["failed"] > 0:
             self.disable(failure or "the measurement failed on another rank")
             return
@@ -535,14 +513,14 @@ class HessianMonitor(HessianMeasuring, Monitor):
             if math.isfinite(value):
                 logged[f"spectrum_top/{i}"] = value
         rule = self._stability_values(trainer, pl_module, logged)
-        overhead = self._schedule.overhead
+        overhead = self.overhead
         if overhead is not None:
             logged["overhead"] = overhead
         self.log_metrics(trainer, logged, step=step)
         if spectrum is not None:
             self._write_spectrum(trainer, step, spectrum)
         self.num_measurements += 1
-        self.last = dict(logged)
+        self.latest = dict(logged)
         extra = {k: values[k] for k in ("cold", "iterations") if k in values}
         self.history.append({"step": float(step), **logged, **extra})
         self._announce(trainer, step, logged, rule)
@@ -584,7 +562,7 @@ class HessianMonitor(HessianMeasuring, Monitor):
             self.log_event(
                 trainer,
                 step,
-                "edge_of_stability",
+                HessianReason.EDGE_OF_STABILITY,
                 f"edge of stability: λ_max = {logged['lambda_max']:.4g} reached the threshold "
                 f"{rule.rule} = {rule.eos_threshold:.4g} (eos_ratio {logged['eos_ratio']:.3f})",
                 once=True,
@@ -593,22 +571,11 @@ class HessianMonitor(HessianMeasuring, Monitor):
             self.log_event(
                 trainer,
                 step,
-                "adaptive_edge_of_stability",
+                HessianReason.ADAPTIVE_EDGE_OF_STABILITY,
                 f"adaptive edge of stability: λ_max(P⁻¹H) = {logged['precond_lambda_max']:.4g} "
                 f"reached (2+2β₁)/((1−β₁)η) = {logged['precond_threshold']:.4g}",
                 once=True,
             )
-
-    # ----------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self._trainer() if self._trainer is not None else None
-        if trainer is not None:  # a checkpoint mid-run: the training so far counts
-            self._schedule.charge(logging_step(trainer))
-        return {**super().state_dict(), **self._schedule.state_dict()}  # flat schedule keys
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._schedule.load_state_dict(state_dict)
 
 
 def _int_or_none(value: Any) -> int | None:

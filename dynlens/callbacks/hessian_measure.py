@@ -36,8 +36,10 @@ from torch import Tensor, nn
 
 from .. import curvature
 from ..curvature.thresholds import Stability, stability
-from .base import ConfigurationError, logging_step, sharding_strategy
+from ..events import HessianReason
+from .context import logging_step, sharding_strategy
 from .replay import _rng_restored, loss_closure, probe_generator
+from .validate import ConfigurationError
 
 #: ``memory="auto"``: a measurement may bring the memory in use to this many times the peak of
 #: a training step (DESIGN.md, the monitor contract: bounded memory).
@@ -45,8 +47,9 @@ MEMORY_FACTOR = 2.0
 #: Training steps metered for that peak (the first may allocate the optimizer's state lazily).
 METERED_STEPS = 2
 
-#: The quantities measured on each rank, in the order they are reduced across ranks.
-_REDUCED = (
+#: The quantities measured on each rank and averaged across ranks (a rank whose measurement
+#: failed holds only ``failed``: NaN stands in for the rest, so every rank reduces the same).
+REDUCED = (
     "failed",
     "loss",
     "trace",
@@ -64,7 +67,7 @@ FD_TOLERANCE = 0.05
 
 @dataclass(frozen=True, eq=False)
 class PooledSpectrum:
-    """The spectral density of one measurement, pooled over ranks (``_reduce_spectrum``)."""
+    """The spectral density of one measurement, pooled over ranks (``_pooled_spectrum``)."""
 
     nodes: Tensor  # Ritz values of every run of every rank, float64 on the CPU
     weights: Tensor  # their weights, summing to 1
@@ -95,6 +98,39 @@ class HessianMeasuring:
             self._limit.meter = self._memory(device)
         self._limit.limit = max(limit, 1)
         return self._limit
+
+    def _declare_reduced(self) -> None:
+        """The statistics a measurement reduces across ranks (state that :meth:`sync` takes)."""
+        self._measured: dict[str, float] | None = self.add_state(
+            "_measured", None, persistent=False, reduce="mean"
+        )
+        self._spectrum_rows: Tensor | None = self.add_state(
+            "_spectrum_rows", None, persistent=False, reduce="sum"
+        )
+
+    def _measure_everywhere(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> tuple[dict[str, float], PooledSpectrum | None, str | None]:
+        """Measure on this rank's batch and average with the other ranks (every rank calls it
+        at the same steps): the values, the pooled spectrum (with ``density``), and why this
+        rank's measurement failed (``None`` if it did not)."""
+        local, failure = self._measure_locally(trainer, pl_module, batch, batch_idx)
+        # the blocks follow the fixed quantities, in the partition's order: alike on every rank
+        keys = REDUCED + tuple(
+            f"{quantity}/{block}"
+            for block in self.partition or ()
+            for quantity in ("trace", "trace_var")
+        )
+        self._measured = {k: local.get(k, math.nan) for k in keys}
+        if self.density:
+            self._spectrum_rows = self._spectrum_rows_of(trainer, pl_module.device)
+        host = self.sync(trainer)
+        values = dict(host["_measured"])
+        for key in ("cold", "iterations"):  # this rank's Lanczos: not averaged
+            if key in local:
+                values[key] = local[key]
+        spectrum = self._pooled_spectrum(trainer, host["_spectrum_rows"]) if self.density else None
+        return values, spectrum, failure
 
     def _measure_locally(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -131,7 +167,7 @@ class HessianMeasuring:
         warnings.warn(
             f"dynlens HessianMonitor: {message}", curvature.CurvatureFallbackWarning, stacklevel=2
         )
-        self.log_event(trainer, logging_step(trainer), "finite_difference", message)
+        self.log_event(trainer, logging_step(trainer), HessianReason.FINITE_DIFFERENCE, message)
         self.events[-1]["why"] = why
 
     def _measure_on(
@@ -284,40 +320,18 @@ class HessianMeasuring:
             self.log_event(
                 trainer,
                 logging_step(trainer),
-                "no_preconditioned_sharpness",
+                HessianReason.NO_PRECONDITIONED_SHARPNESS,
                 f"preconditioned sharpness not measured: {exc}",
             )
             return None
 
-    def _reduce(
-        self, trainer: Any, local: dict[str, float], device: torch.device
-    ) -> dict[str, float]:
-        # the blocks follow the fixed quantities, in the partition's order: the same on every rank
-        keys = _REDUCED + tuple(
-            f"{quantity}/{block}"
-            for block in self.partition or ()
-            for quantity in ("trace", "trace_var")
-        )
-        vector = torch.tensor(
-            [local.get(k, math.nan) for k in keys], dtype=torch.float64, device=device
-        )
-        vector = self.reduce(trainer, vector, "mean")
-        values = dict(zip(keys, vector.tolist(), strict=True))
-        for key in ("cold", "iterations"):
-            if key in local:
-                values[key] = local[key]
-        return values
+    def _spectrum_rows_of(self, trainer: Any, device: torch.device) -> Tensor:
+        """This rank's quadrature as its row of a zero ``(ranks, …)`` array, summed across ranks
+        to give every rank every row (:meth:`_pooled_spectrum`).
 
-    def _reduce_spectrum(self, trainer: Any, device: torch.device) -> PooledSpectrum:
-        """Pool the ranks' quadratures into one, identical on every rank (call it on every rank).
-
-        Each rank writes its nodes, weights and top eigenvalues into its own row of a zero
-        ``(ranks, …)`` array, padded with NaN to the fixed ``density_runs · density_iter`` nodes
-        and ``density_top_k`` values, and one sum-reduction gives every rank every row. The
-        pooled quadrature (weights divided by the number of ranks) is the mean of the ranks'
-        spectral densities of their local batches, as the trace is the mean of their traces;
-        the top eigenvalues are the ranks' mean, as λ_max is (an upper bound of the global
-        batch's λ_1 from the ranks' λ_1, by convexity).
+        The row holds the nodes, weights and top eigenvalues, padded with NaN to the fixed
+        ``density_runs · density_iter`` nodes and ``density_top_k`` values, and the number of
+        parameters; a rank whose measurement failed leaves its row zero.
         """
         world = max(int(getattr(trainer, "world_size", 1)), 1)
         size, k = self.density_runs * self.density_iter, self.density_top_k
@@ -330,7 +344,20 @@ class HessianMeasuring:
             row[:m], row[size : size + m] = local.nodes, local.weights
             row[2 * size : 2 * size + t] = local.top_eigenvalues
             row[-1] = local.num_params
-        rows = self.reduce(trainer, rows, "sum").cpu()
+        return rows
+
+    def _pooled_spectrum(self, trainer: Any, host_rows: list[list[float]]) -> PooledSpectrum:
+        """The ranks' quadratures pooled into one, identical on every rank, from every rank's row
+        (:meth:`_spectrum_rows_of`, summed across ranks).
+
+        The pooled quadrature (weights divided by the number of ranks) is the mean of the ranks'
+        spectral densities of their local batches, as the trace is the mean of their traces;
+        the top eigenvalues are the ranks' mean, as λ_max is (an upper bound of the global
+        batch's λ_1 from the ranks' λ_1, by convexity).
+        """
+        world = max(int(getattr(trainer, "world_size", 1)), 1)
+        size, k = self.density_runs * self.density_iter, self.density_top_k
+        rows = torch.tensor(host_rows, dtype=torch.float64)
         nodes, weights = rows[:, :size].reshape(-1), rows[:, size : 2 * size].reshape(-1)
         kept = torch.isfinite(nodes)
         return PooledSpectrum(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
-from .._lightning import is_tensorboard_logger
+from ..compat import is_tensorboard_logger
 
 Chart = list  # ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper]]
 
@@ -28,7 +29,7 @@ def tensorboard_writers(trainer: Any) -> list[Any]:
     return [logger.experiment for logger in trainer.loggers if is_tensorboard_logger(logger)]
 
 
-def layout(monitors: list[Any]) -> dict[str, dict[str, Chart]]:
+def layout(monitors: Sequence[Any]) -> dict[str, dict[str, Chart]]:
     """The merged custom-scalars layout of ``monitors``: one category per monitor."""
     merged: dict[str, dict[str, Chart]] = {}
     for monitor in monitors:
@@ -38,15 +39,14 @@ def layout(monitors: list[Any]) -> dict[str, dict[str, Chart]]:
     return merged
 
 
-def write_layout(trainer: Any, *, final: bool = False) -> None:
-    """Write the layout of every dynlens monitor attached to ``trainer``, once per writer.
+def write_layout(trainer: Any, monitors: Sequence[Any], *, final: bool = False) -> None:
+    """Write the layout of ``monitors`` (every dynlens monitor attached to ``trainer``), once per
+    writer.
 
     TensorBoard shows one layout per run, so it is written once, when every monitor's panel is
-    :attr:`~Monitor.panel_ready` (a chart appears only for what the run logs); ``final`` (the
-    end of training) writes it whatever is ready. Called again and again, it writes once."""
-    from .base import Monitor  # the base writes the layout too: imported when first needed
-
-    monitors = [cb for cb in trainer.callbacks if isinstance(cb, Monitor)]
+    :attr:`~dynlens.callbacks.base.Monitor.panel_ready` (a chart appears only for what the run
+    logs); ``final`` (the end of training) writes it whatever is ready. Called again and again,
+    it writes once."""
     if not final and not all(m.panel_ready for m in monitors):
         return
     merged = layout(monitors)

@@ -9,26 +9,19 @@ from collections import deque
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from ..attention import DEFAULT_CHUNK_ELEMENTS, AttentionLogitSums
+from ..events import LogitsReason
 from ..logits import OutputLogitSums, log_growth_rate, output_logit_sums
-from .base import (
-    Chart,
-    ConfigurationError,
-    Monitor,
-    check_positive_int,
-    check_positive_number,
-    fail_soft,
-    logging_step,
-    write_layout,
-)
-from .capture import AttentionCapture, LogitsCapture, announce_logits, take_logits
+from .base import fail_soft
+from .capture import AttentionCapture, LogitsCapture, logits_found, take_logits
+from .context import logging_step
+from .layout import Chart
+from .pooling import PooledMonitor
 from .schedule import StepWindow
 from .state import floats_of, tensors_of
-
-
-def _stack(sums: Any, names: tuple[str, ...]) -> torch.Tensor:
-    return torch.stack([getattr(sums, name) for name in names]).double()
+from .validate import ConfigurationError, check_positive_int, check_positive_number
 
 
 def _save_outputs(outputs: list[OutputLogitSums]) -> dict[str, Any] | None:
@@ -49,7 +42,7 @@ NO_ATTENTION_WARNING = (
 )
 
 
-class LogitGrowthMonitor(Monitor):
+class LogitGrowthMonitor(PooledMonitor):
     """Watch the logit growth behind Transformer training instabilities (Wortsman et al. 2023).
 
     Wortsman et al. 2023, *Small-scale proxies for large-scale Transformer training instabilities*
@@ -130,7 +123,7 @@ class LogitGrowthMonitor(Monitor):
     """
 
     name = "logits"
-    pools_between_logs = True
+    reasons = LogitsReason
 
     def __init__(
         self,
@@ -233,10 +226,19 @@ class LogitGrowthMonitor(Monitor):
             pooled=True,
             device=True,
             save=lambda layers: {name: floats_of(s) for name, s in layers.items()},
-            load=lambda saved: {n: tensors_of(AttentionLogitSums, s) for n, s in saved.items()},
+            load=lambda saved: {
+                n: tensors_of(AttentionLogitSums, s, host=("chunks",)) for n, s in saved.items()
+            },
         )
         self._attention_steps: int  # attention steps pooled (none seen: a warning)
         self.add_state("_attention_steps", 0, key="pending.attention_steps", pooled=True)
+        # what a log reduces across ranks, field by field as the statistics' classes say
+        self._output_sums: OutputLogitSums | None = self.add_state(
+            "_output_sums", None, persistent=False, reduce="by_field"
+        )
+        self._layer_sums: dict[str, AttentionLogitSums] | None = self.add_state(
+            "_layer_sums", None, persistent=False, reduce="by_field"
+        )
         self._logging = False  # whether the step being measured is logged
         self._output_armed = False
         self._attention_armed = False
@@ -271,6 +273,7 @@ class LogitGrowthMonitor(Monitor):
         return not self.attention or self.attention_seen is not None
 
     # ------------------------------------------------------------------------------ set-up
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -280,19 +283,23 @@ class LogitGrowthMonitor(Monitor):
         if self.attention:
             self.attention_capture.attach(pl_module, type(self).__name__)
 
+    @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":  # a run that never got to (or past) its first attention step
-            write_layout(trainer, final=True)
+            self.write_layout(trainer, final=True)
         self.capture.detach()
         self.attention_capture.detach()
         self._window.close()
         self._output_armed, self._attention_armed = False, False
+        super().teardown(trainer, pl_module, stage)
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # never leave the interception mode or the global module hooks behind
         self.attention_capture.detach()
         self._attention_armed = False
 
+    @override
     def disable(self, reason: str) -> None:
         self.attention_capture.disarm()
         self.capture.disarm()
@@ -306,6 +313,7 @@ class LogitGrowthMonitor(Monitor):
             *((self.attention_every_n_steps,) if self.attention else ()),
         )
 
+    @override
     @fail_soft
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         output_due = self.output_logits and self.is_due(trainer)
@@ -320,6 +328,7 @@ class LogitGrowthMonitor(Monitor):
             self._window.open(trainer)
             self._logging = self.logs_now(trainer, *self._cadences())
 
+    @override
     @fail_soft
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         # the forward is done: no interception during backward (where activation checkpointing
@@ -330,6 +339,7 @@ class LogitGrowthMonitor(Monitor):
             # the backward and the optimizer step the same work takes twice as long
             self._take_output(trainer, None)
 
+    @override
     @fail_soft
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -346,7 +356,7 @@ class LogitGrowthMonitor(Monitor):
             layers = self.attention_capture.take()
             if not self.attention_seen:
                 self.attention_seen = bool(layers)
-                write_layout(trainer)  # the panel now knows whether to chart attention
+                self.write_layout(trainer)  # the panel now knows whether to chart attention
             self._attention_steps += 1
             for name, sums in layers.items():
                 previous = self._layers.get(name)
@@ -359,7 +369,10 @@ class LogitGrowthMonitor(Monitor):
     def _take_output(self, trainer: Any, outputs: Any) -> None:
         self._output_armed = False
         taken = take_logits(self.capture, outputs, type(self).__name__)
-        announce_logits(self, trainer, logging_step(trainer), self.capture)
+        found = logits_found(self.capture)
+        if found is not None:
+            step = logging_step(trainer)
+            self.log_event(trainer, step, LogitsReason.LOGITS_FOUND, found, once=True)
         for logits in taken:
             self._outputs.append(output_logit_sums(logits))  # pooled at the log, in one go
         self.mark_measured(logging_step(trainer))
@@ -383,39 +396,19 @@ class LogitGrowthMonitor(Monitor):
         if output is None and not layers:
             return
         # Reduce across ranks (every rank, same steps): sums with "sum", maxima with "max", one
-        # collective each; then one host transfer for everything, at log time.
-        parts: dict[str, tuple[torch.Tensor, str]] = {}
-        if output is not None:
-            # samples and entries are host floats; the other sums and the maxima device tensors
-            on_device = [f for f in output.SUMS if f not in ("samples", "entries")]
-            sums = _stack(output, tuple(on_device))
-            # the counts as fills, not a copy from the host (which would wait for the GPU)
-            counts = torch.stack(
-                [sums.new_full((), output.samples), sums.new_full((), output.entries)]
-            )
-            parts["output_sums"] = (torch.cat([counts, sums]), "sum")
-            parts["output_maxima"] = (_stack(output, output.MAXIMA), "max")
-        if layers:
-            every = list(layers.values())
-            parts["layer_maxima"] = (torch.cat([_stack(s, s.MAXIMA) for s in every]), "max")
-            parts["layer_sums"] = (torch.cat([_stack(s, s.SUMS) for s in every]), "sum")
-        host = {n: iter(v) for n, v in self.reduce_to_host(trainer, parts).items()}
+        # collective each; then one host copy for everything, at log time.
+        self._output_sums = output
+        self._layer_sums = layers or None
+        host = self.sync(trainer)
         metrics: dict[str, float] = {}
         if output is not None:
-            summed = {n: next(host["output_sums"]) for n in ("samples", "entries", *on_device)}
-            pooled = OutputLogitSums(
-                **summed, **{n: next(host["output_maxima"]) for n in output.MAXIMA}
-            )
-            metrics.update(pooled.compute())
+            metrics.update(host["_output_sums"].compute())
             self._grow(metrics, step, keep=not last)
-        per_layer = {}
-        for name, s in layers.items():
-            pooled = AttentionLogitSums(
-                **{f: next(host["layer_maxima"]) for f in s.MAXIMA},
-                **{f: next(host["layer_sums"]) for f in s.SUMS},
-            )
-            if pooled.count > 0:  # a layer whose every position was masked reports nothing
-                per_layer[name] = pooled
+        per_layer = {
+            name: pooled
+            for name, pooled in host.get("_layer_sums", {}).items()
+            if pooled.count > 0  # a layer whose every position was masked reports nothing
+        }
         if per_layer:
             metrics.update(self._attention_metrics(per_layer))
         self.log_metrics(trainer, metrics, step=step)
@@ -453,13 +446,13 @@ class LogitGrowthMonitor(Monitor):
             where = f" (layer {worst})" if worst is not None else ""
             checks = (
                 (
-                    "attention_warning",
+                    LogitsReason.ATTENTION_WARNING,
                     self.attention_warning,
                     "attention is turning one-hot; qk-layernorm or a lower learning rate keeps "
                     "it bounded (Wortsman et al. 2023)",
                 ),
                 (
-                    "attention_divergence",
+                    LogitsReason.ATTENTION_DIVERGENCE,
                     self.attention_divergence,
                     "divergence likely (Wortsman et al. 2023: runs past 1e4 diverged)",
                 ),
@@ -479,7 +472,7 @@ class LogitGrowthMonitor(Monitor):
             self.log_event(
                 trainer,
                 step,
-                "logz_drift",
+                LogitsReason.LOGZ_DRIFT,
                 f"mean log Z {logz:.4g} drifted past ±{threshold:g}: the output logits are "
                 "diverging; z-loss 1e-4·(log Z)² (dynlens.z_loss) keeps log Z near 0",
                 once=True,

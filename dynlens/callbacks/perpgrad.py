@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._lightning import Callback
+from ..compat import Callback
 from ..optim import project_out_weights_
 
 
@@ -29,5 +29,5 @@ class PerpGrad(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Nothing to save; defined so both Lightning packages agree the callback is stateless
-        # in the same way (see dynlens._lightning).
+        # in the same way (see dynlens.compat).
         return {}

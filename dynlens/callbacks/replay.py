@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import own_forward
+from .context import own_forward
 
 __all__ = [
     "UserLossFn",

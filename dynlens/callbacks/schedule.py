@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .base import ConfigurationError, check_positive_int
+from .validate import ConfigurationError, check_positive_int
 
 
 def check_cadence(every_n_steps: object, budget: object) -> None:

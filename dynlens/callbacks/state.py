@@ -17,11 +17,14 @@ declarations, the way torchmetrics' ``add_state`` does for metrics:
   a fit starts (a new logging interval) and by :meth:`Monitor.reset_pooled`;
 * **device** — ``device`` fields are moved, with every tensor inside them, to the module's device
   when training starts (a checkpoint restores them on the CPU);
-* **reduction across ranks** is done at log time with :meth:`Monitor.reduce_to_host`, one collective
-  per reduction, on every rank.
+* **reduction across ranks** — ``reduce`` fields (``"sum"``, ``"max"``, ``"min"``, ``"mean"``,
+  ``"local"`` or ``"by_field"``, :mod:`dynlens.callbacks.sync`) hold a measurement's statistics
+  until :meth:`Monitor.sync` reduces every one that holds a value, in one collective per
+  reduction, brings them to the host in one copy and sets them back to their defaults.
 
 ``default`` is a value (copied for every reset) or a callable returning a fresh one (``list``,
-``dict``, ``lambda: deque(maxlen=w)``).
+``dict``, ``lambda: deque(maxlen=w)``). A field may live on another object than the monitor
+(``owner``): a helper whose state the monitor checkpoints, such as the early-warning policy.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
+
+from .sync import REDUCTIONS, Reduce
 
 Convert = Callable[[Any], Any]
 
@@ -48,6 +53,19 @@ class StateField:
     device: bool = False
     save: Convert | None = None
     load: Convert | None = None
+    reduce: Reduce | None = None
+    #: The object holding the attribute (``None``: the monitor itself), e.g. a policy object
+    #: whose state the monitor keeps in its checkpoints.
+    owner: Any = None
+
+    def __post_init__(self) -> None:
+        if self.reduce is not None and self.reduce not in REDUCTIONS:
+            raise ValueError(f"`reduce` of state {self.name!r} must be one of {REDUCTIONS}")
+        if self.reduce is not None and self.persistent:
+            raise ValueError(
+                f"state {self.name!r} is reduced across ranks at log time and set back to its "
+                "default then: declare it persistent=False"
+            )
 
     def fresh(self) -> Any:
         """A new default value."""

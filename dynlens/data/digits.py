@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from dynlens._lightning import LightningDataModule
+from dynlens.compat import LightningDataModule
 
 __all__ = ["SplitDigits"]
 
@@ -270,7 +270,7 @@ class SplitDigits(LightningDataModule):
         """The same held-out loaders as :meth:`test_dataloader`: every seen task's test split.
 
         Defined explicitly (not left to Lightning's default) so both Lightning packages see a
-        validation source; see :mod:`dynlens._lightning`.
+        validation source; see :mod:`dynlens.compat`.
         """
         return self.test_dataloader()
 

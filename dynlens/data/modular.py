@@ -18,7 +18,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from .._lightning import LightningDataModule
+from ..compat import LightningDataModule
 
 Operation = Literal["+", "-", "*", "/"]
 Encoding = Literal["onehot", "tokens"]

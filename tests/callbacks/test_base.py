@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from dynlens import ConfigurationError, GrokkingMonitor, Monitor
-from dynlens.callbacks.base import fail_soft, layout, tag_regex
+from dynlens.callbacks.base import fail_soft
+from dynlens.callbacks.layout import layout, tag_regex
+from dynlens.events import Reason
 from tests.helpers import (
     PACKAGES,
     csv_metrics,
@@ -20,10 +22,15 @@ from tests.helpers import (
 )
 
 
+class CounterReason(Reason):
+    FOUR = "four"
+
+
 class Counter(Monitor):
     """Logs the optimizer step count as ``value`` and a derived ``value_stderr``."""
 
     name = "counter"
+    reasons = CounterReason
 
     def __init__(self, fail_at=None, **kwargs):
         super().__init__(**kwargs)

@@ -14,8 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
-from dynlens.callbacks.base import ConfigurationError
-from dynlens.forecast import steps_to_threshold
+from dynlens.callbacks.validate import ConfigurationError
 from tests.helpers import trainer as make_trainer
 
 
@@ -58,8 +57,13 @@ def fit(model, monitor, steps: int, **kwargs) -> pl.Trainer:
 
 def test_bad_arguments_say_what_to_do():
     for kwargs in (
-        {"events": "collapse"},
-        {"events": ("collapse", "spikes")},
+        {"instabilities": "collapse"},
+        {"instabilities": ()},
+        {"z": 0},
+        {"horizon": {"collapse": 0}},
+        {"horizon": 2.5},
+        {"consecutive": {"spikes": 2}},
+        {"instabilities": ("collapse", "spikes")},
         {"every_n_steps": 10, "curvature_every_n_steps": 25},
         {"window": 3},
         {"window": {"divergence": 3}},
@@ -71,32 +75,13 @@ def test_bad_arguments_say_what_to_do():
             dynlens.EarlyWarningMonitor(**kwargs)
 
 
-def test_each_event_has_its_window_by_default_and_one_number_sets_them_all():
-    defaults = dynlens.EarlyWarningMonitor().windows
-    assert defaults == {"collapse": 32, "divergence": 16, "attention": 16}
-    assert dynlens.EarlyWarningMonitor(window=8).windows == dict.fromkeys(defaults, 8)
-    mixed = dynlens.EarlyWarningMonitor(window={"divergence": 8}).windows
-    assert mixed == {**defaults, "divergence": 8}
-
-
-def test_each_event_has_its_horizon_by_default_and_one_number_sets_them_all():
-    defaults = dynlens.EarlyWarningMonitor().horizons
-    assert defaults == {"collapse": 1000, "divergence": 500, "attention": 500}
-    assert dynlens.EarlyWarningMonitor(horizon=300).horizons == dict.fromkeys(defaults, 300)
-    mixed = dynlens.EarlyWarningMonitor(horizon={"collapse": 800}).horizons
-    assert mixed == {**defaults, "collapse": 800}
-    for bad in ({"collapse": 0}, {"spikes": 100}, 2.5):
-        with pytest.raises(ConfigurationError, match="horizon"):
-            dynlens.EarlyWarningMonitor(horizon=bad)
-
-
 def test_a_gap_growing_with_the_step_is_forecast_exactly_and_collapse_is_over_half_collapsed():
     # the gap grows by 0.05 per step (a power of the step, exponent 1): it reaches
     # ln(2/eps_float32) = 16.64 at step 332.7, and the samples collapse (log_softmax's max
     # rounds to 0) from the first step whose gap does
     slope, horizon = 0.05, 100
     monitor = dynlens.EarlyWarningMonitor(
-        events=("collapse",),
+        instabilities=("collapse",),
         every_n_steps=5,
         window=4,
         horizon=horizon,
@@ -109,7 +94,7 @@ def test_a_gap_growing_with_the_step_is_forecast_exactly_and_collapse_is_over_ha
     # measured steps are multiples of 5; the first with the crossing within the horizon, and
     # one measured point more in a row (collapse's consecutive=2 by default)
     first = next(s for s in range(20, 400, 5) if threshold / slope - s <= horizon)
-    assert monitor.consecutive["collapse"] == 2
+    assert monitor.policy.consecutive["collapse"] == 2
     warned = first + 5
     assert len(monitor.warnings) == 1
     warning = monitor.warnings[0]
@@ -124,7 +109,7 @@ def test_a_gap_growing_with_the_step_is_forecast_exactly_and_collapse_is_over_ha
     )
     assert monitor.happened["collapse"] == collapsed
     assert [e["reason"] for e in monitor.events] == ["warn_collapse", "collapse"]
-    assert monitor.active == []
+    assert monitor.policy.active == []
 
 
 class PowerGap(Scripted):
@@ -142,34 +127,13 @@ def test_a_gap_growing_as_a_power_of_the_step_is_forecast_exactly():
     # 1e-4 t² reaches the float32 threshold 16.64 at t = 407.9: a straight line through the last
     # four points (a window of 15 steps) would expect it at 426, 18 steps late
     monitor = dynlens.EarlyWarningMonitor(
-        events=("collapse",), every_n_steps=5, window=4, horizon=100, logits_module=None
+        instabilities=("collapse",), every_n_steps=5, window=4, horizon=100, logits_module=None
     )
     fit(PowerGap(), monitor, 450)
     crossing = math.sqrt(dynlens.collapse.collapse_threshold(torch.float32) / 1e-4)
     first = next(s for s in range(20, 450, 5) if crossing - s <= 100)
     (warning,) = monitor.warnings  # one more measured point in a row: consecutive=2
     assert (warning["step"], warning["expected_step"]) == (first + 5, math.ceil(crossing))
-
-
-@pytest.mark.parametrize("consecutive", [1, 3])
-def test_a_warning_needs_the_event_surely_within_the_horizon_at_points_in_a_row(consecutive):
-    near = steps_to_threshold([0, 10, 20, 30], [0.0, 1.0, 2.0, 3.0], 5.0, rising=True)
-    assert near.surely_within(100)  # exact line: at step 50, 20 steps on
-    monitor = dynlens.EarlyWarningMonitor(
-        events=("collapse",), horizon=100, consecutive=consecutive, verbose=False
-    )
-    # in the horizon, in it, no forecast, then in it three times
-    decided = [monitor.decide("collapse", f) for f in (near, near, None, near, near, near)]
-    if consecutive == 1:
-        assert decided == [True, False, False, False, False, False]  # then active
-    else:
-        assert decided == [False, False, False, False, False, True]
-        assert monitor.in_a_row == {"collapse": 0} and monitor.active == ["collapse"]
-    for bad in (0, {"collapse": 0}, {"spikes": 2}):
-        with pytest.raises(ConfigurationError, match="consecutive"):
-            dynlens.EarlyWarningMonitor(consecutive=bad)
-    partly = dynlens.EarlyWarningMonitor(consecutive={"attention": 5}).consecutive
-    assert partly == {"collapse": 2, "divergence": 1, "attention": 5}  # the rest by default
 
 
 def test_collapse_signals_equal_their_brute_force_values():
@@ -198,7 +162,7 @@ def test_collapse_signals_equal_their_brute_force_values():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     monitor = dynlens.EarlyWarningMonitor(
-        events=("collapse",), every_n_steps=1, logits_module=None, verbose=False
+        instabilities=("collapse",), every_n_steps=1, logits_module=None, verbose=False
     )
     trainer = make_trainer(max_steps=1, logger=False, callbacks=[Read(), monitor])
     trainer.fit(Random(), loader(n=9, classes=5))
@@ -213,13 +177,17 @@ def test_divergence_is_a_non_finite_loss_or_ten_times_the_lowest_after_step_50()
     def curve(step):  # lowest 1.0 at step 10; 30 at step 40 is too early; 10.5 at 70 diverges
         return {10: 1.0, 40: 30.0}.get(step, 10.5 if step >= 70 else 2.0)
 
-    monitor = dynlens.EarlyWarningMonitor(events=("divergence",), every_n_steps=10, verbose=False)
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("divergence",), every_n_steps=10, verbose=False
+    )
     fit(Scripted(curve=curve), monitor, 100)
     assert monitor.happened == {"divergence": 70}
-    assert monitor.loss_min == 1.0
+    assert monitor.policy.loss_min == 1.0
     assert monitor.events[-1]["reason"] == "divergence"
 
-    monitor = dynlens.EarlyWarningMonitor(events=("divergence",), every_n_steps=10, verbose=False)
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("divergence",), every_n_steps=10, verbose=False
+    )
     fit(Scripted(curve=lambda s: math.inf if s == 23 else 1.0), monitor, 30)
     assert monitor.happened == {"divergence": 23}
 
@@ -235,7 +203,7 @@ def test_an_exponentially_growing_loss_is_forecast_to_ten_times_its_lowest_value
         return 1.0 if step < 100 else math.exp(rate * (step - 100))
 
     monitor = dynlens.EarlyWarningMonitor(  # consecutive=1: the first point in the horizon warns
-        events=("divergence",),
+        instabilities=("divergence",),
         every_n_steps=10,
         window=4,
         horizon=horizon,
@@ -252,7 +220,7 @@ def test_an_exponentially_growing_loss_is_forecast_to_ten_times_its_lowest_value
     assert monitor.latest["divergence/threshold"] == pytest.approx(10.0)
     # the event was found at step 340, among the losses of steps 331–340: the last point is that
     # of steps 321–330
-    step, value = monitor.history["divergence"][-1]
+    step, value = monitor.policy.history["divergence"][-1]
     assert step == 325.5
     assert value == pytest.approx(sum(curve(s) for s in range(321, 331)) / 10, rel=1e-6)
 
@@ -268,10 +236,10 @@ def test_a_loss_that_jumps_and_levels_off_does_not_warn_and_one_that_keeps_growi
     def keeps_growing(step):
         return levels_off(step) * math.exp(0.01 * max(step - 300, 0))
 
-    catapult = dynlens.EarlyWarningMonitor(events=("divergence",), verbose=False)
+    catapult = dynlens.EarlyWarningMonitor(instabilities=("divergence",), verbose=False)
     fit(Scripted(curve=levels_off), catapult, 700)
     assert catapult.warnings == [] and catapult.happened == {"divergence": None}
-    growing = dynlens.EarlyWarningMonitor(events=("divergence",), verbose=False)
+    growing = dynlens.EarlyWarningMonitor(instabilities=("divergence",), verbose=False)
     fit(Scripted(curve=keeps_growing), growing, 700)
     # 10× the lowest (about 0.96) at about step 300 + ln(10 · 0.96 / 2.2) / 0.01 = 447
     assert [w["event"] for w in growing.warnings] == ["divergence"]
@@ -310,7 +278,7 @@ def test_the_update_ratio_is_the_step_size_over_two_over_the_curvature_along_the
             expected[trainer.global_step] = 0.3 * float(g @ h @ g) / (2 * float(g @ g))
 
     monitor = dynlens.EarlyWarningMonitor(
-        events=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
+        instabilities=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
     )
     seen = {}
 
@@ -327,7 +295,7 @@ def test_the_update_ratio_is_the_step_size_over_two_over_the_curvature_along_the
 
 def test_the_update_ratio_is_not_measured_under_gradient_accumulation():
     monitor = dynlens.EarlyWarningMonitor(
-        events=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
+        instabilities=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
     )
     trainer = make_trainer(
         max_steps=2, logger=False, callbacks=[monitor], accumulate_grad_batches=2
@@ -361,7 +329,9 @@ class Attention(pl.LightningModule):
 
 def test_the_attention_signal_is_the_largest_attention_logit():
     model = Attention()
-    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("attention",), every_n_steps=2, verbose=False
+    )
     seen = {}
 
     class After(pl.Callback):
@@ -395,7 +365,9 @@ def _attention_seen(monitor, callbacks):
 
 @pytest.mark.parametrize("first", ["warning", "logits"])
 def test_the_attention_signal_is_read_from_a_logit_growth_monitor_measuring_the_same_steps(first):
-    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("attention",), every_n_steps=2, verbose=False
+    )
     growth = dynlens.LogitGrowthMonitor(
         output_logits=False, attention_every_n_steps=1, verbose=False
     )
@@ -408,7 +380,9 @@ def test_the_attention_signal_is_read_from_a_logit_growth_monitor_measuring_the_
 
 
 def test_a_logit_growth_monitor_on_other_steps_or_one_that_stops_is_not_read():
-    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("attention",), every_n_steps=2, verbose=False
+    )
     growth = dynlens.LogitGrowthMonitor(
         output_logits=False, attention_every_n_steps=3, verbose=False
     )
@@ -416,7 +390,9 @@ def test_a_logit_growth_monitor_on_other_steps_or_one_that_stops_is_not_read():
     assert monitor.attention_from is None and len(armed) == 3  # its own, at steps 0, 2, 4
     assert seen[4] == pytest.approx(model.largest[4], rel=1e-5)
 
-    monitor = dynlens.EarlyWarningMonitor(events=("attention",), every_n_steps=2, verbose=False)
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("attention",), every_n_steps=2, verbose=False
+    )
     growth = dynlens.LogitGrowthMonitor(
         output_logits=False, attention_every_n_steps=1, verbose=False
     )
@@ -447,7 +423,7 @@ class PowerAttention(Scripted):
 
 def test_a_power_law_attention_logit_is_forecast_exactly():
     monitor = dynlens.EarlyWarningMonitor(  # consecutive=1: the first point in the horizon warns
-        events=("attention",),
+        instabilities=("attention",),
         every_n_steps=10,
         window=4,
         horizon=105,
@@ -478,7 +454,7 @@ def test_flat_noise_warns_of_nothing():
             return {"loss": loss, "logits": logits.detach()}
 
     monitor = dynlens.EarlyWarningMonitor(
-        events=("collapse",),
+        instabilities=("collapse",),
         every_n_steps=5,
         horizon=200,
         logits_module=None,
@@ -486,14 +462,14 @@ def test_flat_noise_warns_of_nothing():
     )
     fit(Noisy(), monitor, 300)
     assert monitor.warnings == [] and monitor.happened == {"collapse": None}
-    assert len(monitor.history["collapse"]) == monitor.windows["collapse"]
+    assert len(monitor.policy.history["collapse"]) == monitor.policy.windows["collapse"]
 
 
 @pytest.mark.parametrize("action", ["stop", "checkpoint", "callable"])
 def test_actions(action, tmp_path):
     got = []
     monitor = dynlens.EarlyWarningMonitor(
-        events=("collapse",),
+        instabilities=("collapse",),
         every_n_steps=5,
         window=4,
         horizon=100,

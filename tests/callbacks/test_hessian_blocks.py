@@ -45,7 +45,7 @@ def test_per_layer_traces_match_the_exact_hessian_within_their_standard_errors(t
     )
     run = trainer(max_steps=1, logger=tb_logger(tmp_path), callbacks=[monitor])
     run.fit(module, loader())
-    logged = monitor.last
+    logged = monitor.latest
     assert monitor.partition == {
         "net.0": ["net.0.weight", "net.0.bias"],
         "net.2": ["net.2.weight", "net.2.bias"],

@@ -10,7 +10,8 @@ import torch
 
 import dynlens.callbacks.hessian_measure as hessian_measure
 from dynlens import ConfigurationError, curvature
-from dynlens.callbacks.hessian import HessianMonitor, probe_generator
+from dynlens.callbacks.hessian import HessianMonitor
+from dynlens.callbacks.replay import probe_generator
 from dynlens.report.server import TensorBoardServer
 from tests.callbacks.test_hessian_monitor import (
     KEY,
@@ -209,9 +210,9 @@ def test_density_without_tensorboard_logs_the_top_eigenvalues(tmp_path):
     monitor = density_monitor(density_top_k=2)
     run = trainer(max_steps=1, logger=False, callbacks=[monitor])
     run.fit(tiny_module(), loader())
-    assert set(monitor.last) >= {"spectrum_top/1", "spectrum_top/2"}
-    assert monitor.last["spectrum_top/1"] >= monitor.last["spectrum_top/2"]
-    top = monitor.last["spectrum_top/1"]
+    assert set(monitor.latest) >= {"spectrum_top/1", "spectrum_top/2"}
+    assert monitor.latest["spectrum_top/1"] >= monitor.latest["spectrum_top/2"]
+    top = monitor.latest["spectrum_top/1"]
     assert float(run.callback_metrics[KEY + "spectrum_top/1"]) == pytest.approx(top, rel=1e-6)
     assert monitor.last_spectrum is not None and monitor.last_spectrum["step"] == 0
 

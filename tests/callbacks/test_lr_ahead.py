@@ -188,7 +188,7 @@ def test_the_monitor_does_not_forecast_past_the_end_of_a_warm_up():
     warned = {}
     for steps in (None, 300, 1000):
         monitor = dynlens.EarlyWarningMonitor(
-            events=("divergence",), window=4, horizon=100, consecutive=1, verbose=False
+            instabilities=("divergence",), window=4, horizon=100, consecutive=1, verbose=False
         )
         trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
         trainer.fit(WarmedUp(steps), loader())

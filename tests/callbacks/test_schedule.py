@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dynlens.callbacks import hessian
-from dynlens.callbacks.schedule import BudgetSchedule, budget_schedule
+from dynlens.callbacks.schedule import BudgetSchedule
 
 CPU = torch.device("cpu")
 STEP_TIME, MEASURE_TIME, BUDGET = 1.0, 4.0, 0.25
@@ -190,7 +189,3 @@ def test_time_outside_a_fit_is_not_training():
     clock.now += 2.0
     schedule.train_end(5)
     assert (schedule.train_time, schedule.train_steps) == (5.0, 5)
-
-
-def test_hessian_module_still_exports_budget_schedule():
-    assert hessian.budget_schedule is budget_schedule

@@ -73,7 +73,7 @@ def test_every_monitor_changes_nothing_and_logs(case):
         assert monitor.capture.found[0] == case.found, found
     assert 0.0 <= collapse.latest["sc_fraction"] <= 1.0
     assert math.isfinite(logits.latest["logz_mean"])
-    assert math.isfinite(hessian.last["trace"]) and math.isfinite(hessian.last["lambda_max"])
+    assert math.isfinite(hessian.latest["trace"]) and math.isfinite(hessian.latest["lambda_max"])
     assert 0.0 <= continual.metrics.summary()["acc"] <= 1.0
     assert collapse.capture.causal_lm is case.causal_lm
     if case.name == "resnet":

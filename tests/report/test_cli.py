@@ -66,8 +66,8 @@ def test_json_has_the_documented_schema_and_the_callbacks_values(monitored_run, 
     h, hessian = monitors["hessian"], run["families"]["hessian"]
     assert hessian["measurements"] == h.num_measurements == len(h.history)
     assert hessian["peak_eos_ratio"] == max(f32(m["eos_ratio"]) for m in h.history)
-    assert hessian["final_eos_ratio"] == f32(h.last["eos_ratio"])
-    assert hessian["final_precond_ratio"] == f32(h.last["precond_ratio"])
+    assert hessian["final_eos_ratio"] == f32(h.latest["eos_ratio"])
+    assert hessian["final_precond_ratio"] == f32(h.latest["precond_ratio"])
     share = sum(f32(m["trace_ratio"]) >= 1 for m in h.history) / len(h.history)
     assert hessian["share_trace_ratio_at_least_1"] == share
     live, continual = monitors["continual"].metrics.summary(), run["families"]["continual"]

@@ -67,7 +67,7 @@ def test_blocks_and_spectrum_are_summarised_as_logged(spectrum_run):
     (run,) = build_report([logdir]).runs
     blocks = run.families["hessian_blocks"]
     assert blocks["step"] == 6
-    last = monitor.last
+    last = monitor.latest
     expected = sorted(
         (
             {"block": b, "trace": f32(last[f"trace/{b}"]), "share": f32(last[f"trace_share/{b}"])}
@@ -98,7 +98,7 @@ def test_blocks_and_spectrum_tables_on_a_fixed_width_console(spectrum_run):
     assert "Hessian spectrum (top eigenvalues)" in text
     rows = [line.split() for line in text.splitlines() if line.startswith("run ")]
     by_block = {r[1]: r[2:] for r in rows if len(r) == 4 and r[1].startswith("net.")}
-    last = monitor.last
+    last = monitor.latest
     for block in ("net.0", "net.2"):
         trace, share = by_block[block]
         assert trace == f"{f32(last[f'trace/{block}']):.4g}"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dynlens.callbacks.base import layout
+from dynlens.callbacks.layout import layout
 from dynlens.report.server import TensorBoardServer
 from tests.report.lightning_run import MONITORS, CollapsingClassifier, train
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from .attention import AttentionCapture
 from .log_probs import LogProbsTap, same_memory
-from .logits import AUTO, LogitsCapture, announce_logits, is_causal_lm, take_logits
+from .logits import AUTO, LogitsCapture, is_causal_lm, logits_found, take_logits
 from .targets import TARGET_KEYS, TargetsArg, batch_targets, shift_targets_left
 
 
@@ -52,9 +52,9 @@ __all__ = [
     "LogProbsTap",
     "LogitsCapture",
     "TargetsArg",
-    "announce_logits",
     "batch_targets",
     "is_causal_lm",
+    "logits_found",
     "same_memory",
     "shift_targets_left",
     "take_logits",

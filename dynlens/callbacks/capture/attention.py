@@ -50,7 +50,7 @@ from ...attention import (
     multi_head_attention_logit_sums,
     softmax_logit_sums,
 )
-from ..base import in_own_forward
+from ..context import in_own_forward
 
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...nn import CrossEntropyLoss
-from ..base import in_own_forward
+from ..context import in_own_forward
 
 
 class LogProbsTap:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from ..base import ConfigurationError, Monitor, in_own_forward
+from ..context import in_own_forward
+from ..validate import ConfigurationError
 
 
 def _logits_of(output: Any) -> torch.Tensor | None:
@@ -273,15 +274,12 @@ def take_logits(capture: LogitsCapture, outputs: Any, owner: str) -> list[torch.
     return logits
 
 
-def announce_logits(
-    monitor: Monitor, trainer: Any, step: int, capture: LogitsCapture, *, targets: str = ""
-) -> None:
-    """Say once per run (an event with reason ``"logits_found"``) which module
-    ``logits_module="auto"`` found the logits in (logits that ``training_step`` returns itself
-    need no word); ``targets`` adds how the targets are read."""
+def logits_found(capture: LogitsCapture, *, targets: str = "") -> str | None:
+    """What to say once per run (the monitor's ``logits_found`` event): which module
+    ``logits_module="auto"`` found the logits in, ``None`` when there is nothing to say (a module
+    named by hand, logits that ``training_step`` returns itself); ``targets`` adds how the
+    targets are read."""
     if capture.logits_module != AUTO or capture.found is None or capture.found[0] is None:
-        return
+        return None
     message = f"reading the output logits from {capture.found[1]}"
-    monitor.log_event(
-        trainer, step, "logits_found", message + (f"; {targets}" if targets else ""), once=True
-    )
+    return message + (f"; {targets}" if targets else "")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..base import ConfigurationError
+from ..validate import ConfigurationError
 
 TargetsArg = Literal["auto"] | Callable[[Any], torch.Tensor] | None
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")

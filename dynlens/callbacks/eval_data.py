@@ -3,7 +3,8 @@
 :class:`TaskEvaluator` evaluates the seen tasks for
 :class:`~dynlens.callbacks.continual.ContinualEvaluation`: it draws each evaluation's subsets,
 runs the model batch by batch, and sums each task's sufficient statistics (correct, total,
-labels outside the outputs) on the device, over ranks in one collective, to the host in one copy.
+labels outside the outputs) on the device; the callback sums them over ranks and brings them to
+the host in one copy (``Monitor.sync``), and :func:`accuracies` reads the accuracies off them.
 :class:`_EvalSource` serves one task's data: a ``TensorDataset`` from the device by indexing, any
 other map-style dataset or a ``DataLoader`` through a loader that keeps the user's batching.
 """
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
-from .base import ConfigurationError, Monitor, own_forward, sharding_strategy
+from .context import own_forward, sharding_strategy
+from .validate import ConfigurationError
 
 SubsetMode = Literal["random", "fixed"]
 #: ``metric(outputs, targets) -> (correct, total)``: tensors or numbers, summed over batches.
@@ -48,7 +50,7 @@ def accuracy_counts(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     return (outputs.argmax(dim=-1) == targets).sum(), targets.numel()
 
 
-def _default_forward(pl_module: Any, batch: Any, task: int) -> tuple[Any, Any]:
+def default_forward(pl_module: Any, batch: Any, task: int) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ConfigurationError(
             f"ContinualEvaluation calls `pl_module(batch[0])` and compares with `batch[1]`, but "
@@ -158,7 +160,7 @@ class _EvalSource:
         )
 
 
-def _check_eval_sets(eval_sets: EvalSets) -> dict[int, Dataset | DataLoader]:
+def check_eval_sets(eval_sets: EvalSets) -> dict[int, Dataset | DataLoader]:
     how = (
         "pass `eval_sets={task: dataset}` with one held-out set per task, e.g. "
         "`ContinualEvaluation(SplitDigits().test_sets())`"
@@ -200,7 +202,7 @@ class TaskEvaluator:
     """Evaluates tasks on their held-out sets (the measuring of ``ContinualEvaluation``).
 
     Args:
-        eval_sets: ``{task id: Dataset or DataLoader}``, as :func:`_check_eval_sets` returns.
+        eval_sets: ``{task id: Dataset or DataLoader}``, as :func:`check_eval_sets` returns.
         batch_size: evaluation batch size for datasets given without a ``DataLoader``.
         subset_size: samples per task and evaluation; ``None`` for all.
         subset: ``"random"`` (a new subset every evaluation, drawn from the generator passed to
@@ -264,20 +266,23 @@ class TaskEvaluator:
 
     def measure(
         self, trainer: Any, pl_module: Any, tasks: Sequence[int], generator: torch.Generator
-    ) -> dict[int, float]:
-        """Evaluate ``tasks`` once; ``{task: accuracy}`` (identical on every rank).
+    ) -> torch.Tensor:
+        """Evaluate this rank's share of ``tasks`` once: the sufficient statistics per task,
+        ``[correct, total, labels outside the outputs]`` one after the other, as one float64
+        tensor (float32 on MPS) on the module's device, not yet summed over ranks (see
+        :func:`accuracies`).
 
-        Runs on every rank: it draws the subsets, evaluates this rank's shard, sums the counts
-        over ranks (one collective) and moves them to the host once. A task with no samples
-        has accuracy NaN.
+        Runs on every rank: it draws the subsets (every rank the same) and evaluates this rank's
+        shard, in eval mode and under ``torch.inference_mode()``, then restores every module's
+        mode. Nothing waits for the device: sums a metric returns as tensors stay there, and
+        those it returns as numbers (the default metric's totals) join them at the end.
         """
         tasks = list(tasks)
         device = pl_module.device
         world_size, rank = int(trainer.world_size), int(trainer.global_rank)
         sharded = sharding_strategy(trainer) is not None
-        # Sufficient statistics per task: correct, total, labels outside the outputs. Tensors a
-        # metric returns stay on the device (with their flat position task·3 + column); numbers
-        # it returns (the default metric's totals) are known on the host and stay there.
+        # Tensors a metric returns stay on the device (with their flat position task·3 +
+        # column); numbers it returns are known on the host and stay there.
         values: list[torch.Tensor] = []
         positions: list[int] = []
         host = [0.0] * (3 * len(tasks))
@@ -298,34 +303,13 @@ class TaskEvaluator:
         finally:
             for module, training in modes:
                 module.training = training
-        if world_size == 1:
-            table = host
-            if values:
-                # The one host sync of this evaluation.
-                for position, value in zip(positions, torch.stack(values).tolist(), strict=True):
-                    table[position] += value
-        else:
-            # float64 keeps counts exact up to 2**53; MPS has no float64.
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            local = torch.tensor(host, dtype=dtype).to(device)
-            if values:
-                where = torch.tensor(positions, device=device)
-                local = local.index_add(0, where, torch.stack(values).to(dtype))
-            table = Monitor.reduce(trainer, local, "sum").cpu().tolist()  # the one host sync
-        accuracies: dict[int, float] = {}
-        for i, task in enumerate(tasks):
-            correct, total, bad = table[3 * i : 3 * i + 3]
-            if bad:
-                raise ConfigurationError(
-                    f"task {task} has {int(bad)} evaluation labels outside the model's outputs "
-                    f"(targets must be class indices 0..C-1 for C logits). For class-incremental "
-                    f"tasks with one shared head, give the head one output per class over all "
-                    f"tasks (e.g. SplitDigits(labels='global') with a 10-way head); for one head "
-                    f"per task, use task-local labels and pass `forward_fn` to pick the head; or "
-                    f"pass your own `metric`."
-                )
-            accuracies[task] = correct / total if total > 0 else math.nan
-        return accuracies
+        # float64 keeps counts exact up to 2**53; MPS has no float64.
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        local = torch.tensor(host, dtype=dtype).to(device)
+        if values:
+            where = torch.tensor(positions, device=device)
+            local = local.index_add(0, where, torch.stack(values).to(dtype))
+        return local
 
     def _task_values(
         self, pl_module: Any, task: int, indices: torch.Tensor | None, device: torch.device
@@ -350,6 +334,30 @@ class TaskEvaluator:
             yield 1, result[1]
         if check:
             self.labels_checked.add(task)
+
+
+def accuracies(tasks: Sequence[int], table: Sequence[float]) -> dict[int, float]:
+    """``{task: accuracy}`` from :meth:`TaskEvaluator.measure`'s statistics summed over ranks
+    (``table``, on the host): Σ correct / Σ total, NaN for a task with no samples. Labels outside
+    the outputs are a :class:`ConfigurationError` naming the task and the fix.
+
+        >>> accuracies([0, 1], [3.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+        {0: 0.75, 1: nan}
+    """
+    result: dict[int, float] = {}
+    for i, task in enumerate(tasks):
+        correct, total, bad = table[3 * i : 3 * i + 3]
+        if bad:
+            raise ConfigurationError(
+                f"task {task} has {int(bad)} evaluation labels outside the model's outputs "
+                f"(targets must be class indices 0..C-1 for C logits). For class-incremental "
+                f"tasks with one shared head, give the head one output per class over all "
+                f"tasks (e.g. SplitDigits(labels='global') with a 10-way head); for one head "
+                f"per task, use task-local labels and pass `forward_fn` to pick the head; or "
+                f"pass your own `metric`."
+            )
+        result[task] = correct / total if total > 0 else math.nan
+    return result
 
 
 def _check_outputs(outputs: Any, targets: Any, task: int) -> torch.Tensor:

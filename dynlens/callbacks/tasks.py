@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..continual import ContinualMetrics
-from .base import ConfigurationError
+from .validate import ConfigurationError
 
 
 class TaskBoundaries:
