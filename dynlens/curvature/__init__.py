@@ -42,9 +42,12 @@ Modules
 * :mod:`.trace`: :class:`Estimate`, :func:`hutchinson_trace` (with per-block traces),
   :func:`hutchpp_trace`, :func:`parameter_blocks` (the blocks ``hutchinson_trace`` splits into),
   :data:`BLOCK_RULES`, :data:`OTHER_BLOCK`.
-* :mod:`.eigen`: :class:`Eigen`, :func:`top_eigenvalue`, :func:`adam_preconditioner`;
-  :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos quadrature),
-  :func:`spectrum_histogram` (its point masses as histogram buckets), :func:`smoothed_density`.
+* :mod:`.lanczos`: :class:`Eigen`, :func:`top_eigenvalue` (Lanczos, optionally preconditioned).
+* :mod:`.density`: :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos
+  quadrature), :func:`spectrum_histogram` (its point masses as histogram buckets),
+  :func:`smoothed_density`.
+* :mod:`.preconditioner`: :func:`adam_preconditioner` (Adam's diagonal P, for the preconditioned
+  sharpness).
 * :mod:`.thresholds`: :func:`gd_sharpness_threshold`, :func:`momentum_sharpness_threshold`,
   :func:`sgd_trace_threshold`, :func:`adam_sharpness_threshold`, and those of the optimizer in use
   (``stability``, ``nesterov_sharpness_threshold``).
@@ -56,17 +59,10 @@ from __future__ import annotations
 
 import time as time  # tests patch curvature.time.perf_counter, the clock of route="tuned"
 
-from .eigen import (
-    Eigen,
-    SpectralDensity,
-    adam_preconditioner,
-    smoothed_density,
-    spectral_density,
-    spectrum_histogram,
-    top_eigenvalue,
-)
+from .density import SpectralDensity, smoothed_density, spectral_density, spectrum_histogram
 from .errors import _OOM_ERRORS as _OOM_ERRORS
 from .errors import CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
+from .lanczos import Eigen, top_eigenvalue
 from .memory import _MEMORY_FIX as _MEMORY_FIX
 from .memory import CudaMemoryMeter, MemoryLimit, MemoryMeter, RssMemoryMeter, memory_meter
 from .memory import _gib as _gib
@@ -80,6 +76,7 @@ from .operator import LossFn as LossFn
 from .operator import Route as Route
 from .operator import _candidate_routes as _candidate_routes
 from .operator import _first_line as _first_line
+from .preconditioner import adam_preconditioner
 from .routes import _ONCE_DIFFERENTIABLE_CODE as _ONCE_DIFFERENTIABLE_CODE
 from .routes import _flat as _flat
 from .routes import _math_sdpa as _math_sdpa
