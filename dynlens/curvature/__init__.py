@@ -33,7 +33,7 @@ Conventions
 Modules
 -------
 * :mod:`.operator`: :class:`HessianOperator` (routes, fallback, memory-bounded passes), :func:`hvp`,
-  the route names (:data:`ROUTES`, :data:`EXPLICIT_ROUTES`, :data:`TUNING_PROBES`);
+  the route names (:data:`Route`, :data:`ROUTES`, :data:`EXPLICIT_ROUTES`, :data:`TUNING_PROBES`);
   :mod:`.routes`: how each route computes its products, :func:`finite_difference_step`;
   :mod:`.errors`: :class:`CurvatureError`, :class:`CurvatureMemoryError`,
   :class:`CurvatureFallbackWarning`.
@@ -42,51 +42,29 @@ Modules
 * :mod:`.trace`: :class:`Estimate`, :func:`hutchinson_trace` (with per-block traces),
   :func:`hutchpp_trace`, :func:`parameter_blocks` (the blocks ``hutchinson_trace`` splits into),
   :data:`BLOCK_RULES`, :data:`OTHER_BLOCK`.
-* :mod:`.eigen`: :class:`Eigen`, :func:`top_eigenvalue`, :func:`adam_preconditioner`;
-  :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos quadrature),
-  :func:`spectrum_histogram` (its point masses as histogram buckets), :func:`smoothed_density`.
+* :mod:`.lanczos`: :class:`Eigen`, :func:`top_eigenvalue` (Lanczos, optionally preconditioned).
+* :mod:`.density`: :class:`SpectralDensity`, :func:`spectral_density` (stochastic Lanczos
+  quadrature), :func:`spectrum_histogram` (its point masses as histogram buckets),
+  :func:`smoothed_density`.
+* :mod:`.preconditioner`: :func:`adam_preconditioner` (Adam's diagonal P, for the preconditioned
+  sharpness).
 * :mod:`.thresholds`: :func:`gd_sharpness_threshold`, :func:`momentum_sharpness_threshold`,
   :func:`sgd_trace_threshold`, :func:`adam_sharpness_threshold`, and those of the optimizer in use
   (``stability``, ``nesterov_sharpness_threshold``).
 
-Every name is importable from ``dynlens.curvature``.
+The names in ``__all__`` are importable from ``dynlens.curvature``; everything else from the
+module that defines it.
 """
 
 from __future__ import annotations
 
-import time as time  # tests patch curvature.time.perf_counter, the clock of route="tuned"
-
-from .eigen import (
-    Eigen,
-    SpectralDensity,
-    adam_preconditioner,
-    smoothed_density,
-    spectral_density,
-    spectrum_histogram,
-    top_eigenvalue,
-)
-from .errors import _OOM_ERRORS as _OOM_ERRORS
+from .density import SpectralDensity, smoothed_density, spectral_density, spectrum_histogram
 from .errors import CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
-from .memory import _MEMORY_FIX as _MEMORY_FIX
+from .lanczos import Eigen, top_eigenvalue
 from .memory import CudaMemoryMeter, MemoryLimit, MemoryMeter, RssMemoryMeter, memory_meter
-from .memory import _gib as _gib
-from .operator import _BATCHED_MARGIN as _BATCHED_MARGIN
-from .operator import _TRIAL_BATCHED as _TRIAL_BATCHED
-from .operator import _TRIAL_SEQUENTIAL as _TRIAL_SEQUENTIAL
-from .operator import _WARNED as _WARNED  # the one warn-once registry (tests clear it)
-from .operator import EXPLICIT_ROUTES as EXPLICIT_ROUTES
-from .operator import ROUTES, TUNING_PROBES, HessianOperator, hvp
-from .operator import LossFn as LossFn
-from .operator import Route as Route
-from .operator import _candidate_routes as _candidate_routes
-from .operator import _first_line as _first_line
-from .routes import _ONCE_DIFFERENTIABLE_CODE as _ONCE_DIFFERENTIABLE_CODE
-from .routes import _flat as _flat
-from .routes import _math_sdpa as _math_sdpa
-from .routes import _refuse_once_differentiable as _refuse_once_differentiable
+from .operator import EXPLICIT_ROUTES, ROUTES, TUNING_PROBES, HessianOperator, Route, hvp
+from .preconditioner import adam_preconditioner
 from .routes import finite_difference_step
-from .thresholds import _check_beta as _check_beta
-from .thresholds import _check_lr as _check_lr
 from .thresholds import (
     adam_sharpness_threshold,
     gd_sharpness_threshold,
@@ -102,14 +80,10 @@ from .trace import (
     hutchpp_trace,
     parameter_blocks,
 )
-from .trace import _apply_chunked as _apply_chunked
-from .trace import _chunks as _chunks
-from .trace import _generator as _generator
-from .trace import _rademacher as _rademacher
-from .trace import _stderr as _stderr
 
 __all__ = [
     "BLOCK_RULES",
+    "EXPLICIT_ROUTES",
     "OTHER_BLOCK",
     "ROUTES",
     "TUNING_PROBES",
@@ -123,6 +97,7 @@ __all__ = [
     "HessianOperator",
     "MemoryLimit",
     "MemoryMeter",
+    "Route",
     "RssMemoryMeter",
     "SpectralDensity",
     "adam_preconditioner",

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dynlens import curvature
 from dynlens.curvature import (
     HessianOperator,
     hutchinson_trace,
     parameter_blocks,
     spectral_density,
 )
+from dynlens.curvature.trace import _rademacher
 
 D = torch.float64
 LossFn = Callable[[dict[str, Tensor]], Tensor]
@@ -216,7 +216,7 @@ def test_each_run_is_a_gauss_quadrature_exact_to_order_2m_minus_1():
     # The start vectors, drawn as spectral_density draws them.
     g, op = torch.Generator().manual_seed(7), HessianOperator(loss_fn, params)
     for nodes, weights in zip(sd.run_nodes, sd.run_weights, strict=True):
-        q = curvature._rademacher(1, op.numel, g, op)[0] / math.sqrt(op.numel)
+        q = _rademacher(1, op.numel, g, op)[0] / math.sqrt(op.numel)
         for k in range(2 * m):
             exact = (q @ torch.linalg.matrix_power(a, k) @ q).item()
             assert (weights * nodes**k).sum().item() == pytest.approx(exact, rel=1e-8), k
