@@ -2,10 +2,11 @@
 
 This module is the framework: :class:`Options`, :class:`Column`, :class:`Family`, the
 :data:`FAMILIES` registry and its :func:`family` decorator, the :class:`Context` a summariser
-reads, the event reasons the report relies on (:data:`REASONS`), :func:`summarise_run` and
-:class:`RunSummary`. The summarisers themselves live in :mod:`dynlens.report.families`, one module
-per family (``grokking.py``, ``collapse.py``, ``hessian.py``, ``logits.py``, ``continual.py``,
-``warning.py``); importing this module imports them, so :data:`FAMILIES` is always complete.
+reads (events by their reasons, members of the enums in :mod:`dynlens.events`),
+:func:`summarise_run` and :class:`RunSummary`. The summarisers themselves live in
+:mod:`dynlens.report.families`, one module per family (``grokking.py``, ``collapse.py``,
+``hessian.py``, ``logits.py``, ``continual.py``, ``warning.py``); importing this module imports
+them, so :data:`FAMILIES` is always complete.
 
 A *family* is what one monitor logs under ``<prefix>/<family>/``. Its summariser is one function
 decorated with :func:`family`, which declares the summary's fields (the JSON schema) and the
@@ -62,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from ..events import parse_event
+from ..events import CollapseReason, Reason, parse_event
 from .reader import RunData, Series
 
 __all__ = [
@@ -178,30 +179,11 @@ def family(
 
 
 # ------------------------------------------------------------------------------- event reasons
-#: The event reasons the report relies on, ``{family: (reason, ...)}``, each as the monitor
-#: passes it to ``log_event`` (``SoftmaxCollapseMonitor``, ``dynlens/callbacks/collapse.py``).
-COLLAPSE_ONSET = "onset"
-COLLAPSE_REMEDY = "remedy"
-#: ``EarlyWarningMonitor`` (``dynlens/callbacks/early_warning.py``): the events it forecasts; each
-#: has a warning (reason ``warn_<event>``: expected within the horizon) and the event itself
-#: (reason ``<event>``: it happened at that step).
-WARNING_EVENTS: tuple[str, ...] = ("collapse", "divergence", "attention")
-
-
-def warning_reason(event: str) -> str:
-    """The reason of the warning that ``event`` is coming: ``"warn_collapse"``."""
-    return f"warn_{event}"
-
-
-REASONS: dict[str, tuple[str, ...]] = {
-    "collapse": (COLLAPSE_ONSET, COLLAPSE_REMEDY),
-    "warning": (*(warning_reason(e) for e in WARNING_EVENTS), *WARNING_EVENTS),
-}
-
-#: Legacy path: the wording that marked those events before they carried their reason.
-_LEGACY_WORDING: dict[tuple[str, str], str] = {
-    ("collapse", COLLAPSE_ONSET): "Softmax Collapse onset",
-    ("collapse", COLLAPSE_REMEDY): "(remedy)",
+#: Legacy path: the wording that marked those events before they carried their reason, by
+#: ``(family, reason)`` (the family too, as members of different monitors' enums may share a code).
+_LEGACY_WORDING: dict[tuple[str, Reason], str] = {
+    ("collapse", CollapseReason.ONSET): "Softmax Collapse onset",
+    ("collapse", CollapseReason.REMEDY): "(remedy)",
 }
 
 
@@ -232,8 +214,9 @@ class Context:
         return self.run.texts.get(self.options.key(family, quantity), [])
 
     def event_steps(self, family: str, reason: str) -> list[int]:
-        """Steps of the family's events with this reason (one of :data:`REASONS`), in the order
-        written. Read by reason (:func:`dynlens.events.parse_event`), never by wording."""
+        """Steps of the family's events with this reason (a member of the monitor's enum in
+        :data:`dynlens.events.REASONS`: ``CollapseReason.ONSET``), in the order written. Read by
+        reason (:func:`dynlens.events.parse_event`), never by wording."""
         steps = []
         for step, text in self.texts(family):
             found, _ = parse_event(text)
