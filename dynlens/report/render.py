@@ -16,7 +16,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .summary import Family, RunSummary, fmt_int
+from .family import Family, fmt_int
+from .summary import RunSummary
 
 if TYPE_CHECKING:
     from . import Report

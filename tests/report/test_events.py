@@ -20,8 +20,8 @@ from dynlens.events import (
     parse_event,
 )
 from dynlens.report import build_report
+from dynlens.report.family import Context
 from dynlens.report.reader import read_run
-from dynlens.report.summary import Context
 from tests.report.lightning_run import MONITORS, CollapsingClassifier, train, train_acc_at
 
 reasons = st.from_regex(rf"\A{REASON_PATTERN}\Z", fullmatch=True)

@@ -12,8 +12,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dynlens.events import INSTABILITIES, format_event
 from dynlens.report import build_report
+from dynlens.report.family import Options
 from dynlens.report.reader import read_run
-from dynlens.report.summary import FAMILIES, Options, summarise_run
+from dynlens.report.registry import FAMILIES
+from dynlens.report.summary import summarise_run
 
 W = "dynlens/warning/"
 

@@ -8,7 +8,7 @@ import torch
 
 from ...collapse import collapse_threshold
 from ...events import CollapseReason
-from ..summary import (
+from ..family import (
     Column,
     Context,
     family,
@@ -37,6 +37,7 @@ def dtype_of_threshold(threshold: float | None) -> str | None:
 
 @family(
     "collapse",
+    order=20,
     title="Softmax Collapse",
     fields=(
         "measurements",

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from ...events import INSTABILITIES, WarningReason
-from ..summary import Column, Context, family, fmt_int, fmt_text
+from ..family import Column, Context, family, fmt_int, fmt_text
 
 
 def happened_step(steps: list[int], warned: int) -> int | None:
@@ -26,6 +26,7 @@ def happened_step(steps: list[int], warned: int) -> int | None:
 
 @family(
     "warning",
+    order=80,
     title="Warnings",
     fields=("warnings", "happened"),
     columns=(
