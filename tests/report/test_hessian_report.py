@@ -16,9 +16,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dynlens.callbacks.hessian import HessianMonitor
 from dynlens.report import build_report
+from dynlens.report.eventfile import read_event_file
 from dynlens.report.family import Context, Options
 from dynlens.report.plots import DRAWERS, plot_report
-from dynlens.report.reader import read_event_file, read_run
+from dynlens.report.reader import read_run
 from dynlens.report.registry import FAMILIES
 from tests.callbacks.test_hessian_monitor import fit
 from tests.report.test_reader import record
