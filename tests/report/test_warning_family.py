@@ -14,7 +14,6 @@ from dynlens.events import INSTABILITIES, format_event
 from dynlens.report import build_report
 from dynlens.report.family import Options
 from dynlens.report.reader import read_run
-from dynlens.report.registry import FAMILIES
 from dynlens.report.summary import summarise_run
 
 W = "dynlens/warning/"
@@ -86,10 +85,6 @@ EXPECTED = {
 
 def test_each_warning_its_expected_step_and_when_its_event_came(tmp_path):
     assert summarise(write(tmp_path, SCALARS, EVENTS)) == {"warning": EXPECTED}
-
-
-def test_the_family_is_registered_last_with_its_title():
-    assert list(FAMILIES)[-1] == "warning" and FAMILIES["warning"].title == "Warnings"
 
 
 def test_every_instability_the_monitor_forecasts_is_read(tmp_path):
