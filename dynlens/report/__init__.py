@@ -8,10 +8,11 @@ with the same pure functions the callbacks use, so a report and the live panels 
 
 Pipeline: :func:`~dynlens.report.reader.find_runs` (directories holding event files) →
 :func:`~dynlens.report.reader.read_run` (every scalar point, text event and histogram; protobuf
-parsing only)
-→ :func:`~dynlens.report.summary.summarise_run` (one summariser per monitor family, in the
-:data:`~dynlens.report.summary.FAMILIES` registry) → :mod:`~dynlens.report.render` (rich tables) and
-:mod:`~dynlens.report.plots` (PNG figures, needs ``pip install "dynlens[plot]"``).
+parsing only) → :func:`~dynlens.report.summary.summarise_run` (one summariser per monitor family,
+in the :data:`~dynlens.report.registry.FAMILIES` registry, which finds them in
+:mod:`dynlens.report.families`; how one is written: :mod:`dynlens.report.family`) →
+:mod:`~dynlens.report.render` (rich tables) and :mod:`~dynlens.report.plots` (PNG figures, needs
+``pip install "dynlens[plot]"``).
 
 JSON schema (``--json FILE``, version 1)
 ----------------------------------------
@@ -107,8 +108,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .family import Family, Options
 from .reader import RunData, find_runs, read_run
-from .summary import FAMILIES, Family, Options, RunSummary, summarise_run
+from .registry import FAMILIES
+from .summary import RunSummary, summarise_run
 
 __all__ = [
     "SCHEMA",

@@ -32,8 +32,11 @@ import numpy as np
 import torch
 
 from ..curvature import gd_sharpness_threshold, smoothed_density
-from .reader import Histogram, RunData, Series
-from .summary import Context, Options, RunSummary, task_boundaries
+from .eventfile import Histogram
+from .families.continual import task_boundaries
+from .family import Context, Options
+from .reader import RunData, Series
+from .summary import RunSummary
 
 if TYPE_CHECKING:
     from . import Report

@@ -4,22 +4,39 @@ one table per monitor family (only the runs that logged it), then the problems m
 On a terminal the tables have colour; when the output is not a terminal (a pipe, a file, CI) rich
 writes the same tables as plain text without escape codes — ``Console().is_terminal`` decides.
 Tests render into ``Console(file=io.StringIO(), width=...)`` and compare the text.
+
+A report renders itself through this module (``console.print(report)``), so this module does not
+import it back: it reads a report as a :class:`RenderedReport`, the part of one it needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .summary import Family, RunSummary, fmt_int
+from .family import Family, fmt_int
+from .summary import RunSummary
 
-if TYPE_CHECKING:
-    from . import Report
+
+class RenderedReport(Protocol):
+    """What rendering reads of a :class:`~dynlens.report.Report`."""
+
+    @property
+    def runs(self) -> list[RunSummary]: ...
+
+    @property
+    def problems(self) -> list[str]: ...
+
+    @property
+    def families(self) -> Mapping[str, Family]: ...
+
+    @property
+    def readable(self) -> bool: ...
 
 
 def _table(title: str) -> Table:
@@ -39,7 +56,7 @@ def _steps(run: RunSummary) -> str:
     return f"{fmt_int(run.first_step)}–{fmt_int(run.last_step)}"
 
 
-def overview_table(report: Report) -> Table:
+def overview_table(report: RenderedReport) -> Table:
     """One row per run: its size, step range, the monitor families found and notes."""
     table = _table(f"dynlens report: {len(report.runs)} run{'s' * (len(report.runs) != 1)}")
     table.add_column("run", no_wrap=True, overflow="fold")
@@ -80,7 +97,7 @@ def family_table(family: Family, runs: list[RunSummary]) -> Table | None:
     return table
 
 
-def problems_renderable(report: Report) -> RenderableType | None:
+def problems_renderable(report: RenderedReport) -> RenderableType | None:
     """Every problem met, each naming its path: paths without runs, then run notes."""
     lines = [*report.problems, *(n for r in report.runs for n in r.notes)]
     if not lines:
@@ -94,7 +111,7 @@ def problems_renderable(report: Report) -> RenderableType | None:
     return text
 
 
-def render_report(report: Report) -> Iterator[RenderableType]:
+def render_report(report: RenderedReport) -> Iterator[RenderableType]:
     """Yield the overview, the family tables (registry order) and the problems, blank-separated."""
     parts: list[RenderableType] = []
     if report.runs:

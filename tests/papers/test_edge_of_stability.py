@@ -16,7 +16,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from dynlens import HessianMonitor
-from dynlens.report.reader import Histogram, read_run
+from dynlens.report.eventfile import Histogram
+from dynlens.report.reader import read_run
 from tests.helpers import scalars
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "edge_of_stability.py"

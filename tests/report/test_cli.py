@@ -12,7 +12,7 @@ import pytest
 
 import dynlens.report
 from dynlens.cli import main
-from dynlens.report.summary import FAMILIES
+from dynlens.report.registry import FAMILIES
 
 
 def f32(x: float) -> float:

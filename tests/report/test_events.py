@@ -8,12 +8,20 @@ import warnings
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.tensorboard import SummaryWriter
 
 import dynlens
-from dynlens.events import REASON_PATTERN, format_event, parse_event
+from dynlens.events import (
+    REASON_PATTERN,
+    REASONS,
+    CollapseReason,
+    WarningReason,
+    format_event,
+    parse_event,
+)
 from dynlens.report import build_report
+from dynlens.report.family import Context
 from dynlens.report.reader import read_run
-from dynlens.report.summary import COLLAPSE_ONSET, COLLAPSE_REMEDY, REASONS, WARNING_EVENTS
 from tests.report.lightning_run import MONITORS, CollapsingClassifier, train, train_acc_at
 
 reasons = st.from_regex(rf"\A{REASON_PATTERN}\Z", fullmatch=True)
@@ -106,7 +114,7 @@ def test_rewording_every_event_message_leaves_the_report_unchanged(tmp_path, mon
         return [(m.name, e["step"], e["reason"]) for m in ms for e in m.events]
 
     assert events(rewritten) == events(written)
-    assert {COLLAPSE_ONSET, COLLAPSE_REMEDY} <= {r for name, _, r in events(written)}
+    assert {CollapseReason.ONSET, CollapseReason.REMEDY} <= {r for _, _, r in events(written)}
     assert {e["message"] for m in rewritten for e in m.events} == {"something else happened here"}
     for tag, texts in read_run(run_dir).texts.items():
         for _, text in texts:
@@ -117,16 +125,26 @@ def test_rewording_every_event_message_leaves_the_report_unchanged(tmp_path, mon
     assert got == expected
 
 
-def test_the_reasons_the_report_relies_on_are_listed_once():
-    assert REASONS == {
-        "collapse": (COLLAPSE_ONSET, COLLAPSE_REMEDY),
-        "warning": (
-            "warn_collapse",
-            "warn_divergence",
-            "warn_attention",
-            "collapse",
-            "divergence",
-            "attention",
-        ),
-    }
-    assert WARNING_EVENTS == ("collapse", "divergence", "attention")
+def test_the_report_asks_only_for_reasons_of_the_monitors_enums(
+    monitored_run, tmp_path, monkeypatch
+):
+    # every reason a family reads is a member of its monitor's enum in dynlens.events: the one
+    # definition the callbacks write with
+    writer = SummaryWriter(str(tmp_path / "warning"))  # the monitored run has no warning data
+    writer.add_scalar("dynlens/warning/collapse/gap_median", 3.0, 0)
+    writer.close()
+    asked = []
+    event_steps = Context.event_steps
+
+    def record(self, family, reason):
+        asked.append((family, reason))
+        return event_steps(self, family, reason)
+
+    monkeypatch.setattr(Context, "event_steps", record)
+    logdir, _, _ = monitored_run
+    build_report([logdir, tmp_path])
+    assert {("collapse", CollapseReason.ONSET), ("warning", WarningReason.WARN_COLLAPSE)} <= set(
+        asked
+    )
+    for family, reason in asked:
+        assert isinstance(reason, REASONS[family]), (family, reason)

@@ -8,8 +8,8 @@ from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
 from dynlens.report import build_report
+from dynlens.report.family import Context, Options
 from dynlens.report.plots import DRAWERS, plot_report
-from dynlens.report.summary import Context, Options
 
 
 def synthetic_run(directory):

@@ -16,7 +16,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
 from torch.utils.tensorboard import SummaryWriter
 
-from dynlens.report.reader import find_runs, masked_crc32c, read_run
+from dynlens.report.eventfile import masked_crc32c
+from dynlens.report.reader import find_runs, read_run
 
 
 @settings(max_examples=50, deadline=None)

@@ -15,16 +15,10 @@ from dynlens.continual import ContinualMetrics
 from dynlens.grokking import detect_grokking
 from dynlens.logits import log_growth_rate
 from dynlens.report import build_report
+from dynlens.report.family import Column, Context, Options, family, fmt_float
 from dynlens.report.reader import read_run
-from dynlens.report.summary import (
-    FAMILIES,
-    Column,
-    Context,
-    Options,
-    family,
-    fmt_float,
-    summarise_run,
-)
+from dynlens.report.registry import FAMILIES
+from dynlens.report.summary import summarise_run
 
 
 def f32(x: float) -> float:
@@ -259,16 +253,6 @@ def test_a_run_shows_only_the_families_it_logged(tmp_path):
 
 
 def test_every_registered_family_declares_its_columns_and_a_docstring():
-    assert list(FAMILIES) == [
-        "grokking",
-        "collapse",
-        "hessian",
-        "hessian_blocks",
-        "hessian_spectrum",
-        "logits",
-        "continual",
-        "warning",
-    ]
     for fam in FAMILIES.values():
         assert fam.summarise.__doc__, fam.name
         if fam.rows is None:
@@ -276,7 +260,7 @@ def test_every_registered_family_declares_its_columns_and_a_docstring():
         else:  # the columns show keys of the items of one list-valued field
             assert fam.rows in fam.fields
     with pytest.raises(ValueError, match=r"columns \['nope'\]"):
-        family("x", title="x", fields=("a",), columns=(Column("nope", "n"),), registry={})
+        family("x", order=1, title="x", fields=("a",), columns=(Column("nope", "n"),), registry={})
 
 
 def test_a_family_is_added_by_one_function(tmp_path):
@@ -284,6 +268,7 @@ def test_a_family_is_added_by_one_function(tmp_path):
 
     @family(
         "spikes",
+        order=65,
         title="Loss spikes",
         fields=("measurements", "largest_spike"),
         columns=(Column("largest_spike", "largest spike", fmt_float(1)),),
@@ -299,6 +284,8 @@ def test_a_family_is_added_by_one_function(tmp_path):
             "largest_spike": max(ctx.peak(s) for s in layers.values()),
         }
 
+    # at its declared place: after logits (60), before continual (70)
+    assert list(registry)[-4:] == ["logits", "spikes", "continual", "warning"]
     write(tmp_path / "run", {"dynlens/spikes/loss_ratio/layer_0": {0: 3.0, 1: 250.5}})
     write(tmp_path / "other", {C + "sc_fraction": {0: 0.0}})
     report = build_report([tmp_path], families=registry)
@@ -314,10 +301,11 @@ def test_a_family_is_added_by_one_function(tmp_path):
 def test_a_rows_family_shows_a_row_per_item_and_its_items_are_checked(tmp_path):
     registry: dict = {}
     with pytest.raises(ValueError, match=r"rows 'items' of family 'x'"):
-        family("x", title="x", fields=("a",), columns=(), rows="items", registry=registry)
+        family("x", order=1, title="x", fields=("a",), columns=(), rows="items", registry=registry)
 
     @family(
         "spikes",
+        order=1,
         title="Loss spikes",
         fields=("spikes",),
         columns=(Column("step", "step"), Column("ratio", "ratio", fmt_float(1))),
@@ -345,6 +333,7 @@ def test_a_rows_family_shows_a_row_per_item_and_its_items_are_checked(tmp_path):
 
     @family(
         "bad",
+        order=2,
         title="b",
         fields=("items",),
         columns=(Column("k", "k"),),
@@ -362,7 +351,7 @@ def test_a_rows_family_shows_a_row_per_item_and_its_items_are_checked(tmp_path):
 def test_a_failing_summariser_becomes_a_note_and_the_others_still_report(tmp_path):
     registry = dict(FAMILIES)
 
-    @family("broken", title="b", fields=("x",), columns=(), registry=registry)
+    @family("broken", order=90, title="b", fields=("x",), columns=(), registry=registry)
     def broken(ctx: Context):
         """Always fails."""
         raise ZeroDivisionError("boom")
@@ -372,7 +361,7 @@ def test_a_failing_summariser_becomes_a_note_and_the_others_still_report(tmp_pat
     assert set(summary.families) == {"collapse"}
     assert summary.notes == [f"{tmp_path}: the broken summary failed: ZeroDivisionError: boom"]
 
-    @family("liar", title="l", fields=("x",), columns=(), registry=registry)
+    @family("liar", order=91, title="l", fields=("x",), columns=(), registry=registry)
     def liar(ctx: Context):
         """Returns an undeclared field: a programming error, raised."""
         return {"y": 1}

@@ -10,10 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from dynlens.events import format_event
+from dynlens.events import INSTABILITIES, format_event
 from dynlens.report import build_report
+from dynlens.report.family import Options
 from dynlens.report.reader import read_run
-from dynlens.report.summary import FAMILIES, WARNING_EVENTS, Options, summarise_run
+from dynlens.report.summary import summarise_run
 
 W = "dynlens/warning/"
 
@@ -86,11 +87,14 @@ def test_each_warning_its_expected_step_and_when_its_event_came(tmp_path):
     assert summarise(write(tmp_path, SCALARS, EVENTS)) == {"warning": EXPECTED}
 
 
-def test_the_family_is_registered_last_with_the_monitors_events_and_its_title():
-    from dynlens.callbacks.early_warning import EVENTS as MONITOR_EVENTS
-
-    assert list(FAMILIES)[-1] == "warning" and FAMILIES["warning"].title == "Warnings"
-    assert WARNING_EVENTS == MONITOR_EVENTS
+def test_every_instability_the_monitor_forecasts_is_read(tmp_path):
+    events = [(10 * i, f"warn_{e}", "coming") for i, e in enumerate(INSTABILITIES, 1)]
+    events += [(100 + 10 * i, e, "came") for i, e in enumerate(INSTABILITIES, 1)]
+    got = summarise(write(tmp_path, {}, events))["warning"]
+    assert [(w["event"], w["happened_step"]) for w in got["warnings"]] == [
+        (e, 100 + 10 * i) for i, e in enumerate(INSTABILITIES, 1)
+    ]
+    assert list(got["happened"]) == list(INSTABILITIES)
 
 
 def test_warnings_are_in_step_order_and_a_repeated_warning_waits_for_the_same_event(tmp_path):

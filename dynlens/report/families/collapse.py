@@ -7,9 +7,8 @@ from typing import Any
 import torch
 
 from ...collapse import collapse_threshold
-from ..summary import (
-    COLLAPSE_ONSET,
-    COLLAPSE_REMEDY,
+from ...events import CollapseReason
+from ..family import (
     Column,
     Context,
     family,
@@ -38,6 +37,7 @@ def dtype_of_threshold(threshold: float | None) -> str | None:
 
 @family(
     "collapse",
+    order=20,
     title="Softmax Collapse",
     fields=(
         "measurements",
@@ -71,13 +71,13 @@ def collapse(ctx: Context) -> dict[str, Any] | None:
     sc = ctx.series("collapse", "sc_fraction")
     if sc is None:
         return None
-    onset_events = ctx.event_steps("collapse", COLLAPSE_ONSET)
+    onset_events = ctx.event_steps("collapse", CollapseReason.ONSET)
     if onset_events:
         onset, source = onset_events[0], "event"
     else:
         onset = first_step_above(sc, ctx.options.onset_threshold)
         source = None if onset is None else "sc_fraction"
-    remedy = ctx.event_steps("collapse", COLLAPSE_REMEDY)
+    remedy = ctx.event_steps("collapse", CollapseReason.REMEDY)
     threshold = ctx.last(ctx.series("collapse", "threshold"))
     return {
         "measurements": ctx.count(sc),

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...continual import ContinualMetrics
+from ..family import Column, Context, family, fmt_int, fmt_percent
 from ..reader import Series
-from ..summary import Column, Context, family, fmt_int, fmt_percent
 
 
 def task_boundaries(ctx: Context, accs: Mapping[int, Series]) -> list[tuple[int, int]]:
@@ -62,6 +62,7 @@ def replay_continual(ctx: Context) -> tuple[ContinualMetrics, dict[int, Series]]
 
 @family(
     "continual",
+    order=70,
     title="Continual evaluation (ContinualMetrics replayed on the logged accuracies)",
     fields=(
         "evaluations",

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ...grokking import detect_grokking
-from ..summary import Column, Context, family, fmt_int, fmt_percent, fmt_text
+from ..family import Column, Context, family, fmt_int, fmt_percent, fmt_text
 
 
 def _int_or_none(value: float | None) -> int | None:
@@ -21,6 +21,7 @@ def _kind_style(kind: Any) -> str:
 
 @family(
     "grokking",
+    order=10,
     title="Grokking (detect_grokking on the logged accuracies)",
     fields=(
         "evaluations",

@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..reader import Series
-from ..summary import (
+from ..family import (
     Column,
     Context,
     family,
@@ -19,10 +18,12 @@ from ..summary import (
     fmt_text,
     share_at_least,
 )
+from ..reader import Series
 
 
 @family(
     "hessian",
+    order=30,
     title="Curvature (ratios to the stability thresholds; 1 = at the threshold)",
     fields=(
         "measurements",
@@ -94,6 +95,7 @@ def _last_step(series: Iterable[Series]) -> int | None:
 
 @family(
     "hessian_blocks",
+    order=40,
     title="Curvature per block (last step)",
     fields=("step", "blocks"),
     columns=(
@@ -140,6 +142,7 @@ def top_eigenvalues(ctx: Context, step: int) -> list[float]:
 
 @family(
     "hessian_spectrum",
+    order=50,
     title="Hessian spectrum (top eigenvalues)",
     fields=(
         "measurements",

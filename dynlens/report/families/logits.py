@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from ..family import Column, Context, family, fmt_float, fmt_int
 from ..reader import Series
-from ..summary import Column, Context, family, fmt_float, fmt_int
 
 
 def _positive_points(series: Series) -> tuple[list[int], list[float]]:
@@ -17,6 +17,7 @@ def _positive_points(series: Series) -> tuple[list[int], list[float]]:
 
 @family(
     "logits",
+    order=60,
     title="Logit growth (Wortsman et al. 2023)",
     fields=(
         "measurements",

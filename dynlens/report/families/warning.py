@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..summary import WARNING_EVENTS, Column, Context, family, fmt_int, fmt_text, warning_reason
+from ...events import INSTABILITIES, WarningReason
+from ..family import Column, Context, family, fmt_int, fmt_text
 
 
 def happened_step(steps: list[int], warned: int) -> int | None:
@@ -25,6 +26,7 @@ def happened_step(steps: list[int], warned: int) -> int | None:
 
 @family(
     "warning",
+    order=80,
     title="Warnings",
     fields=("warnings", "happened"),
     columns=(
@@ -44,11 +46,13 @@ def warning(ctx: Context) -> dict[str, Any] | None:
     """
     if not ctx.texts("warning") and not ctx.matching("warning", r".+"):
         return None
-    happened = {e: sorted(ctx.event_steps("warning", e)) for e in WARNING_EVENTS}
+    happened = {
+        e: sorted(ctx.event_steps("warning", WarningReason.happened(e))) for e in INSTABILITIES
+    }
     raised = sorted(
         (step, i, event)
-        for i, event in enumerate(WARNING_EVENTS)
-        for step in ctx.event_steps("warning", warning_reason(event))
+        for i, event in enumerate(INSTABILITIES)
+        for step in ctx.event_steps("warning", WarningReason.warning(event))
     )
     warnings = []
     for warned, _, event in raised:
