@@ -14,14 +14,8 @@ from torch import nn
 
 import dynlens.attention
 import dynlens.logits
-from dynlens.logits import (
-    OutputLogitSums,
-    attention_logit_sums,
-    log_growth_rate,
-    multi_head_attention_logit_sums,
-    output_logit_stats,
-    output_logit_sums,
-)
+from dynlens.attention import attention_logit_sums, multi_head_attention_logit_sums
+from dynlens.logits import OutputLogitSums, log_growth_rate, output_logit_stats, output_logit_sums
 
 NEG_INF = float("-inf")
 
