@@ -9,7 +9,7 @@ Such samples stop contributing to learning (**Softmax Collapse**, SC), which the
 the stalls of grokking. SC is a property of the precision the softmax is computed in.
 
 The alignment of the gradient with naive loss minimisation, which ``SoftmaxCollapseMonitor``
-logs alongside, is in :mod:`dynlens.alignment` (its names are re-exported here).
+logs alongside, is in :mod:`dynlens.alignment`.
 
 Everything here is plain torch: statistics are device tensors (counts, not fractions, so they
 reduce across processes by summing) and nothing synchronises with the host except the
@@ -41,14 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# NLM alignment lives in dynlens.alignment; re-exported so that imports from here keep working
-from dynlens.alignment import (
-    nlm_cosine,
-    nlm_cosine_from_sums,
-    nlm_cosine_per_tensor,
-    nlm_cosines,
-    nlm_sums,
-)
 from dynlens.nn import Activation, _check_activation, _log_s, _s, stablemax_cross_entropy
 
 __all__ = [
@@ -59,11 +51,6 @@ __all__ = [
     "collapse_threshold",
     "collapsed_mask",
     "count_collapse",
-    "nlm_cosine",
-    "nlm_cosine_from_sums",
-    "nlm_cosine_per_tensor",
-    "nlm_cosines",
-    "nlm_sums",
     "runner_up_gap",
     "softmax_collapse_fraction",
     "stablemax_collapse_fraction",
