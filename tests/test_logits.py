@@ -318,6 +318,16 @@ def test_multi_head_attention_statistics_match_brute_force():
     check(sums, expected)
 
 
+def test_multi_head_attention_statistics_name_missing_projection_weights():
+    query = randn(5, 2, 8, seed=1)
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        multi_head_attention_logit_sums(query, query, 2, None, None)
+    with pytest.raises(ValueError, match="k_proj_weight"):
+        multi_head_attention_logit_sums(
+            query, query, 2, None, None, use_separate_proj_weight=True, q_proj_weight=randn(8, 8)
+        )
+
+
 MHA_CASES = {
     "masks": dict(kwargs={}, padding=True, blocked="bool"),
     "float masks, per-head attn_mask": dict(kwargs={}, padding="float", blocked="float3d"),
