@@ -92,9 +92,10 @@ class OutputLogitSums:
 
     def merge(self, other: OutputLogitSums) -> OutputLogitSums:
         """The statistics of both sets of samples together."""
-        summed = {f: getattr(self, f) + getattr(other, f) for f in self.SUMS}
-        maxed = {f: torch.maximum(getattr(self, f), getattr(other, f)) for f in self.MAXIMA}
-        return OutputLogitSums(**summed, **maxed)
+        # keyed by field name: each value's type is its field's, which a dict cannot say
+        fields: dict[str, Any] = {f: getattr(self, f) + getattr(other, f) for f in self.SUMS}
+        fields.update({f: torch.maximum(getattr(self, f), getattr(other, f)) for f in self.MAXIMA})
+        return OutputLogitSums(**fields)
 
     @classmethod
     def pool(cls, items: Sequence[OutputLogitSums]) -> OutputLogitSums:
@@ -191,7 +192,8 @@ def output_logit_stats(logits: Tensor) -> OutputLogitStats:
         0.4082
     """
     stats = output_logit_sums(logits).compute()
-    values = torch.stack(list(stats.values())).cpu().tolist()
+    # fresh sums hold tensors, so every statistic is one (as_tensor returns it as it is)
+    values = torch.stack([torch.as_tensor(v) for v in stats.values()]).cpu().tolist()
     return OutputLogitStats(**dict(zip(stats, values, strict=True)))
 
 
