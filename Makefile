@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_FLAGS ?=
 STAMP := $(BIN)/.dynlens-installed
 
-.PHONY: install test lint demo screenshot screenshot-warning clean
+.PHONY: install test lint typecheck demo screenshot screenshot-warning clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check dynlens tests examples benchmarks scripts
 	$(BIN)/ruff format --check dynlens tests examples benchmarks scripts
 
-test: lint
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
@@ -42,4 +45,4 @@ screenshot-warning: $(STAMP)
 		--width 1100 --height 540 --scale 2 --out docs/early_warning.png
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -39,12 +39,14 @@ __all__ = [
 ]
 
 
-def _check_pairs(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+def _checked(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    """The gradients, once each is known to be set and shaped like its parameter."""
     if len(grads) != len(params) or len(grads) == 0:
         raise ValueError(
             f"Expected equally many gradients and parameters (at least one), got {len(grads)} "
             f"and {len(params)}; pass [p.grad for p in ps] and ps for the same ps"
         )
+    checked = []
     for i, (g, w) in enumerate(zip(grads, params, strict=True)):
         if g is None:
             raise ValueError(f"Gradient {i} is None; pass only parameters that received a gradient")
@@ -52,6 +54,8 @@ def _check_pairs(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
             raise ValueError(
                 f"Gradient {i} has shape {tuple(g.shape)}, its parameter {tuple(w.shape)}"
             )
+        checked.append(g)
+    return checked
 
 
 def _dot_and_squares(g: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,7 +76,7 @@ def _descent_cosine(dot: Tensor, gg: Tensor, ww: Tensor) -> Tensor:
     return torch.where(denom > 0, cosine.clamp(-1.0, 1.0), 0.0)
 
 
-def nlm_cosine(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+def nlm_cosine(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
     """Alignment of the descent direction with naive loss minimisation: ``cos(-∇L, θ)``.
 
     Prieto et al. 2025, Section 5: for a positively homogeneous network ``f(cθ) = c^L f(θ)``,
@@ -87,7 +91,8 @@ def nlm_cosine(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
     sign: ``cos(∇L, θ)`` itself tends to -1 under NLM. A 0-dim tensor, no host sync.
 
     Args:
-        grads: gradients, one per parameter tensor (e.g. ``[p.grad for p in ps]``).
+        grads: gradients, one per parameter tensor (e.g. ``[p.grad for p in ps]``; a ``None``
+            among them is a ``ValueError``).
         params: the parameter tensors, same order and shapes.
 
     Example:
@@ -98,7 +103,7 @@ def nlm_cosine(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
     return nlm_cosine_from_sums(nlm_sums(grads, params))
 
 
-def nlm_sums(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+def nlm_sums(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
     """The sums behind :func:`nlm_cosine`: ``[<g, θ>, ||g||², ||θ||²]`` over all tensors.
 
     They add over disjoint sets of parameters, so ranks that each hold a shard of θ (FSDP) sum
@@ -109,8 +114,7 @@ def nlm_sums(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         >>> nlm_sums([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
         tensor([11.,  5., 25.])
     """
-    _check_pairs(grads, params)
-    terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
+    terms = [_dot_and_squares(g, w) for g, w in zip(_checked(grads, params), params, strict=True)]
     acc = _common_dtype(terms)
     return torch.stack([torch.stack([t[k].to(acc) for t in terms]).sum() for k in range(3)])
 
@@ -121,7 +125,7 @@ def nlm_cosine_from_sums(sums: Tensor) -> Tensor:
     return _descent_cosine(dot, gg, ww)
 
 
-def nlm_cosine_per_tensor(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+def nlm_cosine_per_tensor(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
     """:func:`nlm_cosine` of each parameter tensor separately, shape ``(len(params),)``.
 
     The paper reports this per layer: the output layer aligns first (cosine around 0.9 after
@@ -132,8 +136,7 @@ def nlm_cosine_per_tensor(grads: Sequence[Tensor], params: Sequence[Tensor]) -> 
         >>> nlm_cosine_per_tensor([torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 0.0])], ws)
         tensor([1., 0.])
     """
-    _check_pairs(grads, params)
-    terms = [_dot_and_squares(g, w) for g, w in zip(grads, params, strict=True)]
+    terms = [_dot_and_squares(g, w) for g, w in zip(_checked(grads, params), params, strict=True)]
     acc = _common_dtype(terms)
     return torch.stack([_descent_cosine(*(x.to(acc) for x in t)) for t in terms])
 

@@ -73,8 +73,10 @@ class AttentionLogitSums:
 
     def merge(self, other: AttentionLogitSums) -> AttentionLogitSums:
         """The statistics of both sets of logits together (tensors or floats)."""
+        best: Tensor | float
         if isinstance(self.max_logit, Tensor):
-            best = torch.maximum(self.max_logit, other.max_logit.to(self.max_logit))
+            theirs = torch.as_tensor(other.max_logit)  # the tensor itself when it is one
+            best = torch.maximum(self.max_logit, theirs.to(self.max_logit))
         else:
             best = max(self.max_logit, other.max_logit)
         return AttentionLogitSums(
@@ -360,7 +362,8 @@ def attention_logit_sums(
 
             def four_d(t: Tensor, index: tuple[int, ...] = index) -> Tensor:
                 picked = tuple(i if t.shape[d + 1] > 1 else 0 for d, i in enumerate(index))
-                t = t[(slice(None), *picked)] if picked else t
+                where: tuple[slice | int, ...] = (slice(None), *picked)
+                t = t[where] if picked else t
                 return t if t.dim() == 4 else t.unsqueeze(0)
 
             q4, k4 = four_d(q), four_d(k)
@@ -431,8 +434,17 @@ def multi_head_attention_logit_sums(
         length, batch, embed = query.shape
         head_dim = embed // num_heads
         if use_separate_proj_weight:
+            if q_proj_weight is None or k_proj_weight is None:
+                raise ValueError(
+                    "Expected q_proj_weight and k_proj_weight with use_separate_proj_weight=True"
+                )
             w_q, w_k = q_proj_weight, k_proj_weight
         else:
+            if in_proj_weight is None:
+                raise ValueError(
+                    "Expected in_proj_weight with use_separate_proj_weight=False (or pass "
+                    "q_proj_weight and k_proj_weight with use_separate_proj_weight=True)"
+                )
             w_q, w_k = in_proj_weight[:embed], in_proj_weight[embed : 2 * embed]
         b_q = b_k = None
         if in_proj_bias is not None:

@@ -9,7 +9,7 @@ Such samples stop contributing to learning (**Softmax Collapse**, SC), which the
 the stalls of grokking. SC is a property of the precision the softmax is computed in.
 
 The alignment of the gradient with naive loss minimisation, which ``SoftmaxCollapseMonitor``
-logs alongside, is in :mod:`dynlens.alignment` (its names are re-exported here).
+logs alongside, is in :mod:`dynlens.alignment`.
 
 Everything here is plain torch: statistics are device tensors (counts, not fractions, so they
 reduce across processes by summing) and nothing synchronises with the host except the
@@ -41,14 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# NLM alignment lives in dynlens.alignment; re-exported so that imports from here keep working
-from dynlens.alignment import (
-    nlm_cosine,
-    nlm_cosine_from_sums,
-    nlm_cosine_per_tensor,
-    nlm_cosines,
-    nlm_sums,
-)
 from dynlens.nn import Activation, _check_activation, _log_s, _s, stablemax_cross_entropy
 
 __all__ = [
@@ -59,11 +51,6 @@ __all__ = [
     "collapse_threshold",
     "collapsed_mask",
     "count_collapse",
-    "nlm_cosine",
-    "nlm_cosine_from_sums",
-    "nlm_cosine_per_tensor",
-    "nlm_cosines",
-    "nlm_sums",
     "runner_up_gap",
     "softmax_collapse_fraction",
     "stablemax_collapse_fraction",
@@ -320,12 +307,11 @@ def count_collapse(items: Sequence[CollapseIndicators]) -> Tensor:
     first = items[0]
 
     def alike(item: CollapseIndicators) -> bool:
-        return (
-            item.top.shape == first.top.shape
-            and item.top.dtype == first.top.dtype
-            and (item.target is None) == (first.target is None)
-            and (item.target is None or item.target.dtype == first.target.dtype)
-        )
+        if item.top.shape != first.top.shape or item.top.dtype != first.top.dtype:
+            return False
+        if item.target is None or first.target is None:
+            return item.target is None and first.target is None
+        return item.target.dtype == first.target.dtype
 
     if len(items) > 1 and not all(alike(item) for item in items):
         return torch.cat([count_collapse([item]) for item in items])
@@ -334,9 +320,13 @@ def count_collapse(items: Sequence[CollapseIndicators]) -> Tensor:
     if first.target is None:
         zero_loss = torch.zeros_like(collapsed)
     else:
-        target = torch.stack([item.target for item in items])
-        valid = torch.stack([item.valid for item in items])
-        zero_loss = ((target == 0) & valid).sum(dim=-1)
+        targets, valids = [], []
+        for item in items:
+            # every item has targets, as the first has (alike); valid comes with them
+            assert item.target is not None and item.valid is not None
+            targets.append(item.target)
+            valids.append(item.valid)
+        zero_loss = ((torch.stack(targets) == 0) & torch.stack(valids)).sum(dim=-1)
     samples = torch.full_like(collapsed, top.shape[-1])
     return torch.stack([samples, collapsed, zero_loss], dim=-1)
 

@@ -225,10 +225,10 @@ class ContinualMetrics:
                 f"Expected `recovery_tolerance` in [0, 1] (an absolute accuracy, 0.01 = one "
                 f"percentage point), got {recovery_tolerance!r}"
             )
-        self.recovery_tolerance = float(recovery_tolerance)
+        self.recovery_tolerance: float = float(recovery_tolerance)
         if isinstance(lca_beta, bool) or not isinstance(lca_beta, int) or lca_beta < 1:
             raise ValueError(f"Expected `lca_beta` to be a positive int, got {lca_beta!r}")
-        self.lca_beta = lca_beta
+        self.lca_beta: int = lca_beta
         self._order: list[int] = []
         self._tasks: dict[int, _TaskState] = {}
         self._last_step: int | None = None
@@ -355,11 +355,17 @@ class ContinualMetrics:
         """The metrics from all evaluations so far (see the class docstring for definitions)."""
         states = [(t, self._tasks[t]) for t in self._order]
         current = self.current_task
-        evaluated = [(t, ts) for t, ts in states if ts.latest is not None]
-        # Previous tasks = ended tasks with at least one evaluation after their end.
-        previous = [(t, ts) for t, ts in states if ts.ended and ts.min_after is not None]
+        # (task, state, latest accuracy) of the tasks evaluated at least once
+        evaluated = [(t, ts, ts.latest) for t, ts in states if ts.latest is not None]
+        # Previous tasks = ended tasks with at least one evaluation after their end (which is
+        # also their latest): (task, state, latest accuracy, minimum after the end)
+        previous = [
+            (t, ts, ts.latest, ts.min_after)
+            for t, ts in states
+            if ts.ended and ts.latest is not None and ts.min_after is not None
+        ]
 
-        min_acc = _mean([ts.min_after for _, ts in previous])
+        min_acc = _mean([low for _, _, _, low in previous])
         current_acc = self._tasks[current].latest if current is not None else None
         if current_acc is None:
             wc_acc = None
@@ -372,10 +378,10 @@ class ContinualMetrics:
         gap: dict[int, float] = {}
         recovery: dict[int, float] = {}
         recovery_steps: dict[int, int | None] = {}
-        for t, ts in previous:
-            recovery[t] = ts.latest - ts.min_after
+        for t, ts, latest, low in previous:
+            recovery[t] = latest - low
             if ts.end_acc is not None:
-                gap[t] = ts.end_acc - ts.min_after
+                gap[t] = ts.end_acc - low
                 recovery_steps[t] = (
                     None
                     if ts.recovered_step is None or ts.min_step is None
@@ -386,17 +392,22 @@ class ContinualMetrics:
             [ts.lca_sum / ts.lca_count for _, ts in states if ts.lca_count >= self.lca_beta]
         )
         return ContinualSummary(
-            acc=_mean([ts.latest for _, ts in evaluated]),
+            acc=_mean([latest for _, _, latest in evaluated]),
             min_acc=min_acc,
             wc_acc=wc_acc,
-            wf={w: _mean([ts.max_drop.get(w, 0.0) for _, ts in previous]) for w in self.windows},
-            wp={w: _mean([ts.max_rise.get(w, 0.0) for _, ts in evaluated]) for w in self.windows},
+            wf={
+                w: _mean([ts.max_drop.get(w, 0.0) for _, ts, _, _ in previous])
+                for w in self.windows
+            },
+            wp={
+                w: _mean([ts.max_rise.get(w, 0.0) for _, ts, _ in evaluated]) for w in self.windows
+            },
             gap=gap,
             recovery=recovery,
             recovery_steps=recovery_steps,
             lca=lca,
-            task_acc={t: ts.latest for t, ts in evaluated},
-            task_min_acc={t: ts.min_after for t, ts in previous},
+            task_acc={t: latest for t, _, latest in evaluated},
+            task_min_acc={t: low for t, _, _, low in previous},
             current_task=current,
             num_tasks=len(self._order),
             skipped=sum(ts.num_nan for _, ts in states),

@@ -100,8 +100,8 @@ class ModularMLP(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         h = self.hparams
-        kwargs = {"lr": h.lr, "weight_decay": h.weight_decay, "betas": h.betas, "eps": h.eps}
-        if h.orthograd:
+        kwargs = {k: h[k] for k in ("lr", "weight_decay", "betas", "eps")}
+        if h["orthograd"]:
             return OrthoGrad(self.parameters(), torch.optim.AdamW, **kwargs)
         return torch.optim.AdamW(self.parameters(), **kwargs)
 
@@ -171,7 +171,7 @@ def train_run(
     datamodule: ModularArithmetic,
     val_every: int = 10,
     seed: int = 0,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[pl.Callback] = (),
 ) -> DemoResult:
     """Train one demo configuration with the monitors attached and return what they found."""
     torch.manual_seed(seed)

@@ -80,7 +80,10 @@ class Trend:
 
 
 def fit_trend(
-    steps: Sequence[float], values: Sequence[float], *, kind: TrendKind = "linear"
+    steps: Sequence[float] | np.ndarray,
+    values: Sequence[float] | np.ndarray,
+    *,
+    kind: TrendKind = "linear",
 ) -> Trend:
     """Least-squares trend of ``values`` over ``steps`` (at least two distinct steps).
 
@@ -246,6 +249,7 @@ def steps_to_threshold(
         raise ValueError(f"An {kind} trend reaches only a positive threshold.")
     level = float(threshold) if kind == "linear" else math.log(threshold)
     last = float(trend.last_step)
+    step_at: Callable[[float], float]
     if kind == "power":  # the line is in ln(step): crossings map back through exp
         here, step_at = math.log(last), _exp_step
     else:
@@ -418,7 +422,9 @@ def optimizer_update(
             params.append(q)
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
     try:
-        shadow = type(optimizer)(groups)
+        # the concrete class's constructor (SGD(params, lr=...), ...), not Optimizer's, which
+        # also wants `defaults`; one that does not take groups alone is the TypeError below
+        shadow = type(optimizer)(groups)  # type: ignore[call-arg]
     except TypeError as exc:
         raise TypeError(
             f"optimizer_update needs an optimizer built from parameter groups; "

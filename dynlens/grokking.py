@@ -79,7 +79,9 @@ def _first_at_least(steps: np.ndarray, values: np.ndarray, level: float) -> int 
     return int(steps[hits[0]]) if hits.size else None
 
 
-def transition_steps(steps: Sequence[int], values: Sequence[float]) -> int | None:
+def transition_steps(
+    steps: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray
+) -> int | None:
     """Steps for ``values`` to climb from 10% to 90% of its total rise (max − first value).
 
     ``None`` when the curve never rises. NaN points are ignored.
@@ -99,13 +101,14 @@ def transition_steps(steps: Sequence[int], values: Sequence[float]) -> int | Non
     start = _first_at_least(s, v, v[0] + 0.1 * rise)
     end = _first_at_least(s, v, v[0] + 0.9 * rise)
     # Both exist: the maximum itself is at or above either level.
-    return int(end) - int(start)
+    assert start is not None and end is not None
+    return end - start
 
 
 def detect_grokking(
-    steps: Sequence[int],
-    train_acc: Sequence[float],
-    val_acc: Sequence[float],
+    steps: Sequence[int] | np.ndarray,
+    train_acc: Sequence[float] | np.ndarray,
+    val_acc: Sequence[float] | np.ndarray,
     *,
     threshold: float = 0.99,
     grokking_delay: int = 1000,

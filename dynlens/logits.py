@@ -21,8 +21,7 @@ attention-logit statistics (:class:`~dynlens.attention.AttentionLogitSums`,
 :func:`~dynlens.attention.attention_logit_sums`,
 :func:`~dynlens.attention.multi_head_attention_logit_sums`,
 :func:`~dynlens.attention.softmax_logit_sums`, :func:`~dynlens.attention.masked_below`,
-:data:`~dynlens.attention.DEFAULT_CHUNK_ELEMENTS`) live in :mod:`dynlens.attention`; they are
-re-exported here, so ``from dynlens.logits import ...`` keeps working.
+:data:`~dynlens.attention.DEFAULT_CHUNK_ELEMENTS`) live in :mod:`dynlens.attention`.
 
 Everything here is plain torch and works in a plain PyTorch loop. Statistics come as *sufficient
 statistics* (sums, counts and maxima as device tensors, each with a declared cross-process
@@ -41,28 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import (  # the attention statistics' former home re-exports them
-    DEFAULT_CHUNK_ELEMENTS,
-    AttentionLogitSums,
-    _compute_dtype,
-    attention_logit_sums,
-    masked_below,
-    multi_head_attention_logit_sums,
-    softmax_logit_sums,
-)
+from .attention import _compute_dtype
 
 __all__ = [
-    "DEFAULT_CHUNK_ELEMENTS",
-    "AttentionLogitSums",
     "OutputLogitStats",
     "OutputLogitSums",
-    "attention_logit_sums",
     "log_growth_rate",
-    "masked_below",
-    "multi_head_attention_logit_sums",
     "output_logit_stats",
     "output_logit_sums",
-    "softmax_logit_sums",
 ]
 
 
@@ -107,9 +92,10 @@ class OutputLogitSums:
 
     def merge(self, other: OutputLogitSums) -> OutputLogitSums:
         """The statistics of both sets of samples together."""
-        summed = {f: getattr(self, f) + getattr(other, f) for f in self.SUMS}
-        maxed = {f: torch.maximum(getattr(self, f), getattr(other, f)) for f in self.MAXIMA}
-        return OutputLogitSums(**summed, **maxed)
+        # keyed by field name: each value's type is its field's, which a dict cannot say
+        fields: dict[str, Any] = {f: getattr(self, f) + getattr(other, f) for f in self.SUMS}
+        fields.update({f: torch.maximum(getattr(self, f), getattr(other, f)) for f in self.MAXIMA})
+        return OutputLogitSums(**fields)
 
     @classmethod
     def pool(cls, items: Sequence[OutputLogitSums]) -> OutputLogitSums:
@@ -206,7 +192,8 @@ def output_logit_stats(logits: Tensor) -> OutputLogitStats:
         0.4082
     """
     stats = output_logit_sums(logits).compute()
-    values = torch.stack(list(stats.values())).cpu().tolist()
+    # fresh sums hold tensors, so every statistic is one (as_tensor returns it as it is)
+    values = torch.stack([torch.as_tensor(v) for v in stats.values()]).cpu().tolist()
     return OutputLogitStats(**dict(zip(stats, values, strict=True)))
 
 

@@ -153,7 +153,7 @@ class OrthoGrad(torch.optim.Optimizer):
     def _project(self) -> None:
         project_out_weights_(p for group in self.param_groups for p in group["params"])
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Project every gradient, then step the base optimiser.
 
         With a ``closure``, the base optimiser evaluates a wrapped closure that recomputes the

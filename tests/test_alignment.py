@@ -10,19 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dynlens.alignment
-import dynlens.collapse
 from dynlens.alignment import nlm_cosine, nlm_cosine_from_sums, nlm_cosine_per_tensor, nlm_sums
 
 
 def test_docstring_examples():
     result = doctest.testmod(dynlens.alignment, extraglobs={"torch": torch})
     assert result.failed == 0 and result.attempted > 0
-
-
-def test_names_stay_importable_from_collapse():
-    for name in dynlens.alignment.__all__:
-        assert getattr(dynlens.collapse, name) is getattr(dynlens.alignment, name)
-        assert name in dynlens.collapse.__all__
 
 
 def test_nlm_cosine_hand_computation():

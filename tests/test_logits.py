@@ -14,14 +14,8 @@ from torch import nn
 
 import dynlens.attention
 import dynlens.logits
-from dynlens.logits import (
-    OutputLogitSums,
-    attention_logit_sums,
-    log_growth_rate,
-    multi_head_attention_logit_sums,
-    output_logit_stats,
-    output_logit_sums,
-)
+from dynlens.attention import attention_logit_sums, multi_head_attention_logit_sums
+from dynlens.logits import OutputLogitSums, log_growth_rate, output_logit_stats, output_logit_sums
 
 NEG_INF = float("-inf")
 
@@ -322,6 +316,16 @@ def test_multi_head_attention_statistics_match_brute_force():
         attn_mask=blocked,
     )
     check(sums, expected)
+
+
+def test_multi_head_attention_statistics_name_missing_projection_weights():
+    query = randn(5, 2, 8, seed=1)
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        multi_head_attention_logit_sums(query, query, 2, None, None)
+    with pytest.raises(ValueError, match="k_proj_weight"):
+        multi_head_attention_logit_sums(
+            query, query, 2, None, None, use_separate_proj_weight=True, q_proj_weight=randn(8, 8)
+        )
 
 
 MHA_CASES = {

@@ -59,7 +59,9 @@ def modular_table(p: int, op: Operation) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([a, b], dim=1), labels
 
 
-def _loader(dataset: TensorDataset, batch_size: int, generator: torch.Generator | None):
+def _loader(
+    dataset: TensorDataset, batch_size: int, generator: torch.Generator | None
+) -> DataLoader:
     # A batch sampler with batch_size=None makes the loader index the tensors once per batch
     # instead of collating single examples: a full batch of 5,000 rows costs one gather.
     base = RandomSampler(dataset, generator=generator) if generator else SequentialSampler(dataset)
@@ -137,24 +139,30 @@ class ModularArithmetic(LightningDataModule):
         return onehot
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        order = torch.randperm(
-            len(self._labels), generator=torch.Generator().manual_seed(self.seed)
-        )
-        train_idx, val_idx = order[: self._n_train], order[self._n_train :]
-        self.train_set = TensorDataset(
-            self._features(self._pairs[train_idx]), self._labels[train_idx]
-        )
-        self.val_set = TensorDataset(self._features(self._pairs[val_idx]), self._labels[val_idx])
+        self._splits()
+
+    def _splits(self) -> tuple[TensorDataset, TensorDataset]:
+        """The training and validation sets, split on first use."""
+        if self.train_set is None or self.val_set is None:
+            order = torch.randperm(
+                len(self._labels), generator=torch.Generator().manual_seed(self.seed)
+            )
+            train_idx, val_idx = order[: self._n_train], order[self._n_train :]
+            self.train_set = TensorDataset(
+                self._features(self._pairs[train_idx]), self._labels[train_idx]
+            )
+            self.val_set = TensorDataset(
+                self._features(self._pairs[val_idx]), self._labels[val_idx]
+            )
+        return self.train_set, self.val_set
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
+        train_set, _ = self._splits()
         if self.batch_size is None:
-            return _loader(self.train_set, len(self.train_set), None)
+            return _loader(train_set, len(train_set), None)
         generator = torch.Generator().manual_seed(self.seed + 1)
-        return _loader(self.train_set, self.batch_size, generator)
+        return _loader(train_set, self.batch_size, generator)
 
     def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.val_set, self.val_batch_size or len(self.val_set), None)
+        _, val_set = self._splits()
+        return _loader(val_set, self.val_batch_size or len(val_set), None)

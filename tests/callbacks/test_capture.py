@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynlens import ConfigurationError
+from dynlens.attention import attention_logit_sums, softmax_logit_sums
 from dynlens.callbacks.capture import LogitsCapture, batch_targets, shift_targets_left
 from dynlens.callbacks.capture.attention import AttentionCapture
-from dynlens.logits import attention_logit_sums, softmax_logit_sums
 
 MIN = torch.finfo(torch.float32).min
 
