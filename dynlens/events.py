@@ -77,13 +77,22 @@ def parse_event(text: str) -> tuple[str | None, str]:
 
 class Reason(str, enum.Enum):
     """Base of the monitors' reason enums: each member is a ``str`` equal to its code, so it
-    compares equal to the plain string a checkpoint or an event file holds."""
+    compares equal to the plain string a checkpoint or an event file holds. A monitor's enum
+    names the monitor (its ``name``, the ``<monitor>`` of its keys) as a class keyword,
+    ``class CollapseReason(Reason, monitor="collapse")``, and :data:`REASONS` follows."""
 
     __str__ = str.__str__
-    __format__ = str.__format__
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str(self), spec)
+
+    def __init_subclass__(cls, monitor: str = "", **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        #: The ``name`` of the monitor whose events these are.
+        cls.monitor = monitor
 
 
-class GrokkingReason(Reason):
+class GrokkingReason(Reason, monitor="grokking"):
     """Events of ``GrokkingMonitor``."""
 
     MEMORIZED = "memorized"  #: training accuracy reached the threshold
@@ -92,7 +101,7 @@ class GrokkingReason(Reason):
     SUMMARY = "summary"  #: the run's classification, at the end of training
 
 
-class CollapseReason(Reason):
+class CollapseReason(Reason, monitor="collapse"):
     """Events of ``SoftmaxCollapseMonitor``."""
 
     ONSET = "onset"  #: more than ``onset_threshold`` of a measured step's samples collapsed
@@ -101,7 +110,7 @@ class CollapseReason(Reason):
     LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
 
 
-class LogitsReason(Reason):
+class LogitsReason(Reason, monitor="logits"):
     """Events of ``LogitGrowthMonitor``."""
 
     ATTENTION_WARNING = "attention_warning"  #: the max attention logit passed its warning level
@@ -110,7 +119,7 @@ class LogitsReason(Reason):
     LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
 
 
-class HessianReason(Reason):
+class HessianReason(Reason, monitor="hessian"):
     """Events of ``HessianMonitor``."""
 
     EDGE_OF_STABILITY = "edge_of_stability"  #: ``eos_ratio`` reached 1
@@ -119,7 +128,7 @@ class HessianReason(Reason):
     NO_PRECONDITIONED_SHARPNESS = "no_preconditioned_sharpness"  #: Adam's P is not defined
 
 
-class ContinualReason(Reason):
+class ContinualReason(Reason, monitor="continual"):
     """Events of ``ContinualEvaluation``."""
 
     TASK_START = "task_start"  #: training on a task began
@@ -133,7 +142,7 @@ Instability = Literal["collapse", "divergence", "attention"]
 INSTABILITIES: tuple[Instability, ...] = ("collapse", "divergence", "attention")
 
 
-class WarningReason(Reason):
+class WarningReason(Reason, monitor="warning"):
     """Events of ``EarlyWarningMonitor``: for each instability a warning that it is coming
     (``warn_<instability>``) and the instability itself (``<instability>``, when it happened)."""
 
@@ -160,11 +169,4 @@ class WarningReason(Reason):
 
 
 #: Each monitor's reasons, by the monitor's ``name`` (the ``<monitor>`` of its keys).
-REASONS: dict[str, type[Reason]] = {
-    "grokking": GrokkingReason,
-    "collapse": CollapseReason,
-    "logits": LogitsReason,
-    "hessian": HessianReason,
-    "continual": ContinualReason,
-    "warning": WarningReason,
-}
+REASONS: dict[str, type[Reason]] = {cls.monitor: cls for cls in Reason.__subclasses__()}

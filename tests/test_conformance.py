@@ -1,13 +1,18 @@
 """Monitor-contract checks over every exported monitor at once (DESIGN.md, "monitor contract").
 
-Each monitor in ``dynlens.callbacks`` joins automatically: ``FACTORIES`` must name every exported
-``Monitor`` subclass, or ``test_every_monitor_is_covered`` fails.
+Each monitor joins by itself: its test module in ``tests/callbacks/`` defines
+``conformance_monitor(eval_set)``, which returns a small instance for this suite's model, and
+``FACTORIES`` collects them. Every exported ``Monitor`` subclass must have one, or
+``test_every_monitor_is_covered`` fails.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import math
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -18,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
 import dynlens.callbacks
+import dynlens.events
 from tests.helpers import trainer as make_trainer
 
 STEPS = 12
@@ -77,24 +83,49 @@ class Model(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
-FACTORIES = {
-    dynlens.GrokkingMonitor: lambda: dynlens.GrokkingMonitor(verbose=False),
-    dynlens.SoftmaxCollapseMonitor: lambda: dynlens.SoftmaxCollapseMonitor(
-        every_n_steps=1, logits_module="head", per_layer=True, verbose=False
-    ),
-    dynlens.HessianMonitor: lambda: dynlens.HessianMonitor(
-        every_n_steps=1, num_probes=2, max_iter=3, verbose=False
-    ),
-    dynlens.LogitGrowthMonitor: lambda: dynlens.LogitGrowthMonitor(
-        every_n_steps=1, logits_module="head", attention_every_n_steps=1, verbose=False
-    ),
-    dynlens.EarlyWarningMonitor: lambda: dynlens.EarlyWarningMonitor(
-        every_n_steps=1, curvature_every_n_steps=2, window=4, logits_module="head", verbose=False
-    ),
-    dynlens.ContinualEvaluation: lambda: dynlens.ContinualEvaluation(
-        {0: data(1, 32)}, subset_size=16, verbose=False
-    ),
-}
+def _factories() -> dict[type, object]:
+    """``{monitor class: factory}``, from each callback test module's ``conformance_monitor``."""
+    found = {}
+    for path in sorted((Path(__file__).parent / "callbacks").glob("test_*.py")):
+        make = getattr(
+            importlib.import_module(f"tests.callbacks.{path.stem}"), "conformance_monitor", None
+        )
+        if make is not None:
+            factory = lambda make=make: make(data(1, 32))  # noqa: E731
+            found[type(factory())] = factory
+    return found
+
+
+FACTORIES = _factories()
+
+
+HOOKS = ("setup", "teardown", "state_dict", "load_state_dict", "disable")
+
+
+@pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
+def test_every_hook_a_monitor_overrides_says_so_and_the_base_hooks_run(monitor, monkeypatch):
+    overridden = {
+        (cls.__name__, name): fn
+        for cls in monitor.__mro__
+        if issubclass(cls, dynlens.Monitor) and cls is not dynlens.Monitor
+        for name, fn in vars(cls).items()
+        if (name.startswith("on_") or name in HOOKS) and callable(fn)
+    }
+    assert overridden
+    unmarked = [hook for hook, fn in overridden.items() if not getattr(fn, "__override__", False)]
+    assert unmarked == [], "hooks without @override"
+    # the base's hooks (the schedule's clock, the layout, the pooled flush) run once per fit
+    calls: list[str] = []
+    for name in ("setup", "on_train_start", "on_train_end", "teardown"):
+        base = getattr(dynlens.Monitor, name)
+
+        def spy(self, *args, _base=base, _name=name, **kwargs):
+            calls.append(_name)
+            return _base(self, *args, **kwargs)
+
+        monkeypatch.setattr(dynlens.Monitor, name, spy)
+    fit_with(Model(), [FACTORIES[monitor]()])
+    assert sorted(calls) == sorted(["setup", "on_train_start", "on_train_end", "teardown"])
 
 
 def train(callbacks: list) -> tuple[list[torch.Tensor], dict, list[torch.Tensor]]:
@@ -133,8 +164,11 @@ def exported_monitors() -> list[type]:
     ]
 
 
-def test_every_monitor_is_covered():
+def test_every_monitor_is_covered_and_names_its_reasons():
     assert set(exported_monitors()) == set(FACTORIES)
+    for monitor in FACTORIES:  # its reasons are the report's, under its name
+        assert monitor.reasons.monitor == monitor.name
+        assert dynlens.events.REASONS[monitor.name] is monitor.reasons
 
 
 @pytest.mark.parametrize("monitor", [*FACTORIES, "all"], ids=lambda m: getattr(m, "__name__", m))
@@ -215,9 +249,11 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path):
 class NaNAtStep(Model):
     """The loss turns NaN at step 3, and the parameters with it; training must go on."""
 
+    STEP = 3
+
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.global_step == 3 else loss
+        return loss * float("nan") if self.global_step == self.STEP else loss
 
 
 def fit_with(model: pl.LightningModule, callbacks: list, **kwargs) -> pl.Trainer:
@@ -227,32 +263,105 @@ def fit_with(model: pl.LightningModule, callbacks: list, **kwargs) -> pl.Trainer
     return trainer
 
 
+def logged_by_step(logger: MemoryLogger, monitor) -> dict[str, dict[int, float]]:
+    """``{quantity: {step: value}}`` of what ``monitor`` sent to ``logger``."""
+    head = f"dynlens/{monitor.name}/"
+    found: dict[str, dict[int, float]] = {}
+    for step, metrics in logger.calls:
+        for key, value in metrics.items():
+            if key.startswith(head):
+                found.setdefault(key.removeprefix(head), {})[step] = value
+    return found
+
+
+def _after_the_nan(points: dict[int, float]) -> list[float]:
+    return [v for s, v in points.items() if s > NaNAtStep.STEP]
+
+
+#: What each monitor does when the loss turns NaN (and the parameters with it) at step 3: it
+#: switches itself off with one warning, records the event, or logs what the NaN did to what it
+#: measures. None of them may go on logging numbers that look like a healthy run's.
+ON_NAN = {
+    dynlens.HessianMonitor: lambda m, logged: (
+        m.disabled_reason is not None and "nan at step 3" in m.disabled_reason
+    ),
+    dynlens.EarlyWarningMonitor: lambda m, logged: (
+        (NaNAtStep.STEP, "divergence") in [(e["step"], e["reason"]) for e in m.events]
+    ),
+    dynlens.GrokkingMonitor: lambda m, logged: all(
+        math.isnan(v) for v in _after_the_nan(logged["weight_norm"])
+    ),
+    dynlens.SoftmaxCollapseMonitor: lambda m, logged: all(
+        math.isnan(v) for v in _after_the_nan(logged["headroom_min"])
+    ),
+    dynlens.LogitGrowthMonitor: lambda m, logged: (
+        all(math.isnan(v) for v in _after_the_nan(logged["rms"]))
+        and all(math.isnan(v) for v in _after_the_nan(logged["attn_max"]))
+    ),
+    # a model whose outputs are NaN predicts no class: accuracy 0, not the share of class 0
+    dynlens.ContinualEvaluation: lambda m, logged: all(
+        v == 0.0 for v in _after_the_nan(logged["acc_task_0"])
+    ),
+}
+
+
 @pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
-def test_nan_loss_mid_run_training_goes_on(monitor):
-    instance = FACTORIES[monitor]()
+def test_a_nan_loss_mid_run_is_said_once_and_training_goes_on(monitor):
+    assert set(ON_NAN) == set(FACTORIES)
+    instance, logger = FACTORIES[monitor](), MemoryLogger()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = fit_with(NaNAtStep(), [instance])
+        trainer = fit_with(NaNAtStep(), [instance], logger=logger)
     assert trainer.global_step == 8  # the run finished
     disabled = [w for w in caught if "disabled itself" in str(w.message)]
     assert len(disabled) <= 1  # at most one warning, then quiet
     assert (instance.disabled_reason is None) == (not disabled)
+    logged = logged_by_step(logger, instance)
+    if instance.disabled_reason is None:  # it measured on past the NaN
+        assert any(_after_the_nan(points) for points in logged.values())
+    assert ON_NAN[monitor](instance, logged)
+
+
+def first_logged(monitor_factory, **kwargs) -> dict[str, tuple[int, float]]:
+    """Train the suite's model with a fresh monitor; each quantity's first logged (step, value)."""
+    instance, logger = monitor_factory(), MemoryLogger()
+    trainer = fit_with(Model(), [instance], logger=logger, **kwargs)
+    assert trainer.global_step == 8 and instance.disabled_reason is None
+    logged = logged_by_step(logger, instance)
+    return {key: min(points.items()) for key, points in logged.items()}
+
+
+#: Quantities that are the precision's, not the model's: under bf16-mixed the logits are
+#: bfloat16, and Softmax Collapse is measured against bfloat16's threshold.
+THRESHOLD_KEYS = {"threshold", "headroom_median", "headroom_min", "collapse/threshold"}
 
 
 @pytest.mark.parametrize("monitor", list(FACTORIES), ids=lambda m: m.__name__)
-def test_bf16_mixed_precision(monitor):
-    instance = FACTORIES[monitor]()
-    trainer = fit_with(Model(), [instance], precision="bf16-mixed")
-    assert trainer.global_step == 8 and instance.disabled_reason is None
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dynlens/")}
-    assert logged, "nothing logged"
-    if monitor is dynlens.SoftmaxCollapseMonitor:
-        # measured in the logits' own dtype under autocast, and that dtype is reported
-        assert logged["dynlens/collapse/threshold"] == pytest.approx(
-            dynlens.collapse.collapse_threshold(torch.bfloat16)
-        )
-    if monitor is dynlens.HessianMonitor:
-        assert torch.isfinite(torch.tensor(logged["dynlens/hessian/lambda_max"]))
+def test_bf16_mixed_precision_measures_what_float32_does_at_the_same_weights(monitor):
+    # At step 0 both runs hold the same weights: what a monitor measures there under autocast
+    # must be the float32 value up to bfloat16's rounding (8 significant bits); curvature is
+    # measured outside autocast, in float32, so it must be the same to float32's. A monitor that
+    # first logs after a validation (step 1) is compared there, one bf16 step later.
+    full = first_logged(FACTORIES[monitor])
+    half = first_logged(FACTORIES[monitor], precision="bf16-mixed")
+    assert set(half) == set(full), "bf16-mixed logged other quantities than float32"
+    tolerance = 1e-6 if monitor is dynlens.HessianMonitor else 2e-2
+    first = min(step for step, _ in full.values())
+    compared = 0
+    for key, (step, value) in full.items():
+        if step != first or half[key][0] != first or key in THRESHOLD_KEYS:
+            continue  # later the weights differ; thresholds are the precision's
+        assert half[key][1] == pytest.approx(value, rel=tolerance, abs=1e-6), key
+        compared += 1
+    assert compared >= 3
+    bf16 = dynlens.collapse.collapse_threshold(torch.bfloat16)
+    f32 = dynlens.collapse.collapse_threshold(torch.float32)
+    for key in THRESHOLD_KEYS & set(full):
+        if key.endswith("threshold"):  # measured in the logits' own dtype, and reported
+            assert (full[key][1], half[key][1]) == pytest.approx((f32, bf16)), key
+        else:  # headroom = threshold − logit gap: the gap is the model's
+            gap_full, gap_half = f32 - full[key][1], bf16 - half[key][1]
+            assert gap_half == pytest.approx(gap_full, rel=2e-2), key
 
 
 class WithTest(Model):

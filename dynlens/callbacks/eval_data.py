@@ -35,7 +35,9 @@ def accuracy_counts(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     """Top-1 accuracy as sufficient statistics: ``(number correct, number of samples)``.
 
     ``outputs`` are logits (or any scores) of shape ``(N, C)``, ``targets`` class indices of
-    shape ``(N,)``; correct means ``outputs.argmax(-1) == targets``. The count stays on the
+    shape ``(N,)``; correct means ``outputs.argmax(-1) == targets`` with every score of the
+    sample finite (``argmax`` would take a NaN for the largest score: a model that diverged to
+    NaN predicts nothing, rather than class 0). The count stays on the
     device (no host sync); the total is known on the host. This is the default ``metric`` of
     :class:`~dynlens.callbacks.continual.ContinualEvaluation`; a custom metric returns the same
     pair, e.g. top-5 accuracy::
@@ -46,8 +48,11 @@ def accuracy_counts(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch
 
     >>> accuracy_counts(torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([0, 1, 1]))
     (tensor(2), 3)
+    >>> accuracy_counts(torch.tensor([[float("nan"), 1.0], [0.0, 3.0]]), torch.tensor([0, 1]))
+    (tensor(1), 2)
     """
-    return (outputs.argmax(dim=-1) == targets).sum(), targets.numel()
+    hit = (outputs.argmax(dim=-1) == targets) & outputs.isfinite().all(dim=-1)
+    return hit.sum(), targets.numel()
 
 
 def default_forward(pl_module: Any, batch: Any, task: int) -> tuple[Any, Any]:

@@ -9,6 +9,16 @@ from dynlens import ConfigurationError, PerpGrad, SoftmaxCollapseMonitor
 from dynlens.collapse import collapse_threshold, softmax_collapse_fraction
 from tests.helpers import lightning, one_batch_loader, scalars, tb_logger, texts, trainer
 
+
+def conformance_monitor(eval_set):
+    """A small SoftmaxCollapseMonitor for the monitor-contract suite
+    (``tests/test_conformance.py``): its model has attention, BatchNorm, dropout and the logits
+    from ``head``; ``eval_set`` is one of its evaluation sets."""
+    return SoftmaxCollapseMonitor(
+        every_n_steps=1, logits_module="head", per_layer=True, verbose=False
+    )
+
+
 F32 = collapse_threshold(torch.float32)
 
 

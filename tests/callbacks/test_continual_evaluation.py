@@ -22,6 +22,14 @@ from tests.helpers import (
     trainer,
 )
 
+
+def conformance_monitor(eval_set):
+    """A small ContinualEvaluation for the monitor-contract suite
+    (``tests/test_conformance.py``): its model has attention, BatchNorm, dropout and the logits
+    from ``head``; ``eval_set`` is one of its evaluation sets."""
+    return ContinualEvaluation({0: eval_set}, subset_size=16, verbose=False)
+
+
 # SplitDigits serves validation sets that the tiny test models do not use.
 pytestmark = pytest.mark.filterwarnings("ignore:.*no `validation_step`")
 

@@ -18,6 +18,15 @@ from dynlens.callbacks.validate import ConfigurationError
 from tests.helpers import trainer as make_trainer
 
 
+def conformance_monitor(eval_set):
+    """A small EarlyWarningMonitor for the monitor-contract suite
+    (``tests/test_conformance.py``): its model has attention, BatchNorm, dropout and the logits
+    from ``head``; ``eval_set`` is one of its evaluation sets."""
+    return dynlens.EarlyWarningMonitor(
+        every_n_steps=1, curvature_every_n_steps=2, window=4, logits_module="head", verbose=False
+    )
+
+
 def loader(n: int = 8, d: int = 3, classes: int = 2, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(

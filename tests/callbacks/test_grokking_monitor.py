@@ -15,6 +15,13 @@ from tests.helpers import (
 )
 
 
+def conformance_monitor(eval_set):
+    """A small GrokkingMonitor for the monitor-contract suite
+    (``tests/test_conformance.py``): its model has attention, BatchNorm, dropout and the logits
+    from ``head``; ``eval_set`` is one of its evaluation sets."""
+    return GrokkingMonitor(verbose=False)
+
+
 def train_curve(step: int) -> float:  # first ≥ 0.99 at step 20
     return min(1.0, step / 20)
 

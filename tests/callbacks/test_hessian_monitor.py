@@ -31,6 +31,14 @@ from tests.helpers import (
     trainer,
 )
 
+
+def conformance_monitor(eval_set):
+    """A small HessianMonitor for the monitor-contract suite
+    (``tests/test_conformance.py``): its model has attention, BatchNorm, dropout and the logits
+    from ``head``; ``eval_set`` is one of its evaluation sets."""
+    return HessianMonitor(every_n_steps=1, num_probes=2, max_iter=3, verbose=False)
+
+
 KEY = "dynlens/hessian/"
 
 

@@ -22,6 +22,16 @@ from tests.helpers import (
 )
 from tests.test_logits import brute_force, mha_brute_force
 
+
+def conformance_monitor(eval_set):
+    """A small LogitGrowthMonitor for the monitor-contract suite
+    (``tests/test_conformance.py``): its model has attention, BatchNorm, dropout and the logits
+    from ``head``; ``eval_set`` is one of its evaluation sets."""
+    return LogitGrowthMonitor(
+        every_n_steps=1, logits_module="head", attention_every_n_steps=1, verbose=False
+    )
+
+
 KEY = "dynlens/logits/"
 
 
