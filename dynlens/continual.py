@@ -11,9 +11,8 @@ accuracy of earlier tasks drops sharply and then partly recovers, so the end-of-
 fine. :class:`ContinualMetrics` is fed the per-task accuracies of every evaluation (ideally every
 iteration) and keeps, incrementally and in bounded memory, the worst-case metrics that expose it.
 
-This module is plain Python: no Lightning, no torch. ``dynlens.ContinualEvaluation`` (the
-callback) measures the accuracies and calls :meth:`ContinualMetrics.update`; the post-hoc report
-can replay logged accuracies through the same class.
+Plain Python (no Lightning, no torch): ``dynlens.ContinualEvaluation`` measures the accuracies
+and calls :meth:`ContinualMetrics.update`; the report replays logged accuracies through it.
 """
 
 from __future__ import annotations
@@ -355,10 +354,9 @@ class ContinualMetrics:
         """The metrics from all evaluations so far (see the class docstring for definitions)."""
         states = [(t, self._tasks[t]) for t in self._order]
         current = self.current_task
-        # (task, state, latest accuracy) of the tasks evaluated at least once
+        # (task, state, latest accuracy) of the tasks evaluated; previous tasks = ended tasks
+        # with an evaluation after their end: (task, state, latest, minimum after the end)
         evaluated = [(t, ts, ts.latest) for t, ts in states if ts.latest is not None]
-        # Previous tasks = ended tasks with at least one evaluation after their end (which is
-        # also their latest): (task, state, latest accuracy, minimum after the end)
         previous = [
             (t, ts, ts.latest, ts.min_after)
             for t, ts in states

@@ -162,7 +162,9 @@ class Monitor(Callback):
         self._states: dict[str, StateField] = {}
         self._trainer: weakref.ref[Any] | None = None  # the current fit's (charges the schedule)
         #: Discrete events so far: dicts with ``step``, ``reason`` and ``message`` (kept in state).
-        self.events: list[dict[str, Any]] = self.add_state("events", list, save=_copy_events)
+        self.events: list[dict[str, Any]] = self.add_state(
+            "events", list, save=lambda events: [dict(e) for e in events]
+        )
         #: Times training and measurements; with a ``budget`` it chooses the steps to measure at.
         self.schedule: BudgetSchedule | None = None
         if self.budget is not None or self.timed:
@@ -252,7 +254,7 @@ class Monitor(Callback):
         device = getattr(pl_module, "device", None)
         for field in self._states.values():
             if field.device and device is not None:  # restored from a checkpoint on the CPU
-                self._set(field, to_device(self._get(field), device))
+                field.set(self, to_device(field.get(self), device))
         self.write_layout(trainer)
         if self.schedule is not None:
             self.schedule.train_start(self.cadence_step(trainer))
@@ -442,14 +444,8 @@ class Monitor(Callback):
             owner,
         )
         self._states[name] = field
-        self._set(field, field.fresh())
-        return self._get(field)
-
-    def _get(self, field: StateField) -> Any:
-        return getattr(self if field.owner is None else field.owner, field.name)
-
-    def _set(self, field: StateField, value: Any) -> None:
-        setattr(self if field.owner is None else field.owner, field.name, value)
+        field.set(self, field.fresh())
+        return field.get(self)
 
     def sync(self, trainer: Any) -> dict[str, Any]:
         """Reduce every ``reduce`` field that holds a value (not ``None``) across ranks and bring
@@ -458,12 +454,12 @@ class Monitor(Callback):
         are set back to their defaults. Call it on every rank at the same steps, with the same
         fields holding values."""
         held = {
-            name: (self._get(field), field.reduce)
+            name: (field.get(self), field.reduce)
             for name, field in self._states.items()
-            if field.reduce is not None and self._get(field) is not None
+            if field.reduce is not None and field.get(self) is not None
         }
         for name in held:
-            self._set(self._states[name], self._states[name].fresh())
+            self._states[name].set(self, self._states[name].fresh())
         return sync_to_host(trainer, held)  # type: ignore[arg-type]
 
     @override
@@ -475,7 +471,7 @@ class Monitor(Callback):
         state: dict[str, Any] = {}
         for field in self._states.values():
             if field.persistent:
-                set_nested(state, field.key, field.to_checkpoint(self._get(field)))
+                set_nested(state, field.key, field.to_checkpoint(field.get(self)))
         return state
 
     @override
@@ -488,15 +484,11 @@ class Monitor(Callback):
         for field in self._states.values():
             value = get_nested(state_dict, field.key) if field.persistent else None
             if field.persistent and not is_missing(value):
-                self._set(field, field.from_checkpoint(value))
+                field.set(self, field.from_checkpoint(value))
             elif field.persistent or field.pooled:
-                self._set(field, field.fresh())
+                field.set(self, field.fresh())
 
     def _restore_schedule(self, saved: Mapping[str, Any]) -> BudgetSchedule:
         assert self.schedule is not None
         self.schedule.load_state_dict(dict(saved))
         return self.schedule
-
-
-def _copy_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [dict(e) for e in events]

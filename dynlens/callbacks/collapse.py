@@ -12,7 +12,6 @@ from ..collapse import (
     CollapseIndicators,
     collapse_indicators,
     collapse_threshold,
-    count_collapse,
     runner_up_gap,
 )
 from ..events import CollapseReason
@@ -26,6 +25,7 @@ from .capture import (
     same_memory,
     take_logits,
 )
+from .collapse_counts import PendingCounts, counted_from_rows
 from .context import logging_step, sharding_strategy
 from .layout import Chart
 from .pooling import PooledMonitor
@@ -33,10 +33,6 @@ from .schedule import StepWindow
 from .validate import ConfigurationError, check_choice, check_fraction
 
 Remedy = Literal["stablemax", "float64"]
-
-#: Samples whose per-sample indicators a monitor keeps before counting them ahead of the log
-#: (about 9 MB): small batches are counted many steps at a time, large ones bound the memory.
-PENDING_SAMPLES = 2**20
 
 
 class SoftmaxCollapseMonitor(PooledMonitor):
@@ -160,25 +156,22 @@ class SoftmaxCollapseMonitor(PooledMonitor):
         self.add_state("_announced_precision", None, load=lambda p: None if p is None else tuple(p))
         #: The latest logged values, by quantity name.
         self.latest: dict[str, float] = {}
-        # measured steps not logged yet: their indicators, one per micro-batch, not yet counted
-        # (logging step, indicators), and those counted ahead of the log, as blocks of
-        # (logging steps, [samples, collapsed, zero-loss] counts per step); a checkpoint holds
-        # them counted, one row per step
-        self._found: list[CollapseIndicators]  # the step being measured
-        self.add_state("_found", list, persistent=False, pooled=True)
-        self._pending: list[tuple[int, list[CollapseIndicators]]]
-        self.add_state("_pending", list, persistent=False, pooled=True)
-        self._pending_samples: int
-        self.add_state("_pending_samples", 0, persistent=False, pooled=True)
-        self._counted: list[tuple[list[int], torch.Tensor]]
+        #: The counts of the steps measured since the last log (a checkpoint holds them
+        #: counted, one row per step).
+        self.counts = PendingCounts()
+        owned = {"persistent": False, "pooled": True, "owner": self.counts}
+        self.add_state("found", list, **owned)
+        self.add_state("pending", list, **owned)
+        self.add_state("samples", 0, **owned)
         self.add_state(
-            "_counted",
+            "counted",
             list,
             key="pending.rows",
             pooled=True,
             device=True,
-            save=lambda _: self._pending_rows(),
-            load=_counted_from_rows,
+            save=lambda _: self.counts.rows(),
+            load=counted_from_rows,
+            owner=self.counts,
         )
         self._gaps: list[torch.Tensor]  # per-sample gaps of the step to be logged
         self.add_state("_gaps", list, persistent=False, pooled=True)
@@ -385,53 +378,27 @@ class SoftmaxCollapseMonitor(PooledMonitor):
             gap = None
             if self._logging:
                 gap = runner_up_gap(logits, activation=activation, dtype=dtype)
-        self._found.append(found)
+        self.counts.add(found)
         self._measured_in = (activation, dtype)
         self._has_targets &= found.target is not None
         if gap is not None:
             self._gaps.append(gap.float())
 
     def _end_step(self, step: int) -> None:
-        if not self._found:
-            return
-        self._pending.append((step, self._found))
-        self._pending_samples += sum(found.top.numel() for found in self._found)
-        self._found = []
-        self.mark_measured(step)
-        if self._pending_samples > PENDING_SAMPLES:  # count now, keep the counts
-            self._counted = [self._counts()]
-            self._pending, self._pending_samples = [], 0
-
-    def _counts(self) -> tuple[list[int], torch.Tensor]:
-        """Logging steps and ``[samples, collapsed, zero-loss]`` counts of every step measured
-        since the last log, one row per step; the indicators kept are counted all at once."""
-        steps = [step for block, _ in self._counted for step in block]
-        blocks = [counts for _, counts in self._counted]
-        if self._pending:
-            items = [found for _, step_found in self._pending for found in step_found]
-            counts = count_collapse(items)
-            if len(items) > len(self._pending):  # several micro-batches per step: add them up
-                owner = [k for k, (_, step_found) in enumerate(self._pending) for _ in step_found]
-                counts = counts.new_zeros(len(self._pending), 3).index_add_(
-                    0, torch.tensor(owner, device=counts.device), counts
-                )
-            steps += [step for step, _ in self._pending]
-            blocks.append(counts)
-        return steps, torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        if self.counts.end_step(step):
+            self.mark_measured(step)
 
     def flush(self, trainer: Any, step: int, last: bool = False) -> None:
         """Log the steps measured since the last log. When a run ends inside a logging interval
         (``last``) they are also kept: a checkpoint saved now carries them, and a run resumed
         from it pools them into the same interval as an uninterrupted run would."""
-        if not (self._pending or self._counted):
+        if self.counts.empty:
             self._gaps, self._pending_since_log = [], False
             self._cosines = self._nlm_shard_sums = None
             return
-        steps, per_step = self._counts()
+        steps, per_step = self.counts.take(keep=last)
         gaps, has_targets = self._gaps, self._has_targets
         self._gaps = []
-        self._pending, self._pending_samples = [], 0
-        self._counted = [(steps, per_step)] if last else []
         if not last:
             self._has_targets = True
         self._pending_since_log = False
@@ -503,17 +470,3 @@ class SoftmaxCollapseMonitor(PooledMonitor):
             else:
                 loss.dtype = torch.float64
         return len(self.tap.losses)
-
-    # ------------------------------------------------------------------------------ state
-    def _pending_rows(self) -> list[tuple[int, list[int]]]:
-        if not (self._pending or self._counted):
-            return []
-        steps, counts = self._counts()
-        return list(zip(steps, counts.tolist(), strict=True))
-
-
-def _counted_from_rows(rows: list[tuple[int, list[int]]]) -> list[tuple[list[int], torch.Tensor]]:
-    """Counted steps restored from a checkpoint's rows (step, [samples, collapsed, zero-loss])."""
-    if not rows:
-        return []
-    return [([int(s) for s, _ in rows], torch.tensor([c for _, c in rows], dtype=torch.int64))]

@@ -14,25 +14,25 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from ..collapse import collapse_threshold, collapsed_mask, runner_up_gap
+from ..collapse import collapse_threshold
 from ..early_warning import ATTENTION_LIMIT, SIGNALS, WarningPolicy
 from ..events import INSTABILITIES, Instability, WarningReason
 from ..forecast import Forecast, update_ratio
 from ..nn import CrossEntropyLoss
-from .base import Monitor, fail_soft
-from .capture import AttentionCapture, LogitsCapture, logits_found, take_logits
+from .base import fail_soft
+from .capture import AttentionCapture, LogitsCapture
 from .context import logging_step, sharding_strategy
+from .early_warning_signals import WarningSignals, attention_source, loss_of
 from .layout import Chart
 from .logits import LogitGrowthMonitor
 from .lr_ahead import LRAhead
-from .replay import losses_across_step
 from .schedule import StepWindow
 from .validate import ConfigurationError, check_choice, check_positive_int
 
 Action = Literal["checkpoint", "stop"] | Callable[[dict[str, Any]], Any] | None
 
 
-class EarlyWarningMonitor(Monitor):
+class EarlyWarningMonitor(WarningSignals):
     """Warn that an instability is coming while there is still time to act.
 
     Each measured step (every ``every_n_steps``) adds a point to the signal each instability is
@@ -261,7 +261,7 @@ class EarlyWarningMonitor(Monitor):
             self.capture.attach(pl_module, type(self).__name__)
         if self.watches("attention"):
             self.attention_capture.attach(pl_module, type(self).__name__)
-            self.attention_from = _attention_source(trainer, self.every_n_steps)
+            self.attention_from = attention_source(trainer, self.every_n_steps)
         losses = [m for m in pl_module.modules() if isinstance(m, CrossEntropyLoss)]
         if losses:
             dtype = losses[0].dtype
@@ -338,7 +338,7 @@ class EarlyWarningMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = _loss_of(outputs)
+        loss = loss_of(outputs)
         if loss is not None and self.watches("divergence"):
             self._losses.append((logging_step(trainer), loss.detach().reshape(())))
         if not self._window.is_open:
@@ -364,63 +364,6 @@ class EarlyWarningMonitor(Monitor):
             self._ratio_signal(pl_module, batch, batch_idx)
         self._stack_losses(pl_module.device)
         self._decide(trainer, step)
-
-    def _attention_sums(self, trainer: Any, step: int) -> dict:
-        """The step's attention statistics: the monitor's own, or those of the LogitGrowthMonitor
-        that measures the same step (read, not taken from it: the same numbers, measured once)."""
-        source = self.attention_from
-        if source is None:
-            return self.attention_capture.take()
-        sums = None
-        if source.disabled_reason is None:
-            sums = source.attention_capture.statistics_of(self._attention_step)
-        if sums is None:  # it stopped measuring: the monitor measures itself from the next step
-            self.attention_from = None
-            message = "LogitGrowthMonitor stopped measuring attention: measuring it here"
-            self.log_event(trainer, step, WarningReason.ATTENTION_OWN, message, once=True)
-            return {}
-        message = (
-            "the largest attention logit is read from LogitGrowthMonitor's measurement (every "
-            f"{source.attention_every_n_steps} steps), not measured twice"
-        )
-        self.log_event(trainer, step, WarningReason.ATTENTION_SHARED, message, once=True)
-        return sums
-
-    def _stack_losses(self, device: torch.device) -> None:
-        if self._losses:
-            self._loss_values = torch.stack([v.to(device) for _, v in self._losses])
-
-    def _collapse_signal(self, trainer: Any, outputs: Any) -> None:
-        taken = take_logits(self.capture, outputs, type(self).__name__)
-        found = logits_found(self.capture)
-        if found is not None:
-            step = logging_step(trainer)
-            self.log_event(trainer, step, WarningReason.LOGITS_FOUND, found, once=True)
-        activation, dtype = self._collapse_in
-        logits = taken[-1]
-        if self._follow_logits_dtype:  # no loss sets a precision: the logits' own, as F's loss
-            dtype = logits.dtype
-        self._collapse_in = (activation, dtype)
-        gaps = runner_up_gap(logits, activation=activation, dtype=dtype).float()
-        collapsed = collapsed_mask(logits, activation=activation, dtype=dtype)
-        found_count = collapsed.sum()
-        self._gap = gaps.nanmedian()
-        self._collapse_counts = torch.stack(
-            [found_count.new_tensor(collapsed.numel()), found_count]
-        ).float()
-
-    def _ratio_signal(self, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        theta, self._theta = self._theta, None
-        assert theta is not None
-        named = dict(pl_module.named_parameters())
-        if any(named[k].grad is None for k in theta):
-            return
-        with torch.no_grad():  # −gᵀΔθ, with the gradient the step used
-            decrease = -sum(
-                (named[k].grad * (named[k].detach() - t)).sum() for k, t in theta.items()
-            )
-        self._ratio_losses = losses_across_step(pl_module, batch, batch_idx, theta)
-        self._decrease = decrease.float().reshape(())
 
     @override
     @fail_soft
@@ -531,22 +474,3 @@ class EarlyWarningMonitor(Monitor):
         lead = f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
         reason = WarningReason.happened(instability)
         self.log_event(trainer, step, reason, f"{instability}: {what}{lead}")
-
-
-def _attention_source(trainer: Any, every_n_steps: int) -> LogitGrowthMonitor | None:
-    """A LogitGrowthMonitor of ``trainer`` that measures attention at every step this monitor
-    measures (its attention cadence divides ``every_n_steps``), if there is one."""
-    for callback in getattr(trainer, "callbacks", ()):
-        if (
-            isinstance(callback, LogitGrowthMonitor)
-            and callback.attention
-            and callback.disabled_reason is None
-            and every_n_steps % callback.attention_every_n_steps == 0
-        ):
-            return callback
-    return None
-
-
-def _loss_of(outputs: Any) -> torch.Tensor | None:
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None

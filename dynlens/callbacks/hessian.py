@@ -6,7 +6,6 @@ number it shows is computed by a function of that pure layer.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -16,12 +15,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from .. import curvature
-from ..curvature.thresholds import Stability
 from ..events import HessianReason
-from .base import Monitor, fail_soft
+from .base import fail_soft
 from .context import logging_step
-from .hessian_measure import HessianMeasuring, PooledSpectrum
-from .layout import Chart, tensorboard_writers
+from .hessian_measure import Memory
+from .hessian_publish import HessianPublishing
+from .layout import Chart
 from .replay import UserLossFn
 from .validate import (
     ConfigurationError,
@@ -33,7 +32,6 @@ from .validate import (
 )
 
 Estimator = Literal["hutchinson", "hutchpp"]
-Memory = Literal["auto"] | int | None
 
 ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
 
@@ -42,7 +40,7 @@ ESTIMATORS: tuple[str, ...] = ("hutchinson", "hutchpp")
 # --------------------------------------------------------------------------------------------
 
 
-class HessianMonitor(HessianMeasuring, Monitor):
+class HessianMonitor(HessianPublishing):
     """Hessian trace, sharpness λ_max and their ratios to the optimizer's stability thresholds.
 
     At measurement steps, *before* the training step runs (so at the parameters θ_t and the
@@ -476,106 +474,6 @@ class HessianMonitor(HessianMeasuring, Monitor):
         self._publish(trainer, pl_module, step, values, spectrum)
 
     # ----------------------------------------------------------------------------- logging
-    def _publish(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        step: int,
-        values: dict[str, float],
-        spectrum: PooledSpectrum | None = None,
-    ) -> None:
-        world = max(int(getattr(trainer, "world_size", 1)), 1)
-        logged: dict[str, float] = {"loss": values["loss"], "one": 1.0}
-        if self.trace:
-            # Ranks' estimates are independent: Var(mean) = mean(Var) / ranks.
-            stderr = math.sqrt(values["trace_var"] / world)
-            logged.update(
-                trace=values["trace"],
-                trace_stderr=stderr,
-                trace_lower=values["trace"] - stderr,
-                trace_upper=values["trace"] + stderr,
-            )
-            if not math.isnan(values["frobenius"]):
-                logged["frobenius"] = values["frobenius"]
-            for block in self.partition or ():
-                value = values[f"trace/{block}"]
-                logged[f"trace/{block}"] = value
-                logged[f"trace_stderr/{block}"] = math.sqrt(values[f"trace_var/{block}"] / world)
-                if values["trace"] != 0:
-                    logged[f"trace_share/{block}"] = value / values["trace"]
-        if not math.isnan(values["product_error"]):
-            logged["product_error"] = values["product_error"]
-        if self.sharpness:
-            logged["lambda_max"] = values["lambda_max"]
-            if not math.isnan(values["precond_lambda_max"]):
-                logged["precond_lambda_max"] = values["precond_lambda_max"]
-        for i, value in enumerate(spectrum.top if spectrum is not None else (), start=1):
-            if math.isfinite(value):
-                logged[f"spectrum_top/{i}"] = value
-        rule = self._stability_values(trainer, pl_module, logged)
-        overhead = self.overhead
-        if overhead is not None:
-            logged["overhead"] = overhead
-        self.log_metrics(trainer, logged, step=step)
-        if spectrum is not None:
-            self._write_spectrum(trainer, step, spectrum)
-        self.num_measurements += 1
-        self.latest = dict(logged)
-        extra = {k: values[k] for k in ("cold", "iterations") if k in values}
-        self.history.append({"step": float(step), **logged, **extra})
-        self._announce(trainer, step, logged, rule)
-
-    def _write_spectrum(self, trainer: Any, step: int, spectrum: PooledSpectrum) -> None:
-        """The spectrum as a TensorBoard histogram ``<prefix>/hessian/spectrum`` (rank 0): the
-        Ritz values weighted by n·w (:func:`dynlens.curvature.spectrum_histogram`), so its counts
-        sum to the number of parameters and its sum is n·Σ w λ, the quadrature's tr(H)."""
-        edges, counts = curvature.spectrum_histogram(
-            spectrum.nodes, spectrum.weights, spectrum.num_params
-        )
-        self.last_spectrum = {
-            "step": step,
-            "nodes": spectrum.nodes.tolist(),
-            "weights": spectrum.weights.tolist(),
-            "edges": edges.tolist(),
-            "counts": counts.tolist(),
-        }
-        at, mass = edges[1::2], counts[::2]  # each node's bucket ends at the node
-        for writer in tensorboard_writers(trainer):
-            self._rank_zero_side_effect(
-                "SummaryWriter.add_histogram_raw",
-                writer.add_histogram_raw,
-                self.key("spectrum"),
-                min=edges[0].item(),
-                max=edges[-1].item(),
-                num=spectrum.num_params,
-                sum=(mass * at).sum().item(),
-                sum_squares=(mass * at**2).sum().item(),
-                bucket_limits=edges[1:].tolist(),
-                bucket_counts=counts.tolist(),
-                global_step=step,
-            )
-
-    def _announce(
-        self, trainer: Any, step: int, logged: dict[str, float], rule: Stability | None
-    ) -> None:
-        if rule is not None and not rule.adaptive and logged.get("eos_ratio", 0.0) >= 1.0:
-            self.log_event(
-                trainer,
-                step,
-                HessianReason.EDGE_OF_STABILITY,
-                f"edge of stability: λ_max = {logged['lambda_max']:.4g} reached the threshold "
-                f"{rule.rule} = {rule.eos_threshold:.4g} (eos_ratio {logged['eos_ratio']:.3f})",
-                once=True,
-            )
-        if logged.get("precond_ratio", 0.0) >= 1.0:
-            self.log_event(
-                trainer,
-                step,
-                HessianReason.ADAPTIVE_EDGE_OF_STABILITY,
-                f"adaptive edge of stability: λ_max(P⁻¹H) = {logged['precond_lambda_max']:.4g} "
-                f"reached (2+2β₁)/((1−β₁)η) = {logged['precond_threshold']:.4g}",
-                once=True,
-            )
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -29,17 +29,19 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .. import curvature
-from ..curvature.thresholds import Stability, stability
 from ..events import HessianReason
+from .base import Monitor
 from .context import logging_step, sharding_strategy
-from .replay import _rng_restored, loss_closure, probe_generator
+from .replay import UserLossFn, _rng_restored, loss_closure, probe_generator
 from .validate import ConfigurationError
+
+Memory = Literal["auto"] | int | None
 
 #: ``memory="auto"``: a measurement may bring the memory in use to this many times the peak of
 #: a training step (DESIGN.md, the monitor contract: bounded memory).
@@ -75,8 +77,44 @@ class PooledSpectrum:
     num_params: int
 
 
-class HessianMeasuring:
-    """Mixin of :class:`~dynlens.callbacks.hessian.HessianMonitor`: one measurement (module doc)."""
+class HessianMeasuring(Monitor):
+    """The measuring of :class:`~dynlens.callbacks.hessian.HessianMonitor`: one measurement
+    (module docstring). The monitor sets the configuration and declares the state below."""
+
+    # configuration (HessianMonitor's arguments)
+    probe_batch: Any
+    loss_fn: UserLossFn | None
+    estimator: str
+    num_probes: int
+    trace: bool
+    sharpness: bool
+    preconditioned: bool
+    density: bool
+    density_iter: int
+    density_runs: int
+    density_top_k: int
+    max_iter: int
+    tol: float
+    cold_start_every: int
+    optimizer_index: int
+    route: curvature.Route
+    memory: Memory
+    memory_meter: curvature.MemoryMeter | None
+    seed: int
+    #: The blocks' parameter names, once set up (``None`` without ``blocks``).
+    partition: dict[str, list[str]] | None
+    # state: the memory limit and training's metered peak, the route in use, the warm starts
+    _limit: curvature.MemoryLimit | None
+    _train_peak: int | None
+    _metered_steps: int
+    _metering: bool
+    _route: str
+    _since_cold: int
+    _eigvec: dict[str, Tensor] | None
+    _precond_eigvec: dict[str, Tensor] | None
+    _probe_on_device: Any
+    _precond_refused: bool
+    _local_spectrum: curvature.SpectralDensity | None
 
     def _memory(self, device: torch.device) -> curvature.MemoryMeter:
         if self.memory_meter is None:
@@ -394,26 +432,6 @@ class HessianMeasuring:
             raise ConfigurationError(
                 "HessianMonitor found no trainable parameters (requires_grad=True) in the module."
             )
-
-    def _stability_values(
-        self, trainer: Any, pl_module: Any, logged: dict[str, float]
-    ) -> Stability | None:
-        """Add the optimizer's thresholds and the ratios to them to ``logged``; the rule read."""
-        optimizer = self._optimizer(trainer)
-        measured = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
-        rule = stability(optimizer, measured) if optimizer is not None else None
-        if rule is not None:
-            logged["lr"] = rule.lr
-            if self.sharpness:
-                logged["eos_threshold"] = rule.eos_threshold
-                logged["eos_ratio"] = logged["lambda_max"] / rule.eos_threshold
-            if self.trace:
-                logged["trace_threshold"] = rule.trace_threshold
-                logged["trace_ratio"] = logged["trace"] / rule.trace_threshold
-            if rule.precond_threshold is not None and "precond_lambda_max" in logged:
-                logged["precond_threshold"] = rule.precond_threshold
-                logged["precond_ratio"] = logged["precond_lambda_max"] / rule.precond_threshold
-        return rule
 
     @staticmethod
     def _check_memory_arguments(memory: Any, memory_meter: Any) -> None:

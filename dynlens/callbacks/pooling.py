@@ -83,7 +83,7 @@ class PooledMonitor(Monitor):
         """Reset every ``pooled`` field to its default (nothing measured since the last log)."""
         for field in self._states.values():
             if field.pooled:
-                self._set(field, field.fresh())
+                field.set(self, field.fresh())
 
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

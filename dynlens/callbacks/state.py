@@ -67,6 +67,13 @@ class StateField:
                 "default then: declare it persistent=False"
             )
 
+    def get(self, monitor: Any) -> Any:
+        """The field's value (on its owner, or on ``monitor``)."""
+        return getattr(monitor if self.owner is None else self.owner, self.name)
+
+    def set(self, monitor: Any, value: Any) -> None:
+        setattr(monitor if self.owner is None else self.owner, self.name, value)
+
     def fresh(self) -> Any:
         """A new default value."""
         return self.default() if callable(self.default) else copy.deepcopy(self.default)

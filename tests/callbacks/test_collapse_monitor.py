@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import dynlens
+import dynlens.callbacks.collapse_counts
 from dynlens import ConfigurationError, PerpGrad, SoftmaxCollapseMonitor
 from dynlens.collapse import collapse_threshold, softmax_collapse_fraction
 from tests.helpers import lightning, one_batch_loader, scalars, tb_logger, texts, trainer
@@ -334,7 +335,7 @@ def test_reads_the_log_probs_of_a_dynlens_loss_and_pools_micro_batches(tmp_path,
         expected_zero
     )
     # counting the indicators every step (a memory bound reached at once) changes nothing
-    monkeypatch.setattr(module, "PENDING_SAMPLES", 1)
+    monkeypatch.setattr(dynlens.callbacks.collapse_counts, "PENDING_SAMPLES", 1)
     _, recounted = run(tmp_path / "b")
     for key in ("sc_fraction", "zero_loss_fraction"):
         assert recounted[f"dynlens/collapse/{key}"] == logged[f"dynlens/collapse/{key}"]
