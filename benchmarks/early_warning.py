@@ -55,7 +55,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
-from dynlens.callbacks.base import logging_step
+from dynlens.callbacks.context import logging_step
+from dynlens.early_warning import WarningPolicy
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformer_instability.py"
 BLOCK = 100  # the paired blocks: curvature_every_n_steps at the defaults
@@ -198,16 +199,18 @@ def train(event: str, seed: int, variant: int, unstable: bool, **settings) -> Ru
     make, steps, options = SUITES[event]
     torch.manual_seed(seed)
     model, loader = make(seed, variant, unstable)
-    monitor = dynlens.EarlyWarningMonitor(events=(event,), verbose=False, **options, **settings)
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=(event,), verbose=False, **options, **settings
+    )
     trainer = quiet_trainer(steps, [monitor])
     points: list[list[float]] = []
-    forecast = monitor._forecast
+    forecast = monitor.policy.forecast
 
-    def recorded(what, at, value):
-        points.append([logging_step(trainer), at, value, monitor._threshold(what)])
-        return forecast(what, at, value)
+    def recorded(what, at, value, threshold, rise_ends_before=None):
+        points.append([logging_step(trainer), at, value, threshold])
+        return forecast(what, at, value, threshold, rise_ends_before)
 
-    monitor._forecast = recorded
+    monitor.policy.forecast = recorded
     start = time.perf_counter()
     trainer.fit(model, loader)
     run = Run(
@@ -230,20 +233,21 @@ def train(event: str, seed: int, variant: int, unstable: bool, **settings) -> Ru
 
 def replay(run: Run, **settings) -> list[dict]:
     """The warnings the monitor with ``settings`` would have raised on ``run``'s points: its own
-    forecast and warn/clear rule, without a trainer (the event stops forecasts from its step)."""
-    monitor = dynlens.EarlyWarningMonitor(events=(run.event,), verbose=False, **settings)
+    policy (forecast and warn/clear rule, :class:`dynlens.early_warning.WarningPolicy`), without
+    a trainer (the event stops forecasts from its step)."""
+    policy = WarningPolicy((run.event,), **settings)
     peak = run.warmup - 1  # the warm-up's LambdaLR raises the rate up to this global step
     warnings_ = []
     for step, at, value, threshold in run.points:
         if run.happened is not None and step >= run.happened:
             break
-        monitor._threshold = lambda event, threshold=threshold: threshold
+
         # as the monitor's LRAhead reads the scheduler: the global step is the measured one + 1
-        monitor._rise_ends_before = lambda until, now=step + 1: (
-            peak if run.warmup and now < peak < until else None
-        )
-        forecast = monitor._forecast(run.event, at, value)
-        if monitor.decide(run.event, forecast):
+        def rise_ends_before(until, now=step + 1):
+            return peak if run.warmup and now < peak < until else None
+
+        forecast = policy.forecast(run.event, at, value, threshold, rise_ends_before)
+        if policy.decide(run.event, forecast):
             warnings_.append(
                 {"step": int(step), "expected_step": math.ceil(forecast.expected_step)}
             )
@@ -383,7 +387,7 @@ def main() -> None:
         print(json.dumps(cost, indent=1))
         return
     settings = {} if args.horizon is None else {"horizon": args.horizon}
-    horizons = dynlens.EarlyWarningMonitor(**settings).horizons
+    horizons = WarningPolicy(**settings).horizons
     report: dict = {"horizons": horizons, "suites": {}}
     for event in args.suite:
         first = args.first_seed

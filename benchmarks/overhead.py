@@ -150,7 +150,7 @@ def main() -> None:
     report(totals, steps=args.long_steps, repeats=args.long_repeats)
     measured = [int(m["step"]) for m in hessian[0].history]
     print(f"HessianMonitor measured at steps {measured} of the last all-monitors run")
-    schedule = continual[0]._schedule
+    schedule = continual[0].schedule
     if schedule is not None:
         print(
             f"ContinualEvaluation evaluated {schedule.measure_count} times in that run, "

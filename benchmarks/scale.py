@@ -386,7 +386,7 @@ def measure_fit(
         "process_peak": meter.run_peak(),
     }
     if config != "none":
-        schedule = hessian._schedule
+        schedule = hessian.schedule
         result.update(
             route=hessian.state_dict()["route"],
             measurements=schedule.measure_count,

@@ -2,18 +2,21 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import collapse, continual, curvature, data, forecast, grokking, logits
-from .callbacks import (
-    ConfigurationError,
-    ContinualEvaluation,
-    EarlyWarningMonitor,
-    GrokkingMonitor,
-    HessianMonitor,
-    LogitGrowthMonitor,
-    Monitor,
-    PerpGrad,
-    SoftmaxCollapseMonitor,
+from . import (
+    alignment,
+    attention,
+    callbacks,
+    collapse,
+    continual,
+    curvature,
+    data,
+    early_warning,
+    events,
+    forecast,
+    grokking,
+    logits,
 )
+from .callbacks import *  # noqa: F403  (the monitors: dynlens.callbacks.__all__)
 from .nn import (
     CrossEntropyLoss,
     StableMax,
@@ -30,23 +33,18 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0"
 
 __all__ = [
-    "ConfigurationError",
-    "ContinualEvaluation",
     "CrossEntropyLoss",
-    "EarlyWarningMonitor",
-    "GrokkingMonitor",
-    "HessianMonitor",
-    "LogitGrowthMonitor",
-    "Monitor",
     "OrthoGrad",
-    "PerpGrad",
-    "SoftmaxCollapseMonitor",
     "StableMax",
     "__version__",
+    "alignment",
+    "attention",
     "collapse",
     "continual",
     "curvature",
     "data",
+    "early_warning",
+    "events",
     "forecast",
     "grokking",
     "log_stablemax",
@@ -56,3 +54,4 @@ __all__ = [
     "stablemax_cross_entropy",
     "z_loss",
 ]
+__all__ += callbacks.__all__

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 
 def _installed(name: str) -> ModuleType | None:
@@ -34,10 +35,15 @@ if not PACKAGES:
         "(or `pip install lightning`)."
     )
 
-Callback: type = type("Callback", tuple(p.Callback for p in PACKAGES), {"__module__": __name__})
-LightningDataModule: type = type(
-    "LightningDataModule", tuple(p.LightningDataModule for p in PACKAGES), {"__module__": __name__}
-)
+if TYPE_CHECKING:  # the type checker sees one package's classes, whose hooks it checks
+    from pytorch_lightning import Callback, LightningDataModule
+else:
+    Callback = type("Callback", tuple(p.Callback for p in PACKAGES), {"__module__": __name__})
+    LightningDataModule = type(
+        "LightningDataModule",
+        tuple(p.LightningDataModule for p in PACKAGES),
+        {"__module__": __name__},
+    )
 
 
 def is_tensorboard_logger(logger: object) -> bool:

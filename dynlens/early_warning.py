@@ -93,7 +93,7 @@ def per_instability(
     for key in values:
         if key not in INSTABILITIES:
             raise ValueError(f"Expected the keys of `{name}` among {INSTABILITIES}, got {key!r}.")
-    settings = {}
+    settings: dict[str, int] = {}
     for instability in INSTABILITIES:
         value = values.get(instability)
         if value is None:

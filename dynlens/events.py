@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 __all__ = [
     "INSTABILITIES",
@@ -81,6 +81,9 @@ class Reason(str, enum.Enum):
     names the monitor (its ``name``, the ``<monitor>`` of its keys) as a class keyword,
     ``class CollapseReason(Reason, monitor="collapse")``, and :data:`REASONS` follows."""
 
+    #: The ``name`` of the monitor whose events these are.
+    monitor: ClassVar[str]
+
     __str__ = str.__str__
 
     def __format__(self, spec: str) -> str:
@@ -88,7 +91,6 @@ class Reason(str, enum.Enum):
 
     def __init_subclass__(cls, monitor: str = "", **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        #: The ``name`` of the monitor whose events these are.
         cls.monitor = monitor
 
 

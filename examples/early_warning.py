@@ -62,7 +62,7 @@ def main(
     torch.manual_seed(seed)
     logger = TensorBoardLogger(logdir, name="early_warning", version="")
     monitor = dynlens.EarlyWarningMonitor(
-        events=("collapse",),
+        instabilities=("collapse",),
         logits_module=None,  # training_step returns its logits
         action="checkpoint",
         checkpoint_dir=os.path.join(logger.log_dir, "rollback"),

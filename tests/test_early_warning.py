@@ -21,9 +21,7 @@ from dynlens.forecast import steps_to_threshold
 
 def test_each_instability_has_its_settings_by_default_and_one_number_sets_them_all():
     policy = WarningPolicy()
-    assert policy.windows == {"collapse": 32, "divergence": 16, "attention": 16} == WINDOWS
-    assert policy.horizons == {"collapse": 1000, "divergence": 500, "attention": 500} == HORIZONS
-    assert policy.consecutive == {"collapse": 2, "divergence": 1, "attention": 3} == CONSECUTIVE
+    assert (policy.windows, policy.horizons, policy.consecutive) == (WINDOWS, HORIZONS, CONSECUTIVE)
     assert WarningPolicy(window=8).windows == dict.fromkeys(WINDOWS, 8)
     assert WarningPolicy(horizon=300).horizons == dict.fromkeys(HORIZONS, 300)
     assert WarningPolicy(window={"divergence": 8}).windows == {**WINDOWS, "divergence": 8}

@@ -1,6 +1,6 @@
 """Lightning callbacks: scheduling, syncing and logging around the pure measurement layer."""
 
-from .base import ConfigurationError, Monitor
+from .base import Monitor
 from .collapse import SoftmaxCollapseMonitor
 from .continual import ContinualEvaluation
 from .early_warning import EarlyWarningMonitor
@@ -8,6 +8,7 @@ from .grokking import GrokkingMonitor
 from .hessian import HessianMonitor
 from .logits import LogitGrowthMonitor
 from .perpgrad import PerpGrad
+from .validate import ConfigurationError
 
 __all__ = [
     "ConfigurationError",

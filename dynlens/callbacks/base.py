@@ -34,7 +34,8 @@ hooks carry the schedule, the layout and the pooled flush).
 Adding a monitor
 ----------------
 
-A new monitor touches seven places; everything else is derived from them.
+A new monitor touches these places; the rest follows from them (the package's exports, the
+conformance suite's list, the report's reasons by monitor and its table order):
 
 1. **The numbers**: pure functions in the measurement layer (``dynlens/<topic>.py``, no
    Lightning import), each with a test against a closed-form or brute-force value on a tiny case
@@ -44,18 +45,20 @@ A new monitor touches seven places; everything else is derived from them.
    declares every field of its state there with :meth:`Monitor.add_state` (with ``reduce=`` for
    what is reduced across ranks), measures in its hooks when :meth:`Monitor.is_due` says so,
    through a capture of :mod:`dynlens.callbacks.capture` where it needs logits or attention,
-   and logs through :meth:`Monitor.log_metrics` and :meth:`Monitor.log_event`. It is exported
-   from ``dynlens`` and ``dynlens.callbacks`` by being a ``Monitor`` subclass in that folder.
+   and logs through :meth:`Monitor.log_metrics` and :meth:`Monitor.log_event`; and one line
+   exporting it in ``dynlens/callbacks/__init__.py`` (``dynlens`` exports what that exports;
+   written out so that type checkers and editors see the name, and a conformance test fails
+   when a monitor is not exported).
 3. **Its tests**: ``tests/callbacks/test_<topic>.py``, short real ``Trainer`` runs asserting on
-   what was logged, and a ``conformance_monitor()`` function there returning a small instance:
-   the conformance suite (``tests/test_conformance.py``) finds it and checks the whole monitor
-   contract on it (drop-in on both Lightning packages, no observer effect, DDP, resume).
-4. **Its reasons**: one :class:`~dynlens.events.Reason` enum in ``dynlens/events.py``, listed in
-   :data:`~dynlens.events.REASONS` under the monitor's ``name``.
-5. **The report**, if it logs something worth summarising: one family module in
-   ``dynlens/report/families/`` (see :mod:`dynlens.report.family`).
-6. **The README**: its section, with its keys.
-7. **CHANGELOG.md**.
+   what was logged, and a ``conformance_monitor(eval_set)`` function there returning a small
+   instance: the conformance suite (``tests/test_conformance.py``) finds it and checks the whole
+   monitor contract on it (drop-in on both Lightning packages, no observer effect, NaN, bf16,
+   DDP, resume).
+4. **Its reasons**: one :class:`~dynlens.events.Reason` enum in ``dynlens/events.py`` naming the
+   monitor, ``class TopicReason(Reason, monitor="topic")``; the report finds it by that name.
+5. **The README**: its section, with its keys. **CHANGELOG.md**: the entry.
+6. **The report**, if it logs something worth summarising: one family module in
+   ``dynlens/report/families/`` declaring its place in the tables (:mod:`dynlens.report.family`).
 """
 
 from __future__ import annotations
@@ -460,7 +463,7 @@ class Monitor(Callback):
         }
         for name in held:
             self._states[name].set(self, self._states[name].fresh())
-        return sync_to_host(trainer, held)  # type: ignore[arg-type]
+        return sync_to_host(trainer, held)
 
     @override
     def state_dict(self) -> dict[str, Any]:

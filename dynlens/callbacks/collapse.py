@@ -15,6 +15,7 @@ from ..collapse import (
     runner_up_gap,
 )
 from ..events import CollapseReason
+from ..nn import Activation
 from .base import fail_soft
 from .capture import (
     LogitsCapture,
@@ -159,7 +160,7 @@ class SoftmaxCollapseMonitor(PooledMonitor):
         #: The counts of the steps measured since the last log (a checkpoint holds them
         #: counted, one row per step).
         self.counts = PendingCounts()
-        owned = {"persistent": False, "pooled": True, "owner": self.counts}
+        owned: dict[str, Any] = {"persistent": False, "pooled": True, "owner": self.counts}
         self.add_state("found", list, **owned)
         self.add_state("pending", list, **owned)
         self.add_state("samples", 0, **owned)
@@ -195,7 +196,7 @@ class SoftmaxCollapseMonitor(PooledMonitor):
             "_nlm_shard_sums", None, persistent=False, pooled=True, reduce="sum"
         )
         self._has_targets: bool = self.add_state("_has_targets", True, key="pending.has_targets")
-        self._measured_in: tuple[str, torch.dtype]
+        self._measured_in: tuple[Activation, torch.dtype]
         self.add_state(
             "_measured_in",
             ("softmax", torch.float32),
@@ -275,11 +276,14 @@ class SoftmaxCollapseMonitor(PooledMonitor):
             self._switch_losses()
 
     # ------------------------------------------------------------------------------ measuring
-    def _precision(self, logits: torch.Tensor) -> tuple[str, torch.dtype]:
+    def _precision(self, logits: torch.Tensor) -> tuple[Activation, torch.dtype]:
         loss = next(iter(self.tap.losses), None)
-        activation, dtype = self.activation, self.dtype
-        if activation == "auto":
+        activation: Activation
+        if self.activation == "auto":
             activation = loss.activation if loss is not None else "softmax"
+        else:
+            activation = self.activation
+        dtype = self.dtype
         if dtype == "auto":
             dtype = loss.dtype if loss is not None and loss.dtype is not None else logits.dtype
         return activation, dtype

@@ -377,8 +377,9 @@ class ContinualEvaluation(Monitor):
     def _scalars(self, accuracies: Mapping[int, float], s: ContinualSummary) -> dict[str, float]:
         scalars = {f"acc_task_{t}": a for t, a in accuracies.items() if not math.isnan(a)}
         for name in ("acc", "min_acc", "wc_acc", "lca"):
-            if s[name] is not None:
-                scalars[name] = s[name]
+            value = s[name]
+            if value is not None:
+                scalars[name] = value
         for kind in ("wf", "wp"):
             for w, value in s[kind].items():
                 if value is not None:

@@ -18,7 +18,7 @@ from ..collapse import collapse_threshold
 from ..early_warning import ATTENTION_LIMIT, SIGNALS, WarningPolicy
 from ..events import INSTABILITIES, Instability, WarningReason
 from ..forecast import Forecast, update_ratio
-from ..nn import CrossEntropyLoss
+from ..nn import Activation, CrossEntropyLoss
 from .base import fail_soft
 from .capture import AttentionCapture, LogitsCapture
 from .context import logging_step, sharding_strategy
@@ -200,7 +200,7 @@ class EarlyWarningMonitor(WarningSignals):
         self.latest: dict[str, float] = {}
         self._window = StepWindow()
         self._theta: dict[str, torch.Tensor] | None = None  # θ before a measured update
-        self._collapse_in: tuple[str, torch.dtype] = ("softmax", torch.float32)
+        self._collapse_in: tuple[Activation, torch.dtype] = ("softmax", torch.float32)
         self._ratio_possible = True
         self._no_ratio_reason: str | None = None
         self._follow_logits_dtype = True
@@ -261,6 +261,7 @@ class EarlyWarningMonitor(WarningSignals):
             self.capture.attach(pl_module, type(self).__name__)
         if self.watches("attention"):
             self.attention_capture.attach(pl_module, type(self).__name__)
+            assert self.every_n_steps is not None  # a fixed cadence: no budget
             self.attention_from = attention_source(trainer, self.every_n_steps)
         losses = [m for m in pl_module.modules() if isinstance(m, CrossEntropyLoss)]
         if losses:
@@ -419,6 +420,7 @@ class EarlyWarningMonitor(WarningSignals):
             )
             horizon = self.policy.horizons[instability]
             if forecast is not None and forecast.within(2 * horizon):
+                assert forecast.steps_to is not None  # within the horizon: it crosses
                 scalars[f"{instability}/steps_to"] = forecast.steps_to
             if self.policy.decide(instability, forecast):
                 assert forecast is not None
@@ -436,6 +438,7 @@ class EarlyWarningMonitor(WarningSignals):
     def _warn(self, trainer: Any, instability: str, step: int, forecast: Forecast) -> None:
         """Raise the warning that ``instability`` is coming: record it, act, log its event."""
         quantity, _ = SIGNALS[instability]
+        assert forecast.expected_step is not None  # surely within the horizon: it crosses
         expected = math.ceil(forecast.expected_step)
         message = (
             f"{instability} expected at step {expected} (in {expected - step} steps, range "

@@ -15,6 +15,7 @@ import torch
 from ..attention import AttentionLogitSums
 from ..collapse import collapsed_mask, runner_up_gap
 from ..events import WarningReason
+from ..nn import Activation
 from .base import Monitor
 from .capture import AttentionCapture, LogitsCapture, logits_found, take_logits
 from .context import logging_step
@@ -30,7 +31,7 @@ class WarningSignals(Monitor):
     attention_capture: AttentionCapture
     attention_from: LogitGrowthMonitor | None
     _attention_step: int | None
-    _collapse_in: tuple[str, torch.dtype]
+    _collapse_in: tuple[Activation, torch.dtype]
     _follow_logits_dtype: bool
     _losses: list[tuple[int, torch.Tensor]]
     _theta: dict[str, torch.Tensor] | None

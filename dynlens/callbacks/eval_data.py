@@ -71,7 +71,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+        mapping: Any = type(batch)  # a concrete mapping type (dict, a ModelOutput, ...)
+        return mapping({k: _to_device(v, device) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(_to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):

@@ -234,6 +234,7 @@ class HessianMeasuring(Monitor):
         out = {"failed": 0.0, "loss": loss}
         generator = probe_generator(self.seed, trainer.global_rank, logging_step(trainer))
         if self.trace:
+            blocks: dict[str, Any] = {} if self.partition is None else {"blocks": self.partition}
             estimate = (
                 curvature.hutchpp_trace
                 if self.estimator == "hutchpp"
@@ -245,7 +246,7 @@ class HessianMeasuring(Monitor):
                 generator=generator,
                 route=self._route,  # type: ignore[arg-type]
                 memory=memory,
-                **({} if self.partition is None else {"blocks": self.partition}),
+                **blocks,
             )
             self._route = estimate.route or self._route  # skip a failed route next time
             self._check_product_error(estimate.product_error, out)
@@ -323,7 +324,10 @@ class HessianMeasuring(Monitor):
             )
 
     def _meter_gradient(
-        self, loss_of: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor], device
+        self,
+        loss_of: Callable[[dict[str, Tensor]], Tensor],
+        params: dict[str, Tensor],
+        device: torch.device,
     ) -> float:
         """The loss, and the peak memory of its gradient as a stand-in for a training step's
         (no training step has been metered yet); returns the loss."""

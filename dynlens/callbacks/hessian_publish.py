@@ -72,7 +72,7 @@ class HessianPublishing(HessianMeasuring):
             self._write_spectrum(trainer, step, spectrum)
         self.num_measurements += 1
         self.latest = dict(logged)
-        extra = {k: values[k] for k in ("cold", "iterations") if k in values}
+        extra: dict[str, float] = {k: values[k] for k in ("cold", "iterations") if k in values}
         self.history.append({"step": float(step), **logged, **extra})
         self._announce(trainer, step, logged, rule)
 

@@ -430,9 +430,9 @@ class LogitGrowthMonitor(PooledMonitor):
     def _attention_metrics(self, per_layer: dict[str, AttentionLogitSums]) -> dict[str, float]:
         """Overall and per-layer attention statistics from host floats."""
         total = functools.reduce(AttentionLogitSums.merge, per_layer.values())
-        metrics = {f"attn_{k}": v for k, v in total.compute().items()}
+        metrics = {f"attn_{k}": float(v) for k, v in total.compute().items()}
         for name, sums in per_layer.items():
-            metrics.update({f"attn_{k}/{name}": v for k, v in sums.compute().items()})
+            metrics.update({f"attn_{k}/{name}": float(v) for k, v in sums.compute().items()})
         self.layers = list(per_layer)
         peak = self.peak_attention_logit
         self.peak_attention_logit = max(metrics["attn_max"], -math.inf if peak is None else peak)

@@ -86,12 +86,13 @@ def _rates_ahead(configs: list, optimizers: list, steps: int) -> list[float]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for k in range(1, steps + 1):
-                for c in configs:
-                    if k % max(int(c.frequency or 1), 1) == 0:
-                        c.scheduler.step()
+                try:
+                    for c in configs:
+                        if k % max(int(c.frequency or 1), 1) == 0:
+                            c.scheduler.step()
+                except Exception:  # a scheduler refused (OneCycleLR past its last step, a
+                    break  # user's function out of its range): the future is known up to here
                 rates.append(_largest_rate(optimizers))
-    except Exception:  # the schedule's future is known only up to here
-        pass
     finally:
         for c, state in zip(configs, saved, strict=True):
             c.scheduler.load_state_dict(state)

@@ -171,7 +171,10 @@ def loss_closure(
             torch.autocast(device_type, enabled=False),
             own_forward(),  # other monitors' captures must not count the replay
         ):
-            out = functional_call(wrapper, state, (batch, batch_idx), strict=False)
+            # a None buffer (BatchNorm's running statistics in training mode) is accepted and
+            # set to None, so BatchNorm normalises by the batch's statistics; the stub says
+            # dict[str, Tensor]
+            out = functional_call(wrapper, state, (batch, batch_idx), strict=False)  # type: ignore[arg-type]
         return _as_loss(out)
 
     return params, loss_of

@@ -76,7 +76,9 @@ def _leaves(value: Any, op: str, path: tuple[Any, ...], out: list) -> None:
         out.append((path, value, op))
 
 
-def _rebuild(value: Any, op: str, path: tuple[Any, ...], host: Mapping[tuple[Any, ...], Any]):
+def _rebuild(
+    value: Any, op: str, path: tuple[Any, ...], host: Mapping[tuple[Any, ...], Any]
+) -> Any:
     """``value``'s structure with its leaves replaced by their host values."""
     if isinstance(value, Mapping):
         return {key: _rebuild(item, op, (*path, key), host) for key, item in value.items()}
@@ -106,8 +108,8 @@ def sync_to_host(
         return {}
     if device is None:
         tensors = (leaf for _, leaf, _ in leaves if isinstance(leaf, torch.Tensor))
-        device = next(tensors, None)
-        device = device.device if device is not None else trainer.strategy.root_device
+        first = next(tensors, None)
+        device = first.device if first is not None else trainer.strategy.root_device
     wide = torch.float32 if device.type == "mps" else torch.float64
     flat = [
         leaf.detach().to(device=device, dtype=wide).reshape(-1)
@@ -116,10 +118,10 @@ def sync_to_host(
         for _, leaf, _ in leaves
     ]
     sizes = [t.numel() for t in flat]
-    for op in dict.fromkeys(op for _, _, op in leaves if op != "local"):
-        group = [i for i, (_, _, o) in enumerate(leaves) if o == op]
+    for reduction in dict.fromkeys(o for _, _, o in leaves if o != "local"):
+        group = [i for i, (_, _, o) in enumerate(leaves) if o == reduction]
         joined = torch.cat([flat[i] for i in group]) if len(group) > 1 else flat[group[0]]
-        reduced = trainer.strategy.reduce(joined, reduce_op=op)
+        reduced = trainer.strategy.reduce(joined, reduce_op=reduction)
         for i, part in zip(group, reduced.split([sizes[i] for i in group]), strict=True):
             flat[i] = part
     on_host = torch.cat(flat).tolist()  # the one host copy

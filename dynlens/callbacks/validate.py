@@ -81,7 +81,9 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
-def check_callable(name: str, value: object, *, signature: str = "", allow_none: bool = True):
+def check_callable(
+    name: str, value: object, *, signature: str = "", allow_none: bool = True
+) -> Any:
     """Validate a function argument (``None`` allowed by default); ``signature`` shows its shape,
     e.g. ``"(pl_module, batch) -> loss"``."""
     if value is None and allow_none:

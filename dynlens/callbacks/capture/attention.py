@@ -110,7 +110,9 @@ class _Interceptor(TorchFunctionMode):
     # handler anew for each kind of call it sees (tens of graphs, up to its recompile limit);
     # disabled, the measured forward adds one graph, once
     @torch.compiler.disable
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+    ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         attention = func is _SDPA or func is _MHA
@@ -249,6 +251,7 @@ class AttentionCapture:
                 )
             elif func in _SOFTMAX:
                 scores = _attention_scores(args, kwargs)
+                assert scores is not None  # checked before the call was taken as attention
                 sums = softmax_logit_sums(scores, chunk_elements=self.chunk_elements)
             else:
                 bound = _MHA_SIGNATURE.bind(*args, **kwargs)

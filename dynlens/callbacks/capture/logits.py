@@ -236,7 +236,9 @@ class LogitsCapture:
             what = "its .logits" if named else "its 'logits'"
             label = f"`{name}`" if name else "the LightningModule's forward"
             self._resolve(name, f"the output of {label} ({kind}, {what})")
-            return [_logits_of(structured[name]).detach()]
+            logits = _logits_of(structured[name])
+            assert logits is not None  # a structured output names its logits
+            return [logits.detach()]
         own = seen.get(model)
         if not outermost and isinstance(own, torch.Tensor):
             self._resolve("", "the output of the LightningModule's forward")

@@ -34,6 +34,7 @@ def batch_targets(
     """
     if targets is None:
         return None
+    found: Any
     if callable(targets):
         found = targets(batch)
     elif isinstance(batch, Mapping):

@@ -72,6 +72,8 @@ def collapse(ctx: Context) -> dict[str, Any] | None:
     if sc is None:
         return None
     onset_events = ctx.event_steps("collapse", CollapseReason.ONSET)
+    onset: int | None
+    source: str | None
     if onset_events:
         onset, source = onset_events[0], "event"
     else:

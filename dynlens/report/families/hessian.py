@@ -116,7 +116,7 @@ def hessian_blocks(ctx: Context) -> dict[str, Any] | None:
     step = _last_step(traces.values())
     if step is None:
         return {"step": None, "blocks": []}
-    blocks = [
+    blocks: list[dict[str, Any]] = [
         {
             "block": quantity[len("trace/") :],
             "trace": ctx.at(series, step),
