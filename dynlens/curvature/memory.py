@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -208,10 +209,12 @@ class MemoryLimit:
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.limit = int(state.get("limit", self.limit))  # type: ignore[call-overload]
-        passes = state.get("passes", {})
-        cap = state.get("cap", {})
-        self._passes = {str(r): {int(k): int(b) for k, b in v.items()} for r, v in passes.items()}  # type: ignore[union-attr]
-        self._cap = {str(r): int(k) for r, k in cap.items()}  # type: ignore[union-attr]
+        # The layouts state_dict writes (a serialiser may have re-typed keys and counts, which
+        # str() and int() below undo).
+        passes = cast("Mapping[str, Mapping[int, int]]", state.get("passes", {}))
+        cap = cast("Mapping[str, int]", state.get("cap", {}))
+        self._passes = {str(r): {int(k): int(b) for k, b in v.items()} for r, v in passes.items()}
+        self._cap = {str(r): int(k) for r, k in cap.items()}
 
 
 _MEMORY_FIX = (

@@ -7,6 +7,7 @@ under a :class:`~dynlens.curvature.MemoryLimit`; :func:`hvp` is its dict front e
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 import warnings
@@ -18,9 +19,8 @@ from torch import Tensor
 
 from .errors import _OOM_ERRORS, CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
 from .memory import _MEMORY_FIX, MemoryLimit, _gib
-from .routes import _Routes
+from .routes import LossFn, _Routes
 
-LossFn = Callable[[dict[str, Tensor]], Tensor]
 Route = Literal[
     "auto",
     "tuned",
@@ -325,7 +325,7 @@ class HessianOperator(_Routes):
                 self._free(drop_graph=True)
                 raise CurvatureMemoryError(self._memory_message(route))
             rows = batch[start : start + probes]
-            out = self._metered(route, probes, lambda rows=rows: self._apply(route, rows))
+            out = self._metered(route, probes, functools.partial(self._apply, route, rows))
             if out is None:  # out of memory: the plan now caps the route lower; retry
                 continue
             parts.append(out)
@@ -447,7 +447,7 @@ def hvp(
     if set(vectors) != set(op.names):
         raise ValueError(f"Expected the keys of `params` {sorted(op.names)}, got {sorted(vectors)}")
     batched = all(
-        v.ndim == len(s) + 1 for v, s in zip(map(vectors.get, op.names), op.shapes, strict=True)
+        vectors[name].ndim == len(s) + 1 for name, s in zip(op.names, op.shapes, strict=True)
     )
     flat = op.flatten(vectors, batched=batched)
     return op.unflatten(op.matmul(flat))

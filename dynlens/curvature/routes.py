@@ -10,13 +10,18 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .errors import _OOM_ERRORS, CurvatureError
+from .memory import MemoryLimit
+
+#: What the curvature functions measure: dict name -> tensor of parameters to a scalar loss.
+LossFn = Callable[[dict[str, Tensor]], Tensor]
 
 # `once_differentiable` wraps every backward in the same closure; its code object identifies it.
 _ONCE_DIFFERENTIABLE_CODE = once_differentiable(lambda ctx, *grads: grads).__code__
@@ -46,6 +51,26 @@ def finite_difference_step(theta_norm: float, probe_norm: float, dtype: torch.dt
 
 class _Routes:
     """The products of each route; the attributes are :class:`HessianOperator`'s."""
+
+    # Set by HessianOperator.__init__ (declared here, without values, for the type checker).
+    loss_fn: LossFn
+    names: tuple[str, ...]
+    dtype: torch.dtype
+    device: torch.device
+    chunk_size: int | None
+    memory: MemoryLimit | None
+    finite_difference_error: float | None
+    _primals: dict[str, Tensor]
+    _graph: tuple[list[Tensor], Tensor] | None
+    _vectorisable: bool
+    _checked: bool
+    _theta_norm: float | None
+
+    if TYPE_CHECKING:  # defined by HessianOperator
+
+        def flatten(self, tensors: Mapping[str, Tensor], *, batched: bool = False) -> Tensor: ...
+
+        def unflatten(self, flat: Tensor) -> dict[str, Tensor]: ...
 
     def _scalar_loss(self, p: dict[str, Tensor]) -> Tensor:
         loss = self.loss_fn(p)
@@ -128,9 +153,11 @@ class _Routes:
 
     def _jvp_of_grad(self, tangents: dict[str, Tensor]) -> Tensor:
         with self._evaluation():
-            _, out = torch.func.jvp(
+            # jvp returns (output, jvp_out); its stub's union with the has_aux triple rules out
+            # unpacking, so the second item is indexed, as in _vmap_jvp_of_grad below.
+            out: dict[str, Tensor] = torch.func.jvp(
                 torch.func.grad(self._scalar_loss), (self._primals,), (tangents,)
-            )
+            )[1]
         return self.flatten(out)
 
     def _vmap_jvp_of_grad(self, batch: Tensor) -> Tensor:
@@ -240,7 +267,8 @@ def _refuse_once_differentiable(loss: Tensor) -> None:
         seen.add(id(node))
         fn_cls = getattr(node, "_forward_cls", None)
         backward = getattr(fn_cls, "backward", None)
-        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+        # (fn_cls is not None whenever the code matches: None has no backward)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE and fn_cls is not None:
             raise CurvatureError(
                 f"the loss passes through the custom autograd.Function {fn_cls.__qualname__}, "
                 "whose backward is @once_differentiable: no route can take second derivatives "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -209,7 +209,12 @@ def parameter_blocks(names: Iterable[str], blocks: Blocks) -> dict[str, list[str
                 f"Expected `blocks` to be one of {BLOCK_RULES} or a mapping block name -> "
                 f"parameter names, got {blocks!r}"
             )
-        key = {"module": _module_block, "layer": _layer_block, "tensor": str}[blocks]
+        rules: dict[str, Callable[[str], str]] = {
+            "module": _module_block,
+            "layer": _layer_block,
+            "tensor": str,
+        }
+        key = rules[blocks]
         out: dict[str, list[str]] = {}
         for name in names:
             out.setdefault(key(name), []).append(name)
