@@ -121,7 +121,7 @@ class Monitor(Callback):
 
     Args:
         every_n_steps: measure every this many training steps (where the monitor measures on
-            training steps), exclusive with ``budget``. A step is a batch after which the
+            training steps), exclusive with ``budget``; 1 when neither is given. A step is a batch after which the
             optimizer stepped, counted as Lightning's logging step counts them:
             ``trainer.global_step`` with one optimizer, one per batch when manual optimisation
             steps several optimizers per batch (a monitor may count its own steps:
@@ -145,13 +145,15 @@ class Monitor(Callback):
     def __init__(
         self,
         *,
-        every_n_steps: int | None = 1,
+        every_n_steps: int | None = None,
         budget: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
         prefix: str = "dynlens",
         verbose: bool = True,
     ) -> None:
         check_cadence(every_n_steps, budget)
+        if every_n_steps is None and budget is None:
+            every_n_steps = 1
         check_callable("clock", clock, signature="() -> seconds", allow_none=False)
         if not isinstance(prefix, str) or not prefix.strip("/"):
             raise ConfigurationError(f"Expected `prefix` to be a non-empty str, got {prefix!r}.")

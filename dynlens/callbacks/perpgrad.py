@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing_extensions import override
+
 from ..compat import Callback
 from ..optim import project_out_weights_
 
@@ -24,9 +26,11 @@ class PerpGrad(Callback):
         trainer = Trainer(callbacks=[dynlens.PerpGrad()])
     """
 
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         project_out_weights_(p for group in optimizer.param_groups for p in group["params"])
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Nothing to save; defined so both Lightning packages agree the callback is stateless
         # in the same way (see dynlens.compat).
