@@ -121,8 +121,9 @@ class Monitor(Callback):
 
     Args:
         every_n_steps: measure every this many training steps (where the monitor measures on
-            training steps), exclusive with ``budget``; 1 when neither is given. A step is a batch after which the
-            optimizer stepped, counted as Lightning's logging step counts them:
+            training steps), exclusive with ``budget``; 1 when neither is given. A step is a
+            batch after which the optimizer stepped, counted as Lightning's logging step counts
+            them:
             ``trainer.global_step`` with one optimizer, one per batch when manual optimisation
             steps several optimizers per batch (a monitor may count its own steps:
             :meth:`cadence_step`).
