@@ -15,9 +15,11 @@ The instabilities and their events:
 
 * ``collapse``: more than :data:`COLLAPSE_SHARE` of a measured step's samples in Softmax
   Collapse (``SoftmaxCollapseMonitor``'s onset rule), in the loss's precision;
-* ``divergence``: the training loss non-finite, or above :data:`DIVERGENCE_FACTOR` × its lowest
-  value so far from step :data:`DIVERGENCE_AFTER` on;
-* ``attention``: the largest attention logit of a measured step above :data:`ATTENTION_LIMIT`.
+* ``divergence``: the training loss non-finite, or leaving what the run had reached by more than
+  its noise and half the ground it covered, and staying away (:mod:`dynlens.loss_events`);
+* ``attention``: the largest attention logit of a measured step above :data:`ATTENTION_LIMIT`;
+* ``spike``: a training loss above the mean of the last 128 by 6 of their standard deviations
+  (:mod:`dynlens.loss_events`; detected at every step, not forecast).
 
 >>> policy = WarningPolicy(("attention",), horizon=100, window=4, consecutive=1)
 >>> for step in (10, 20, 30, 40):  # a logit growing as a power of the step, towards 1e4
@@ -31,33 +33,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from .events import INSTABILITIES, Instability
+from .events import INSTABILITIES, Instability, WarningReason
 from .forecast import Forecast, TrendKind, decelerating, steps_to_threshold
+from .loss_events import LossEvent, LossWatch
 
 __all__ = [
     "ATTENTION_LIMIT",
     "COLLAPSE_SHARE",
     "CONSECUTIVE",
-    "DIVERGENCE_AFTER",
-    "DIVERGENCE_FACTOR",
     "HORIZONS",
     "MIN_POINTS",
     "SIGNALS",
     "WINDOWS",
     "WarningPolicy",
     "per_instability",
+    "warning_record",
 ]
 
 #: Collapse: more than this share of a measured step's samples in Softmax Collapse.
 COLLAPSE_SHARE = 0.5
-#: Divergence: the training loss non-finite, or above this many times its lowest value so far...
-DIVERGENCE_FACTOR = 10.0
-#: ... from this step on.
-DIVERGENCE_AFTER = 50
 #: Attention: the largest attention logit of a measured step above this.
 ATTENTION_LIMIT = 1e4
 
-#: The signal each instability is forecast from: (its quantity, the trend it follows).
+#: The signal each instability is forecast from: (its quantity, the trend it follows); a spike
+#: is detected, not forecast.
 SIGNALS: dict[str, tuple[str, TrendKind]] = {
     "collapse": ("gap_median", "power"),
     "divergence": ("loss", "exponential"),
@@ -67,16 +66,16 @@ SIGNALS: dict[str, tuple[str, TrendKind]] = {
 MIN_POINTS = 4
 #: The default window of each trend, in measured points: 16 (160 steps at the default cadence),
 #: and 32 for the logit gap, which grows over thousands of steps.
-WINDOWS: dict[str, int] = {"collapse": 32, "divergence": 16, "attention": 16}
+WINDOWS: dict[str, int] = {"collapse": 32, "divergence": 16, "attention": 16, "spike": 16}
 #: The default horizon of each instability, in steps: 500, and 1,000 for collapse, whose logit
 #: gap grows over thousands of steps (chosen by replaying the benchmark's seeds 4-15,
 #: benchmarks/RESULTS.md, fourth round).
-HORIZONS: dict[str, int] = {"collapse": 1000, "divergence": 500, "attention": 500}
+HORIZONS: dict[str, int] = {"collapse": 1000, "divergence": 500, "attention": 500, "spike": 500}
 #: The default measured points in a row at which an instability must be surely within the
 #: horizon before a warning. Chosen on the benchmark's seeds 4-11 (benchmarks/RESULTS.md): the
 #: false alarms there were forecasts that held for one or two points; the divergence, which comes
 #: within a few hundred steps of its first trend, warns at the first point.
-CONSECUTIVE: dict[str, int] = {"collapse": 2, "divergence": 1, "attention": 3}
+CONSECUTIVE: dict[str, int] = {"collapse": 2, "divergence": 1, "attention": 3, "spike": 1}
 
 
 def per_instability(
@@ -87,7 +86,7 @@ def per_instability(
     at least ``least``. A ``ValueError`` says what is wrong.
 
         >>> per_instability("horizon", {"collapse": 2000}, HORIZONS)
-        {'collapse': 2000, 'divergence': 500, 'attention': 500}
+        {'collapse': 2000, 'divergence': 500, 'attention': 500, 'spike': 500}
     """
     values = given if isinstance(given, Mapping) else dict.fromkeys(INSTABILITIES, given)
     for key in values:
@@ -122,7 +121,7 @@ class WarningPolicy:
     slope must be from 0.
 
     Its state, kept in checkpoints by the monitor: :attr:`happened`, :attr:`history`,
-    :attr:`active`, :attr:`in_a_row` and :attr:`loss_min`.
+    :attr:`active`, :attr:`in_a_row` and the loss events' :attr:`losses`.
     """
 
     def __init__(
@@ -162,8 +161,8 @@ class WarningPolicy:
         self.active: list[str] = []
         #: Per instability, the measured points in a row at which it was surely within the horizon.
         self.in_a_row: dict[str, int] = {}
-        #: The lowest finite training loss so far.
-        self.loss_min = math.inf
+        #: The training losses so far, for divergence and spikes.
+        self.losses = LossWatch()
 
     def watches(self, instability: str) -> bool:
         return instability in self.instabilities
@@ -175,8 +174,9 @@ class WarningPolicy:
     # ----------------------------------------------------------------------------- events
     @property
     def divergence_threshold(self) -> float:
-        """The divergence event's threshold: :data:`DIVERGENCE_FACTOR` × the lowest loss."""
-        return DIVERGENCE_FACTOR * self.loss_min
+        """The loss above which a finite loss leaves what the run had reached (inf while
+        undefined: :meth:`dynlens.loss_events.LossWatch.divergence_threshold`)."""
+        return self.losses.divergence_threshold
 
     def collapsed(self, share: float) -> bool:
         """A measured step with this share of its samples collapsed is a collapse."""
@@ -186,24 +186,10 @@ class WarningPolicy:
         """A measured step with this largest attention logit is an attention blow-up."""
         return max_logit > ATTENTION_LIMIT
 
-    def scan_losses(self, steps: Sequence[int], losses: Sequence[float]) -> tuple[int, str] | None:
-        """Take the training losses of these steps, in order: the step of the divergence among
-        them with what happened (``None`` if none, or it had happened before), and the lowest
-        loss updated."""
-        found = None
-        for step, value in zip(steps, losses, strict=True):
-            if found is None and self.happened.get("divergence") is None:
-                if not math.isfinite(value):
-                    found = (step, f"the training loss is {value}")
-                elif step >= DIVERGENCE_AFTER and value > self.divergence_threshold:
-                    found = (
-                        step,
-                        f"the training loss {value:.4g} is above {DIVERGENCE_FACTOR:g}× its "
-                        f"lowest value so far ({self.loss_min:.4g})",
-                    )
-            if math.isfinite(value):
-                self.loss_min = min(self.loss_min, value)
-        return found
+    def scan_losses(self, steps: Sequence[int], losses: Sequence[float]) -> list[LossEvent]:
+        """Take the training losses of these steps, in order: the spikes and the divergence
+        among them (:class:`dynlens.loss_events.LossWatch`)."""
+        return [e for s, v in zip(steps, losses, strict=True) for e in self.losses.observe(s, v)]
 
     def happen(self, instability: str, step: int) -> bool:
         """Record that ``instability`` happened at ``step`` (its warning, if active, is done);
@@ -288,3 +274,28 @@ class WarningPolicy:
             return True
         horizon = self.horizons[instability]
         return forecast.lower is not None and forecast.lower - trend.last_step > 2 * horizon
+
+
+def warning_record(instability: str, step: int, forecast: Forecast, detail: str = "") -> dict:
+    """The record of a warning raised at ``step`` from ``forecast``: ``event``, ``step``,
+    ``expected_step`` (the crossing, rounded up), ``reason`` (``warn_<instability>``) and a
+    ``message`` that says what is expected when, from which signal, and ``detail``.
+
+        >>> f = steps_to_threshold([10, 20, 30, 40], [1.0, 2.0, 3.0, 4.0], 10.0)
+        >>> warning_record("collapse", 40, f)["message"]
+        'collapse expected at step 100 (in 60 steps, range 100–100): gap_median is trending to 10'
+    """
+    quantity, _ = SIGNALS[instability]
+    assert forecast.expected_step is not None  # surely within the horizon: it crosses
+    expected = math.ceil(forecast.expected_step)
+    message = (
+        f"{instability} expected at step {expected} (in {expected - step} steps, range "
+        f"{forecast.range_text()}): {quantity} is trending to {forecast.threshold:.4g}"
+    )
+    return {
+        "event": instability,
+        "step": int(step),
+        "expected_step": expected,
+        "reason": WarningReason.warning(instability).value,
+        "message": message + (f"; {detail}" if detail else ""),
+    }

@@ -140,8 +140,8 @@ class ContinualReason(Reason, monitor="continual"):
 
 
 #: The instabilities ``EarlyWarningMonitor`` forecasts.
-Instability = Literal["collapse", "divergence", "attention"]
-INSTABILITIES: tuple[Instability, ...] = ("collapse", "divergence", "attention")
+Instability = Literal["collapse", "divergence", "attention", "spike"]
+INSTABILITIES: tuple[Instability, ...] = ("collapse", "divergence", "attention", "spike")
 
 
 class WarningReason(Reason, monitor="warning"):
@@ -151,9 +151,11 @@ class WarningReason(Reason, monitor="warning"):
     WARN_COLLAPSE = "warn_collapse"
     WARN_DIVERGENCE = "warn_divergence"
     WARN_ATTENTION = "warn_attention"
+    WARN_SPIKE = "warn_spike"
     COLLAPSE = "collapse"
     DIVERGENCE = "divergence"
     ATTENTION = "attention"
+    SPIKE = "spike"  #: every loss spike (the first is also what ``happened`` holds)
     ATTENTION_SHARED = "attention_shared"  #: attention read from a ``LogitGrowthMonitor``
     ATTENTION_OWN = "attention_own"  #: ... which stopped: measured by the monitor again
     NO_UPDATE_RATIO = "no_update_ratio"  #: the update ratio cannot be measured in this run

@@ -10,7 +10,6 @@ import pytest
 from dynlens.early_warning import (
     ATTENTION_LIMIT,
     CONSECUTIVE,
-    DIVERGENCE_AFTER,
     HORIZONS,
     WINDOWS,
     WarningPolicy,
@@ -26,7 +25,7 @@ def test_each_instability_has_its_settings_by_default_and_one_number_sets_them_a
     assert WarningPolicy(horizon=300).horizons == dict.fromkeys(HORIZONS, 300)
     assert WarningPolicy(window={"divergence": 8}).windows == {**WINDOWS, "divergence": 8}
     mixed = WarningPolicy(consecutive={"attention": 5}).consecutive
-    assert mixed == {"collapse": 2, "divergence": 1, "attention": 5}  # the rest by default
+    assert mixed == {"collapse": 2, "divergence": 1, "attention": 5, "spike": 1}  # the rest
 
 
 @pytest.mark.parametrize(
@@ -112,19 +111,16 @@ def test_no_forecast_past_the_end_of_a_rising_learning_rate_nor_after_the_event(
     assert policy.forecast("attention", 60, 7200.0, ATTENTION_LIMIT) is None
 
 
-def test_divergence_is_a_non_finite_loss_or_ten_times_the_lowest_from_step_50():
-    policy = WarningPolicy(("divergence",))
-    # lowest 1.0 at step 10; 30 at step 40 is before step 50; 10.5 at step 70 diverges
-    steps = [10, 40, DIVERGENCE_AFTER, 70, 80]
-    assert policy.scan_losses(steps, [1.0, 30.0, 9.9, 10.5, 0.5]) == (
-        70,
-        "the training loss 10.5 is above 10× its lowest value so far (1)",
-    )
-    assert policy.loss_min == 0.5  # every finite loss counts, before and after the event
-    assert policy.divergence_threshold == 5.0
-    fresh = WarningPolicy(("divergence",))
-    assert fresh.scan_losses([3, 4], [1.0, math.inf]) == (4, "the training loss is inf")
-    assert fresh.loss_min == 1.0
+def test_the_losses_give_the_spikes_and_the_divergence_and_its_threshold():
+    policy = WarningPolicy(("divergence", "spike"))
+    losses = [2.0 - 0.01 * step for step in range(100)] + [5.0] * 10 + [float("nan")]
+    events = policy.scan_losses(range(len(losses)), losses)
+    # above the lowest by half the ground ten steps in a row, then the NaN (the monitor records
+    # the first divergence only)
+    assert [e.step for e in events if e.kind == "divergence"] == [100, 110]
+    spikes = [e.step for e in events if e.kind == "spike"]
+    assert spikes[0] == 100 and policy.losses.spikes == len(spikes)
+    assert policy.divergence_threshold == policy.losses.divergence_threshold
 
 
 def test_the_events_thresholds():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -15,9 +16,10 @@ import torch
 from typing_extensions import override
 
 from ..collapse import collapse_threshold
-from ..early_warning import ATTENTION_LIMIT, SIGNALS, WarningPolicy
+from ..early_warning import ATTENTION_LIMIT, WarningPolicy, warning_record
 from ..events import INSTABILITIES, Instability, WarningReason
 from ..forecast import Forecast, update_ratio
+from ..loss_events import NOISE_WINDOW, LossEvent
 from ..nn import Activation, CrossEntropyLoss
 from .base import fail_soft
 from .capture import AttentionCapture, LogitsCapture
@@ -40,48 +42,41 @@ class EarlyWarningMonitor(WarningSignals):
     points of it by least squares (:func:`dynlens.forecast.steps_to_threshold`), extrapolates
     them to the instability's threshold and decides:
 
-    * **collapse** — the median top-vs-runner-up logit gap, growing as a power of the step
-      towards the collapse threshold ln(2/eps) of the loss's precision (Prieto et al. 2025; a
-      difference of logits, which grow as products of weight norms, as the attention logit
-      below; a straight line drawn through it expected collapse too early); the event: more
-      than half of a measured step's samples in Softmax Collapse;
-    * **divergence** — the training loss (its mean over the steps since the last measured one)
-      growing exponentially towards 10× its lowest value so far; the event: the training loss
-      non-finite, or above 10× its lowest value so far after the first 50 steps (read at every
-      step). Beside it, every ``curvature_every_n_steps``, the update ratio η/η_c along the step
-      the optimizer took: the loss before and after the step on the step's own batch and the
-      first-order decrease −gᵀΔθ, two forward passes (:func:`dynlens.forecast.update_ratio`, the
-      critical sharpness of Kalra et al. 2026 over 2/η; 1: the step stops lowering the loss, the
-      edge of stability; a loss that grows while the ratio stays near 1 is a step size the model
-      can no longer follow), which the warning's message gives;
-    * **attention** — the largest attention logit (Wortsman et al. 2023), growing as a power of
-      the step towards 1e4 (a straight line in ln–ln: the logit is a product of weight norms,
-      and under Adam each weight moves by about the learning rate per step, so the norms grow
-      polynomially; an exponential drawn through a window of such growth runs ahead of it, and
-      warned of blow-ups that levelled off under qk-layernorm); the event: the largest attention
-      logit above 1e4.
+    * **collapse** — the median top-vs-runner-up logit gap, a power of the step (a difference of
+      logits, which grow as products of weight norms) towards the collapse threshold ln(2/eps)
+      of the loss's precision (Prieto et al. 2025); the event: more than half of a measured
+      step's samples in Softmax Collapse;
+    * **divergence** — the training loss (its mean over the steps since the last measured one),
+      exponential towards the divergence threshold; the event, read at every step
+      (:mod:`dynlens.loss_events`): the loss non-finite, or above its lowest value by more than
+      its noise and half the ground it covered, at 10 steps in a row. Beside it, every
+      ``curvature_every_n_steps``, the update ratio η/η_c along the step the optimizer took
+      (:func:`dynlens.forecast.update_ratio`, two forward passes; 1: the step stops lowering the
+      loss, the edge of stability), which a divergence warning quotes;
+    * **attention** — the largest attention logit (Wortsman et al. 2023), a power of the step
+      (a product of weight norms that grow polynomially under Adam) towards 1e4; the event: the
+      largest attention logit above 1e4;
+    * **spike** — detected at every step, not forecast: a loss above the mean of the last 128 by
+      6 of their standard deviations (OLMo-core's rule), each one an event; ``spike/count`` and
+      ``spike/rate`` (spikes per step) are logged.
 
-    A **warning** is raised when the event is expected within ``horizon`` steps even at the slow end
-    of the trend's range (:meth:`dynlens.forecast.Forecast.surely_within`) at ``consecutive``
-    measured points in a row (:meth:`WarningPolicy.decide
-    <dynlens.early_warning.WarningPolicy.decide>`): kept in :attr:`warnings`
-    and in checkpoints, and written as a text event under ``<prefix>/warning/events`` (reason
-    ``warn_<event>``). One warning per event until its forecast clears (the trend surely moves away,
-    or puts the event beyond twice the horizon even at the fast end of its range). No forecast is
-    made from points that bend down (:func:`dynlens.forecast.decelerating`), nor one whose
-    crossing lies past the step where the learning rate stops rising while it rises (a warm-up:
-    a loss that climbs with the learning rate may stop when it does; the trainer's step-interval
-    schedulers are read ahead by :class:`dynlens.callbacks.lr_ahead.LRAhead`, which puts them
-    back as they were). When an event happens it is an event of its own (reason ``<event>``) and
-    its forecast stops. Every decision is taken from values reduced across ranks, so every rank
-    decides the same.
+    A **warning** is raised when the event is expected within ``horizon`` steps even at the slow
+    end of the trend's range at ``consecutive`` measured points in a row
+    (:meth:`~dynlens.early_warning.WarningPolicy.decide`): kept in :attr:`warnings` and in
+    checkpoints, and written as a text event (reason ``warn_<event>``). One warning per event
+    until its forecast clears. No forecast is made from points that bend down, nor past the step
+    where a rising learning rate stops rising (the trainer's step-interval schedulers are read
+    ahead by :class:`dynlens.callbacks.lr_ahead.LRAhead`, which puts them back as they were).
+    An event is an event of its own (reason ``<event>``) and ends its forecasts. Every decision
+    is taken from values reduced across ranks, so every rank decides the same.
 
     Scalars under ``<prefix>/warning/<event>/``: the signals (``gap_median``, ``threshold``,
     ``sc_fraction``; ``loss``, ``threshold``, ``update_ratio``; ``max_logit``) and ``steps_to``,
     the expected steps to the event while one is expected within twice the horizon.
 
     Args:
-        instabilities: which of ``"collapse"``, ``"divergence"``, ``"attention"`` to forecast.
+        instabilities: which of ``"collapse"``, ``"divergence"``, ``"attention"``, ``"spike"``
+            to watch (all by default).
         horizon: warn when the event is expected within this many steps: one number for every
             event, or a mapping event → steps; by default 500, and 1,000 for collapse, which
             comes over thousands of steps (:data:`dynlens.early_warning.HORIZONS`).
@@ -173,7 +168,20 @@ class EarlyWarningMonitor(WarningSignals):
         self.add_state("history", dict, owner=self.policy)
         self.add_state("active", list, owner=self.policy)
         self.add_state("in_a_row", dict, owner=self.policy)
-        self.add_state("loss_min", math.inf, owner=self.policy)
+        losses = self.policy.losses
+        self.add_state("loss_min", math.inf, owner=losses)
+        self.add_state("start", lambda: [0.0, 0.0], key="loss_start", owner=losses)
+        self.add_state(
+            "recent",
+            lambda: deque(maxlen=NOISE_WINDOW),
+            key="recent_losses",
+            save=list,
+            load=lambda saved: deque(saved, maxlen=NOISE_WINDOW),
+            owner=losses,
+        )
+        self.add_state("spikes", 0, owner=losses)
+        self.add_state("observed", 0, key="losses_observed", owner=losses)
+        self.add_state("away", None, key="loss_away", owner=losses)
         #: The training losses of the steps since the last measured step: (step, loss).
         self._losses: list[tuple[int, torch.Tensor]] = self.add_state(
             "_losses",
@@ -340,7 +348,7 @@ class EarlyWarningMonitor(WarningSignals):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = loss_of(outputs)
-        if loss is not None and self.watches("divergence"):
+        if loss is not None and (self.watches("divergence") or self.watches("spike")):
             self._losses.append((logging_step(trainer), loss.detach().reshape(())))
         if not self._window.is_open:
             return
@@ -383,15 +391,18 @@ class EarlyWarningMonitor(WarningSignals):
             values = host["_loss_values"]
             steps = [s for s, _ in self._losses]
             self._losses = []
-            divergence = self.policy.scan_losses(steps, values)
-            if divergence is not None:
-                self._happen(trainer, "divergence", *divergence)
+            for event in self.policy.scan_losses(steps, values):
+                self._loss_event(trainer, event)
             if all(math.isfinite(v) for v in values):
                 # the mean loss of the steps since the last measured one, at their mean step
                 loss = sum(values) / len(values)
                 signals["divergence"] = (sum(steps) / len(steps), loss)
                 scalars["divergence/loss"] = loss
-                scalars["divergence/threshold"] = self._threshold("divergence")
+                if math.isfinite(threshold := self._threshold("divergence")):
+                    scalars["divergence/threshold"] = threshold
+            if self.watches("spike"):
+                scalars["spike/count"] = self.policy.losses.spikes
+                scalars["spike/rate"] = self.policy.losses.spike_rate
         if "_collapse_counts" in host:
             samples, collapsed = host["_collapse_counts"]
             share, gap = collapsed / max(samples, 1.0), host["_gap"]
@@ -437,23 +448,11 @@ class EarlyWarningMonitor(WarningSignals):
 
     def _warn(self, trainer: Any, instability: str, step: int, forecast: Forecast) -> None:
         """Raise the warning that ``instability`` is coming: record it, act, log its event."""
-        quantity, _ = SIGNALS[instability]
-        assert forecast.expected_step is not None  # surely within the horizon: it crosses
-        expected = math.ceil(forecast.expected_step)
-        message = (
-            f"{instability} expected at step {expected} (in {expected - step} steps, range "
-            f"{forecast.range_text()}): {quantity} is trending to {forecast.threshold:.4g}"
-        )
+        detail = ""
         if instability == "divergence" and self.last_update_ratio is not None:
-            message += f"; the latest update ratio η/η_c is {self.last_update_ratio:.3g}"
-        reason = WarningReason.warning(instability)
-        warning = {
-            "event": instability,
-            "step": int(step),
-            "expected_step": expected,
-            "reason": reason.value,
-            "message": message,
-        }
+            detail = f"the latest update ratio η/η_c is {self.last_update_ratio:.3g}"
+        warning = warning_record(instability, step, forecast, detail)
+        message = warning["message"]
         if self.action == "checkpoint":
             path = os.path.join(
                 str(self.checkpoint_dir), f"dynlens-warning-{instability}-step{step}.ckpt"
@@ -466,14 +465,27 @@ class EarlyWarningMonitor(WarningSignals):
             message += "; stopping training"
         warning["message"] = message
         self.warnings.append(warning)
-        self.log_event(trainer, step, reason, message)
+        self.log_event(trainer, step, warning["reason"], message)
         if callable(self.action):
             self.action(dict(warning))
+
+    def _loss_event(self, trainer: Any, event: LossEvent) -> None:
+        """A spike (each one an event; the first is when ``spike`` happened) or the divergence,
+        read from the training losses."""
+        if not self.watches(event.kind):
+            return
+        if event.kind == "divergence":
+            self._happen(trainer, "divergence", event.step, event.describe())
+            return
+        lead = self._lead("spike", event.step) if self.policy.happen("spike", event.step) else ""
+        self.log_event(trainer, event.step, WarningReason.SPIKE, f"spike: {event.describe()}{lead}")
+
+    def _lead(self, instability: str, step: int) -> str:
+        warned = [w for w in self.warnings if w["event"] == instability]
+        return f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
 
     def _happen(self, trainer: Any, instability: str, step: int, what: str) -> None:
         if not self.policy.happen(instability, step):
             return
-        warned = [w for w in self.warnings if w["event"] == instability]
-        lead = f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
-        reason = WarningReason.happened(instability)
-        self.log_event(trainer, step, reason, f"{instability}: {what}{lead}")
+        message = f"{instability}: {what}{self._lead(instability, step)}"
+        self.log_event(trainer, step, WarningReason.happened(instability), message)

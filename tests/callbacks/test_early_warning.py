@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
 from dynlens.callbacks.validate import ConfigurationError
+from dynlens.loss_events import LossWatch
 from tests.helpers import trainer as make_trainer
 
 
@@ -182,17 +183,24 @@ def test_collapse_signals_equal_their_brute_force_values():
     assert monitor.latest["collapse/threshold"] == pytest.approx(24 * math.log(2))
 
 
-def test_divergence_is_a_non_finite_loss_or_ten_times_the_lowest_after_step_50():
-    def curve(step):  # lowest 1.0 at step 10; 30 at step 40 is too early; 10.5 at 70 diverges
-        return {10: 1.0, 40: 30.0}.get(step, 10.5 if step >= 70 else 2.0)
+def test_divergence_and_spikes_are_the_loss_rules_read_at_every_step():
+    # falls from 2 to 1 by step 40, spikes to 30 at step 30 and comes back, then gives back more
+    # than half the ground it covered from step 60 on: one spike, and a divergence at step 60
+    def curve(step):
+        return 30.0 if step == 30 else (2.0 - step / 40 if step < 40 else 1.0 if step < 60 else 3.0)
 
+    watch = LossWatch()
+    expected = [(e.step, e.kind) for step in range(100) for e in watch.observe(step, curve(step))]
+    assert ("spike", 30) in [(k, s) for s, k in expected] and (60, "divergence") in expected
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("divergence",), every_n_steps=10, verbose=False
+        instabilities=("divergence", "spike"), every_n_steps=10, verbose=False
     )
     fit(Scripted(curve=curve), monitor, 100)
-    assert monitor.happened == {"divergence": 70}
-    assert monitor.policy.loss_min == 1.0
-    assert monitor.events[-1]["reason"] == "divergence"
+    assert monitor.happened == {"divergence": 60, "spike": 30}
+    spikes = [e["step"] for e in monitor.events if e["reason"] == "spike"]
+    assert spikes == [s for s, kind in expected if kind == "spike"]
+    assert monitor.latest["spike/count"] == len(spikes) and monitor.policy.losses.loss_min == 1.0
+    assert monitor.latest["spike/rate"] == pytest.approx(len(spikes) / 100)
 
     monitor = dynlens.EarlyWarningMonitor(
         instabilities=("divergence",), every_n_steps=10, verbose=False
@@ -201,15 +209,16 @@ def test_divergence_is_a_non_finite_loss_or_ten_times_the_lowest_after_step_50()
     assert monitor.happened == {"divergence": 23}
 
 
-def test_an_exponentially_growing_loss_is_forecast_to_ten_times_its_lowest_value():
-    # flat at 1.0 (the lowest) until step 100, then e^(0.01 (t − 100)): 10× at t = 330.26, the
-    # event at step 331. Each point is the mean loss of ten steps at their mean step, which on an
-    # exponential lies 0.04 steps off the curve: the forecast is 331 too
+def test_an_exponentially_growing_loss_is_forecast_to_the_divergence_threshold():
+    # 5 for ten steps (the start), then 1 (the lowest) until step 100, then e^(0.01 (t − 100)):
+    # the threshold is 1 + half the ground covered = 3, crossed at t = 209.86, the divergence at
+    # step 210. Each point is the mean loss of ten steps at their mean step, which on an
+    # exponential lies 0.04 steps off the curve: the forecast is 210 too
     rate, horizon = 0.01, 100
-    crossing = 100 + math.log(10) / rate
+    crossing = 100 + math.log(3) / rate
 
     def curve(step):
-        return 1.0 if step < 100 else math.exp(rate * (step - 100))
+        return 5.0 if step < 10 else 1.0 if step < 100 else math.exp(rate * (step - 100))
 
     monitor = dynlens.EarlyWarningMonitor(  # consecutive=1: the first point in the horizon warns
         instabilities=("divergence",),
@@ -219,28 +228,24 @@ def test_an_exponentially_growing_loss_is_forecast_to_ten_times_its_lowest_value
         consecutive=1,
         verbose=False,
     )
-    fit(Scripted(curve=curve), monitor, 400)
+    fit(Scripted(curve=curve), monitor, 300)
     assert monitor.happened == {"divergence": math.ceil(crossing)}
-    assert len(monitor.warnings) == 1
-    warning = monitor.warnings[0]
-    # the first measured step whose window's last point (4.5 steps back) is within the horizon
-    warned = next(s for s in range(140, 400, 10) if crossing - (s - 4.5) <= horizon)
+    assert monitor.latest["divergence/threshold"] == pytest.approx(3.0)
+    (warning,) = monitor.warnings
+    # the first measured step whose window holds four points of the exponential (from step 140)
+    # and whose last point (4.5 steps back) is within the horizon of the crossing
+    warned = next(s for s in range(140, 300, 10) if crossing - (s - 4.5) <= horizon)
     assert (warning["step"], warning["expected_step"]) == (warned, math.ceil(crossing))
-    assert monitor.latest["divergence/threshold"] == pytest.approx(10.0)
-    # the event was found at step 340, among the losses of steps 331–340: the last point is that
-    # of steps 321–330
-    step, value = monitor.policy.history["divergence"][-1]
-    assert step == 325.5
-    assert value == pytest.approx(sum(curve(s) for s in range(321, 331)) / 10, rel=1e-6)
 
 
 def test_a_loss_that_jumps_and_levels_off_does_not_warn_and_one_that_keeps_growing_does():
-    # a catapult's shape: the loss jumps from 1 to 2.2 at step 300 and stays there (with a little
-    # batch-to-batch noise); against it the same jump followed by growth of 1% a step
+    # a catapult's shape: from a start at 20, the loss falls to 1, jumps to 2.2 at step 300 and
+    # stays there (with a little batch-to-batch noise), below the divergence threshold (1 + half
+    # the ground covered: about 10.5); against it the same jump followed by growth of 1% a step
     noise = torch.randn(700, generator=torch.Generator().manual_seed(0)).mul(0.02).tolist()
 
     def levels_off(step):
-        return (1.0 if step < 300 else 2.2) * (1 + noise[step])
+        return (20.0 if step < 10 else 1.0 if step < 300 else 2.2) * (1 + noise[step])
 
     def keeps_growing(step):
         return levels_off(step) * math.exp(0.01 * max(step - 300, 0))
@@ -250,10 +255,13 @@ def test_a_loss_that_jumps_and_levels_off_does_not_warn_and_one_that_keeps_growi
     assert catapult.warnings == [] and catapult.happened == {"divergence": None}
     growing = dynlens.EarlyWarningMonitor(instabilities=("divergence",), verbose=False)
     fit(Scripted(curve=keeps_growing), growing, 700)
-    # 10× the lowest (about 0.96) at about step 300 + ln(10 · 0.96 / 2.2) / 0.01 = 447
+    # the threshold (about 0.96 + (20 − 0.96) / 2 = 10.5) at about 300 + ln(10.5 / 2.2) / 0.01
+    threshold = growing.latest["divergence/threshold"]
+    assert threshold == pytest.approx(10.5, rel=0.02)
+    crossing = 300 + math.log(threshold / 2.2) / 0.01
     assert [w["event"] for w in growing.warnings] == ["divergence"]
     assert growing.warnings[0]["step"] < growing.happened["divergence"]
-    assert 440 <= growing.happened["divergence"] <= 455
+    assert crossing - 5 <= growing.happened["divergence"] <= crossing + 5
 
 
 class Regression(pl.LightningModule):

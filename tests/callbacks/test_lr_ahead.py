@@ -163,13 +163,17 @@ def test_training_sees_the_same_rates_and_weights_while_it_looks_ahead(schedule)
 
 
 def test_the_monitor_does_not_forecast_past_the_end_of_a_warm_up():
-    """The exponential loss of the divergence test crosses 10× its lowest value at step 331:
-    without a schedule, or under a warm-up that rises past that step, the warning comes at step
-    240 (as in that test); under a warm-up that ends at step 299, at step 300, the first
-    measured step whose learning rate no longer rises."""
+    """From a start at 19, the loss falls to 1 and grows exponentially from step 100: it crosses
+    the divergence threshold (1 + half the ground covered, 10) at step 330.3, the divergence at
+    step 331. Without a schedule, or under a warm-up that rises past that step, the warning
+    comes at step 240, the first measured step whose window of four points lies within 100 steps
+    of the crossing; under a warm-up that ends at step 299, at step 300, the first measured step
+    whose learning rate no longer rises."""
     from tests.callbacks.test_early_warning import Scripted, loader
 
     def curve(step):
+        if step < 10:
+            return 19.0
         return 1.0 if step < 100 else torch.tensor(0.01 * (step - 100)).exp().item()
 
     class WarmedUp(Scripted):
