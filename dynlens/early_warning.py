@@ -32,19 +32,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
+from .crossing import Crossing, limit_crossing
 from .events import INSTABILITIES, Instability, WarningReason
 from .forecast import Forecast, TrendKind, decelerating, steps_to_threshold
 from .loss_events import LossEvent, LossWatch
 
+#: A prediction of when an instability comes: a signal's trend to its threshold, or the
+#: scheduled learning rate's crossing of the stability limit.
+Prediction = Forecast | Crossing
+Setting = int | Literal["auto"]
+
 __all__ = [
     "ATTENTION_LIMIT",
+    "AUTO",
     "COLLAPSE_SHARE",
     "CONSECUTIVE",
     "HORIZONS",
+    "HORIZON_SHARE",
+    "MAX_POINTS",
+    "MIN_HORIZON",
     "MIN_POINTS",
     "SIGNALS",
     "WINDOWS",
+    "WINDOW_SHARE",
     "WarningPolicy",
     "per_instability",
     "warning_record",
@@ -71,6 +83,17 @@ WINDOWS: dict[str, int] = {"collapse": 32, "divergence": 16, "attention": 16, "s
 #: gap grows over thousands of steps (chosen by replaying the benchmark's seeds 4-15,
 #: benchmarks/RESULTS.md, fourth round).
 HORIZONS: dict[str, int] = {"collapse": 1000, "divergence": 500, "attention": 500, "spike": 500}
+#: ``window="auto"``: a trend is fitted to the points of the last ``WINDOW_SHARE`` of the steps
+#: so far (at least :data:`MIN_POINTS` of them, the older ones thinned beyond
+#: :data:`MAX_POINTS`), so that its span grows with the run: an event at step 300 and one at step
+#: 30,000 are seen through windows of the same share of their run.
+AUTO: Literal["auto"] = "auto"
+WINDOW_SHARE = 0.5
+MAX_POINTS = 64
+#: ``horizon="auto"``: warn of an instability expected within this share of the steps so far (at
+#: least :data:`MIN_HORIZON` steps): the same share of lead at every timescale.
+HORIZON_SHARE = 0.5
+MIN_HORIZON = 20
 #: The default measured points in a row at which an instability must be surely within the
 #: horizon before a warning. Chosen on the benchmark's seeds 4-11 (benchmarks/RESULTS.md): the
 #: false alarms there were forecasts that held for one or two points; the divergence, which comes
@@ -79,26 +102,33 @@ CONSECUTIVE: dict[str, int] = {"collapse": 2, "divergence": 1, "attention": 3, "
 
 
 def per_instability(
-    name: str, given: int | Mapping[str, int] | None, defaults: Mapping[str, int], least: int = 1
-) -> dict[str, int]:
-    """A setting given as one number for every instability, or as a mapping instability →
-    number (instabilities not in it, and ``None``, take ``defaults``); each a whole number of
-    at least ``least``. A ``ValueError`` says what is wrong.
+    name: str,
+    given: Setting | Mapping[str, Setting] | None,
+    defaults: Mapping[str, Setting],
+    least: int = 1,
+) -> dict[str, Setting]:
+    """A setting given as one value for every instability, or as a mapping instability → value
+    (instabilities not in it, and ``None``, take ``defaults``); each a whole number of at least
+    ``least``, or ``"auto"`` where the setting takes it (a window or a horizon that grows with
+    the run). A ``ValueError`` says what is wrong.
 
-        >>> per_instability("horizon", {"collapse": 2000}, HORIZONS)
-        {'collapse': 2000, 'divergence': 500, 'attention': 500, 'spike': 500}
+        >>> per_instability("horizon", {"collapse": 2000, "spike": "auto"}, HORIZONS)
+        {'collapse': 2000, 'divergence': 500, 'attention': 500, 'spike': 'auto'}
     """
     values = given if isinstance(given, Mapping) else dict.fromkeys(INSTABILITIES, given)
     for key in values:
         if key not in INSTABILITIES:
             raise ValueError(f"Expected the keys of `{name}` among {INSTABILITIES}, got {key!r}.")
-    settings: dict[str, int] = {}
+    settings: dict[str, Setting] = {}
     for instability in INSTABILITIES:
         value = values.get(instability)
         if value is None:
             value = defaults[instability]
+        elif value == AUTO and name in ("window", "horizon"):
+            value = AUTO
         elif isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"Expected `{name}` to be an int >= {least}, got {given!r}.")
+            auto = " or 'auto'" if name in ("window", "horizon") else ""
+            raise ValueError(f"Expected `{name}` to be an int >= {least}{auto}, got {given!r}.")
         settings[instability] = value
     return settings
 
@@ -128,8 +158,8 @@ class WarningPolicy:
         self,
         instabilities: Sequence[Instability] = INSTABILITIES,
         *,
-        horizon: int | Mapping[str, int] | None = None,
-        window: int | Mapping[str, int] | None = None,
+        horizon: Setting | Mapping[str, Setting] | None = None,
+        window: Setting | Mapping[str, Setting] | None = None,
         consecutive: int | Mapping[str, int] | None = None,
         z: float = 2.0,
     ) -> None:
@@ -151,7 +181,9 @@ class WarningPolicy:
         #: The points each trend is fitted to.
         self.windows = per_instability("window", window, WINDOWS, least=MIN_POINTS)
         #: The measured points in a row each warning needs.
-        self.consecutive = per_instability("consecutive", consecutive, CONSECUTIVE)
+        self.consecutive = {
+            k: int(v) for k, v in per_instability("consecutive", consecutive, CONSECUTIVE).items()
+        }
         self.z = float(z)
         #: The step each instability happened at (``None`` until it does).
         self.happened: dict[str, int | None] = dict.fromkeys(self.instabilities)
@@ -202,6 +234,35 @@ class WarningPolicy:
         return True
 
     # ----------------------------------------------------------------------------- forecasts
+    def horizon_at(self, instability: str, step: float) -> float:
+        """The steps ahead within which ``instability`` is warned of, at ``step``: the fixed
+        horizon, or with ``"auto"`` :data:`HORIZON_SHARE` of the steps so far."""
+        horizon = self.horizons[instability]
+        return max(MIN_HORIZON, HORIZON_SHARE * step) if horizon == AUTO else float(horizon)
+
+    def _add_point(
+        self, name: str, window: Setting, step: float, value: float
+    ) -> list[list[float]]:
+        """Add a point to the history ``name`` and keep its window: the last ``window`` points,
+        or with ``"auto"`` those of the last :data:`WINDOW_SHARE` of the steps (at least
+        :data:`MIN_POINTS`), every other older one dropped while there are more than
+        :data:`MAX_POINTS`."""
+        points = self.history.setdefault(name, [])
+        points.append([float(step), float(value)])
+        if window != AUTO:
+            del points[: -int(window)]
+            return points
+        start = (1.0 - WINDOW_SHARE) * step
+        keep = next((i for i, (s, _) in enumerate(points) if s >= start), len(points))
+        del points[: min(keep, max(len(points) - MIN_POINTS, 0))]
+        while len(points) > MAX_POINTS:
+            half = len(points) // 2
+            del points[:half:2]
+        return points
+
+    def _enough(self, points: list[list[float]], window: Setting) -> bool:
+        return len(points) >= (MIN_POINTS if window == AUTO else int(window))
+
     def forecast(
         self,
         instability: str,
@@ -211,9 +272,9 @@ class WarningPolicy:
         rise_ends_before: Callable[[float], int | None] | None = None,
     ) -> Forecast | None:
         """Add the point ``(step, value)`` to the instability's signal and forecast when the
-        signal reaches ``threshold`` from its last ``window`` points; ``None`` when there is no
-        forecast to act on (see the class docstring). ``rise_ends_before(step)``: the step at
-        which a rising learning rate stops rising before ``step``, ``None`` if it does not."""
+        signal reaches ``threshold`` from its window; ``None`` when there is no forecast to act
+        on (see the class docstring). ``rise_ends_before(step)``: the step at which a rising
+        learning rate stops rising before ``step``, ``None`` if it does not."""
         kind = SIGNALS[instability][1]
         if not math.isfinite(value) or (kind != "linear" and value <= 0):
             return None
@@ -221,15 +282,13 @@ class WarningPolicy:
             return None  # a power of the step: from step 1 on
         if self.happened.get(instability) is not None:
             return None  # it happened: no more forecasts of it
-        points = self.history.setdefault(instability, [])
-        points.append([float(step), float(value)])
         window = self.windows[instability]
-        del points[:-window]
-        if len(points) < window or not math.isfinite(threshold):
+        points = self._add_point(instability, window, step, value)
+        if not self._enough(points, window) or not math.isfinite(threshold):
             return None
         steps, values = zip(*points, strict=True)
         forecast = steps_to_threshold(steps, values, threshold, kind=kind, rising=True, z=self.z)
-        horizon = self.horizons[instability]
+        horizon = self.horizon_at(instability, forecast.trend.last_step)
         if instability not in self.active and not (
             forecast.within(2 * horizon) or forecast.surely_within(horizon)
         ):
@@ -245,18 +304,36 @@ class WarningPolicy:
             return None  # levelling off: a line would reach what the signal may not
         return forecast
 
-    def decide(self, instability: str, forecast: Forecast | None) -> bool:
-        """Whether ``forecast`` (the instability's forecast at a measured point, ``None`` for
+    def forecast_limit(
+        self, step: float, limit: float, rates_ahead: Sequence[float]
+    ) -> Crossing | None:
+        """Add a measurement of the stability limit along the update, η_c (the learning rate
+        over the update ratio), and forecast when the scheduled learning rate reaches it
+        (:func:`dynlens.crossing.limit_crossing`; ``rates_ahead[k]``: the rate ``k`` steps after
+        ``step``). Its window is divergence's."""
+        if self.happened.get("divergence") is not None or not (0 < limit < math.inf):
+            return None
+        window = self.windows["divergence"]
+        points = self._add_point("limit", window, step, limit)
+        if not self._enough(points, window):
+            return None
+        steps, limits = zip(*points, strict=True)
+        return limit_crossing(steps, limits, rates_ahead, z=self.z)
+
+    def decide(self, instability: str, prediction: Prediction | None) -> bool:
+        """Whether ``prediction`` (the instability's prediction at a measured point, ``None`` for
         none) raises a warning now; updates which warnings are active and the points in a row.
         An active warning that :meth:`cleared` is dropped; a bending or missing fit says
         nothing."""
         if self.happened.get(instability) is not None:
             return False
         if instability in self.active:
-            if forecast is not None and self.cleared(instability, forecast):
+            if prediction is not None and self.cleared(instability, prediction):
                 self.active.remove(instability)
             return False
-        if forecast is None or not forecast.surely_within(self.horizons[instability]):
+        if prediction is None or not prediction.surely_within(
+            self.horizon_at(instability, _last_step(prediction))
+        ):
             self.in_a_row[instability] = 0
             return False
         self.in_a_row[instability] = self.in_a_row.get(instability, 0) + 1
@@ -266,36 +343,68 @@ class WarningPolicy:
         self.active.append(instability)
         return True
 
-    def cleared(self, instability: str, forecast: Forecast) -> bool:
+    def cleared(self, instability: str, prediction: Prediction) -> bool:
         """The trend surely moves away, or puts the instability beyond twice the horizon even at
         the fast end of its range."""
-        trend = forecast.trend
+        horizon = self.horizon_at(instability, _last_step(prediction))
+        if isinstance(prediction, Crossing):
+            return prediction.cleared(horizon, self.z)
+        trend = prediction.trend
         if trend.slope < -self.z * trend.slope_stderr:
             return True
-        horizon = self.horizons[instability]
-        return forecast.lower is not None and forecast.lower - trend.last_step > 2 * horizon
+        return prediction.lower is not None and prediction.lower - trend.last_step > 2 * horizon
+
+    def sooner(self, instability: str, *predictions: Prediction | None) -> Prediction | None:
+        """Of an instability's predictions from several signals, the one to decide from: the
+        one surely within the horizon soonest at its slow end, else the earliest expected."""
+        given = [p for p in predictions if p is not None]
+        sure = [
+            p
+            for p in given
+            if p.surely_within(self.horizon_at(instability, _last_step(p))) and p.upper is not None
+        ]
+        if sure:
+            return min(sure, key=lambda p: p.upper or math.inf)
+        timed = [p for p in given if p.expected_step is not None]
+        return min(timed, key=lambda p: p.expected_step or math.inf) if timed else None
 
 
-def warning_record(instability: str, step: int, forecast: Forecast, detail: str = "") -> dict:
-    """The record of a warning raised at ``step`` from ``forecast``: ``event``, ``step``,
-    ``expected_step`` (the crossing, rounded up), ``reason`` (``warn_<instability>``) and a
-    ``message`` that says what is expected when, from which signal, and ``detail``.
+def _last_step(prediction: Prediction) -> int:
+    return prediction.trend.last_step
+
+
+def warning_record(
+    instability: str, step: int, prediction: Prediction, detail: str = ""
+) -> dict[str, Any]:
+    """The record of a warning raised at ``step`` from ``prediction``: ``event``, ``step``,
+    ``expected_step`` (the crossing, rounded up), ``reason`` (``warn_<instability>``),
+    ``signal`` (the quantity whose prediction spoke) and a ``message`` that says what is expected
+    when, from which signal, and ``detail``.
 
         >>> f = steps_to_threshold([10, 20, 30, 40], [1.0, 2.0, 3.0, 4.0], 10.0)
         >>> warning_record("collapse", 40, f)["message"]
         'collapse expected at step 100 (in 60 steps, range 100–100): gap_median is trending to 10'
     """
-    quantity, _ = SIGNALS[instability]
-    assert forecast.expected_step is not None  # surely within the horizon: it crosses
-    expected = math.ceil(forecast.expected_step)
+    assert prediction.expected_step is not None  # surely within the horizon: it crosses
+    expected = math.ceil(prediction.expected_step)
+    if isinstance(prediction, Crossing):
+        signal = "stability_limit"
+        why = (
+            f"the scheduled learning rate reaches the stability limit along the update "
+            f"(η_c = {prediction.trend.value_at(expected):.3g})"
+        )
+    else:
+        signal = SIGNALS[instability][0]
+        why = f"{signal} is trending to {prediction.threshold:.4g}"
     message = (
         f"{instability} expected at step {expected} (in {expected - step} steps, range "
-        f"{forecast.range_text()}): {quantity} is trending to {forecast.threshold:.4g}"
+        f"{prediction.range_text()}): {why}"
     )
     return {
         "event": instability,
         "step": int(step),
         "expected_step": expected,
         "reason": WarningReason.warning(instability).value,
+        "signal": signal,
         "message": message + (f"; {detail}" if detail else ""),
     }

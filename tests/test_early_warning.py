@@ -32,7 +32,7 @@ def test_each_instability_has_its_settings_by_default_and_one_number_sets_them_a
     ("name", "given", "message"),
     [
         ("horizon", {"collapse": 0}, r"`horizon` to be an int >= 1"),
-        ("horizon", 2.5, r"`horizon` to be an int >= 1, got 2\.5"),
+        ("horizon", 2.5, r"`horizon` to be an int >= 1 or 'auto', got 2\.5"),
         ("horizon", True, r"`horizon` to be an int"),
         ("consecutive", {"spikes": 2}, r"keys of `consecutive` among \('collapse'"),
         ("window", 3, r"`window` to be an int >= 4"),

@@ -429,7 +429,7 @@ class EarlyWarningMonitor(WarningSignals):
             forecast = self.policy.forecast(
                 instability, at, value, self._threshold(instability), self._rise_ends_before
             )
-            horizon = self.policy.horizons[instability]
+            horizon = self.policy.horizon_at(instability, at)
             if forecast is not None and forecast.within(2 * horizon):
                 assert forecast.steps_to is not None  # within the horizon: it crosses
                 scalars[f"{instability}/steps_to"] = forecast.steps_to
