@@ -49,11 +49,13 @@ __all__ = [
     "AUTO",
     "COLLAPSE_SHARE",
     "CONSECUTIVE",
+    "DENSE_POINTS",
     "HORIZONS",
     "HORIZON_SHARE",
     "MAX_POINTS",
     "MIN_HORIZON",
     "MIN_POINTS",
+    "RATIO_POINTS",
     "SIGNALS",
     "WINDOWS",
     "WINDOW_SHARE",
@@ -94,6 +96,11 @@ MAX_POINTS = 64
 #: least :data:`MIN_HORIZON` steps): the same share of lead at every timescale.
 HORIZON_SHARE = 0.5
 MIN_HORIZON = 20
+#: Signals are measured densely early on, about this many times per doubling of the run
+#: (:func:`dynlens.callbacks.schedule.dense_cadence`), so that an event at step 300 has points
+#: to be forecast from; the update ratio (two forward passes) about :data:`RATIO_POINTS` times.
+DENSE_POINTS = 8
+RATIO_POINTS = 4
 #: The default measured points in a row at which an instability must be surely within the
 #: horizon before a warning. Chosen on the benchmark's seeds 4-11 (benchmarks/RESULTS.md): the
 #: false alarms there were forecasts that held for one or two points; the divergence, which comes
