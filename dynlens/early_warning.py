@@ -327,20 +327,20 @@ class WarningPolicy:
         steps, limits = zip(*points, strict=True)
         return limit_crossing(steps, limits, rates_ahead, z=self.z)
 
-    def decide(self, instability: str, prediction: Prediction | None) -> bool:
-        """Whether ``prediction`` (the instability's prediction at a measured point, ``None`` for
-        none) raises a warning now; updates which warnings are active and the points in a row.
-        An active warning that :meth:`cleared` is dropped; a bending or missing fit says
-        nothing."""
+    def decide(self, instability: str, *predictions: Prediction | None) -> bool:
+        """Whether the instability's predictions at a measured point (one per signal that made
+        one; ``None`` for none) raise a warning now; updates which warnings are active and the
+        points in a row. A warning needs one prediction surely within the horizon at
+        ``consecutive`` points in a row; an active warning is dropped once every prediction
+        :meth:`cleared`; a bending or missing fit says nothing."""
+        given = [p for p in predictions if p is not None]
         if self.happened.get(instability) is not None:
             return False
         if instability in self.active:
-            if prediction is not None and self.cleared(instability, prediction):
+            if given and all(self.cleared(instability, p) for p in given):
                 self.active.remove(instability)
             return False
-        if prediction is None or not prediction.surely_within(
-            self.horizon_at(instability, _last_step(prediction))
-        ):
+        if not any(p.surely_within(self.horizon_at(instability, _last_step(p))) for p in given):
             self.in_a_row[instability] = 0
             return False
         self.in_a_row[instability] = self.in_a_row.get(instability, 0) + 1

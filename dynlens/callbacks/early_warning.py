@@ -442,15 +442,15 @@ class EarlyWarningMonitor(WarningSignals):
                 at, value = signals[instability]
                 threshold = self._threshold(instability)
                 forecast = self.policy.forecast(instability, at, value, threshold, rises)
-            if instability == "divergence":  # by mechanism, or from the loss's trend
-                forecast = self.policy.sooner(instability, limit, forecast)
+            predictions = [forecast, *([limit] if instability == "divergence" else [])]
+            sooner = self.policy.sooner(instability, *predictions)  # the signal that speaks
             horizon = self.policy.horizon_at(instability, step)
-            if forecast is not None and forecast.within(2 * horizon):
-                assert forecast.steps_to is not None  # within the horizon: it crosses
-                scalars[f"{instability}/steps_to"] = forecast.steps_to
-            if self.policy.decide(instability, forecast):
-                assert forecast is not None
-                self._warn(trainer, instability, step, forecast)
+            if sooner is not None and sooner.within(2 * horizon):
+                assert sooner.steps_to is not None  # within the horizon: it crosses
+                scalars[f"{instability}/steps_to"] = sooner.steps_to
+            if self.policy.decide(instability, *predictions):
+                assert sooner is not None
+                self._warn(trainer, instability, step, sooner)
         logged = self.log_metrics(trainer, scalars, step=step)
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
