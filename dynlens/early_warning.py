@@ -19,7 +19,7 @@ The instabilities and their events:
   its noise and half the ground it covered, and staying away (:mod:`dynlens.loss_events`);
 * ``attention``: the largest attention logit of a measured step above :data:`ATTENTION_LIMIT`;
 * ``spike``: a training loss above the mean of the last 128 by 6 of their standard deviations
-  (:mod:`dynlens.loss_events`; detected at every step, not forecast).
+  (:mod:`dynlens.loss_events`; detected at every step, forecast from the stability limit).
 
 >>> policy = WarningPolicy(("attention",), horizon=100, window=4, consecutive=1)
 >>> for step in (10, 20, 30, 40):  # a logit growing as a power of the step, towards 1e4
@@ -52,6 +52,7 @@ __all__ = [
     "DENSE_POINTS",
     "HORIZONS",
     "HORIZON_SHARE",
+    "LIMITED",
     "MAX_POINTS",
     "MIN_HORIZON",
     "MIN_POINTS",
@@ -64,13 +65,17 @@ __all__ = [
     "warning_record",
 ]
 
+#: The instabilities forecast from the stability limit along the update too (the scheduled
+#: learning rate's crossing of η_c, :mod:`dynlens.crossing`): a step size past what the network
+#: can follow makes the loss rise, for a step or two (a spike) or for good (a divergence).
+LIMITED: tuple[Instability, ...] = ("divergence", "spike")
 #: Collapse: more than this share of a measured step's samples in Softmax Collapse.
 COLLAPSE_SHARE = 0.5
 #: Attention: the largest attention logit of a measured step above this.
 ATTENTION_LIMIT = 1e4
 
-#: The signal each instability is forecast from: (its quantity, the trend it follows); a spike
-#: is detected, not forecast.
+#: The signal each instability's trend is forecast from: (its quantity, the trend it follows); a
+#: spike has no trend of its own (its forecast is the stability limit's, :data:`LIMITED`).
 SIGNALS: dict[str, tuple[str, TrendKind]] = {
     "collapse": ("gap_median", "power"),
     "divergence": ("loss", "exponential"),

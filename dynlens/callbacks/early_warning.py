@@ -15,12 +15,7 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from ..early_warning import (
-    DENSE_POINTS,
-    Prediction,
-    WarningPolicy,
-    warning_record,
-)
+from ..early_warning import DENSE_POINTS, LIMITED, Prediction, WarningPolicy, warning_record
 from ..events import INSTABILITIES, Instability, WarningReason
 from ..forecast import update_ratio
 from ..loss_events import NOISE_WINDOW, LossEvent
@@ -58,9 +53,10 @@ class EarlyWarningMonitor(WarningSignals):
       above its lowest value by more than its noise and half the ground it covered, staying;
     * **attention** — the largest attention logit (Wortsman et al. 2023), a power of the step,
       towards 1e4; the event: the largest attention logit above 1e4;
-    * **spike** — detected at every step, not forecast: a loss above the mean of the last 128 by
-      6 of their standard deviations (OLMo-core's rule), each an event; ``spike/count`` and
-      ``spike/rate`` are logged.
+    * **spike** — forecast from the same stability limit as the divergence (a step past η_c
+      raises the loss, for a step or for good); detected at every step: a loss above the mean of
+      the last 128 by 6 of their standard deviations (OLMo-core's rule), each an event;
+      ``spike/count`` and ``spike/rate`` are logged.
 
     A **warning** is raised when the event is expected within the horizon even at the slow end of
     the range, at ``consecutive`` measured points in a row: kept in :attr:`warnings` and in
@@ -256,9 +252,10 @@ class EarlyWarningMonitor(WarningSignals):
                 "collapse/gap_median", "collapse/threshold"
             )
         if self.watches("divergence"):
-            charts["divergence: training loss and 10× its lowest value"] = self.multiline(
+            charts["divergence: training loss and the divergence threshold"] = self.multiline(
                 "divergence/loss", "divergence/threshold"
             )
+        if any(self.watches(i) for i in LIMITED):
             charts["divergence: update ratio η/η_c (1: the step stops lowering the loss)"] = (
                 self.multiline("divergence/update_ratio")
             )
@@ -432,17 +429,18 @@ class EarlyWarningMonitor(WarningSignals):
             if math.isfinite(ratio):
                 scalars["divergence/update_ratio"] = self.last_update_ratio = ratio
                 limit = self._limit_crossing(step, ratio)
-        elif self.watches("divergence") and not self._ratio_possible:
+        elif any(self.watches(i) for i in LIMITED) and not self._ratio_possible:
             message = f"the update ratio is not measured under {self._no_ratio_reason}"
             self.log_event(trainer, step, WarningReason.NO_UPDATE_RATIO, message, once=True)
         rises = self._lr_ahead.rise_ends_before if self._lr_ahead is not None else None
-        for instability in dict.fromkeys([*signals, *(["divergence"] if limit else [])]):
+        limited = [i for i in LIMITED if self.watches(i)] if limit else []
+        for instability in dict.fromkeys([*signals, *limited]):
             forecast: Prediction | None = None
             if instability in signals:
                 at, value = signals[instability]
                 threshold = self._threshold(instability)
                 forecast = self.policy.forecast(instability, at, value, threshold, rises)
-            predictions = [forecast, *([limit] if instability == "divergence" else [])]
+            predictions = [forecast, *([limit] if instability in limited else [])]
             sooner = self.policy.sooner(instability, *predictions)  # the signal that speaks
             horizon = self.policy.horizon_at(instability, step)
             if sooner is not None and sooner.within(2 * horizon):
@@ -457,7 +455,7 @@ class EarlyWarningMonitor(WarningSignals):
     def _warn(self, trainer: Any, instability: str, step: int, forecast: Prediction) -> None:
         """Raise the warning that ``instability`` is coming: record it, act, log its event."""
         detail = ""
-        if instability == "divergence" and self.last_update_ratio is not None:
+        if instability in LIMITED and self.last_update_ratio is not None:
             detail = f"the latest update ratio η/η_c is {self.last_update_ratio:.3g}"
         warning = warning_record(instability, step, forecast, detail)
         message = warning["message"]

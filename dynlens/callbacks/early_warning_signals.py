@@ -18,7 +18,7 @@ import torch
 from ..attention import AttentionLogitSums
 from ..collapse import collapse_threshold, collapsed_mask, runner_up_gap
 from ..crossing import Crossing
-from ..early_warning import ATTENTION_LIMIT, RATIO_POINTS, WarningPolicy
+from ..early_warning import ATTENTION_LIMIT, LIMITED, RATIO_POINTS, WarningPolicy
 from ..events import WarningReason
 from ..nn import Activation
 from .base import Monitor
@@ -120,7 +120,8 @@ class WarningSignals(Monitor):
         every = self.curvature_every_n_steps
         if self.dense_points:
             every = dense_cadence(step, every, RATIO_POINTS)
-        return self.policy.ongoing("divergence") and self._ratio_possible and step % every == 0
+        limited = any(self.policy.ongoing(i) for i in LIMITED)
+        return limited and self._ratio_possible and step % every == 0
 
     def _limit_crossing(self, step: int, ratio: float) -> Crossing | None:
         """The stability limit along the update, η_c = η / ratio, and when the scheduled

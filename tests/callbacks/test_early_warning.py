@@ -592,6 +592,22 @@ def test_the_scheduled_rate_passing_the_measured_stability_limit_is_forecast_exa
     assert limits == pytest.approx([1.0] * len(limits), rel=1e-3)  # η_c = 2/λ, measured
 
 
+def test_a_spike_is_forecast_from_the_same_stability_limit():
+    # watching spikes alone: the update ratio is measured for them, and the crossing warns
+    crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("spike",), horizon=300, consecutive=1, verbose=False
+    )
+    trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
+    trainer.fit(Isotropic(), isotropic_batches(400))
+    (warning,) = monitor.warnings
+    assert warning["event"] == "spike" and warning["signal"] == "stability_limit"
+    assert warning["expected_step"] == crossing and warning["step"] == 28
+    # the first loss 6 sigma above the last 128 comes once the step passes the limit
+    assert crossing <= monitor.happened["spike"] <= crossing + 100
+    assert "divergence" not in monitor.happened
+
+
 class Steps(pl.loggers.Logger):
     """The steps at which a key was logged."""
 
