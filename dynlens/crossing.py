@@ -77,10 +77,9 @@ class Crossing:
         return self.lower is None or self.lower - self.last_step > 2 * horizon
 
     def range_text(self) -> str:
-        if self.lower is None or self.upper is None:
-            return "none"
-        upper = "∞" if math.isinf(self.upper) else f"{self.upper:.0f}"
-        return f"{self.lower:.0f}–{upper}"
+        """``"lower–∞"``: the instability comes from the crossing on, after a delay the limit
+        does not say (the loss must still grow from where it is)."""
+        return "none" if self.lower is None else f"{self.lower:.0f}–∞"
 
 
 def _first_reach(log_rates: np.ndarray, log_limit: float, slope: float) -> int | None:

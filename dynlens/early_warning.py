@@ -19,7 +19,7 @@ The instabilities and their events:
   its noise and half the ground it covered, and staying away (:mod:`dynlens.loss_events`);
 * ``attention``: the largest attention logit of a measured step above :data:`ATTENTION_LIMIT`;
 * ``spike``: a training loss above the mean of the last 128 by 6 of their standard deviations
-  (:mod:`dynlens.loss_events`; detected at every step, not forecast).
+  (:mod:`dynlens.loss_events`; detected at every step, forecast from the stability limit).
 
 >>> policy = WarningPolicy(("attention",), horizon=100, window=4, consecutive=1)
 >>> for step in (10, 20, 30, 40):  # a logit growing as a power of the step, towards 1e4
@@ -49,11 +49,14 @@ __all__ = [
     "AUTO",
     "COLLAPSE_SHARE",
     "CONSECUTIVE",
+    "DENSE_POINTS",
     "HORIZONS",
     "HORIZON_SHARE",
+    "LIMITED",
     "MAX_POINTS",
     "MIN_HORIZON",
     "MIN_POINTS",
+    "RATIO_POINTS",
     "SIGNALS",
     "WINDOWS",
     "WINDOW_SHARE",
@@ -62,13 +65,17 @@ __all__ = [
     "warning_record",
 ]
 
+#: The instabilities forecast from the stability limit along the update too (the scheduled
+#: learning rate's crossing of η_c, :mod:`dynlens.crossing`): a step size past what the network
+#: can follow makes the loss rise, for a step or two (a spike) or for good (a divergence).
+LIMITED: tuple[Instability, ...] = ("divergence", "spike")
 #: Collapse: more than this share of a measured step's samples in Softmax Collapse.
 COLLAPSE_SHARE = 0.5
 #: Attention: the largest attention logit of a measured step above this.
 ATTENTION_LIMIT = 1e4
 
-#: The signal each instability is forecast from: (its quantity, the trend it follows); a spike
-#: is detected, not forecast.
+#: The signal each instability's trend is forecast from: (its quantity, the trend it follows); a
+#: spike has no trend of its own (its forecast is the stability limit's, :data:`LIMITED`).
 SIGNALS: dict[str, tuple[str, TrendKind]] = {
     "collapse": ("gap_median", "power"),
     "divergence": ("loss", "exponential"),
@@ -94,6 +101,11 @@ MAX_POINTS = 64
 #: least :data:`MIN_HORIZON` steps): the same share of lead at every timescale.
 HORIZON_SHARE = 0.5
 MIN_HORIZON = 20
+#: Signals are measured densely early on, about this many times per doubling of the run
+#: (:func:`dynlens.callbacks.schedule.dense_cadence`), so that an event at step 300 has points
+#: to be forecast from; the update ratio (two forward passes) about :data:`RATIO_POINTS` times.
+DENSE_POINTS = 8
+RATIO_POINTS = 4
 #: The default measured points in a row at which an instability must be surely within the
 #: horizon before a warning. Chosen on the benchmark's seeds 4-11 (benchmarks/RESULTS.md): the
 #: false alarms there were forecasts that held for one or two points; the divergence, which comes
@@ -320,20 +332,20 @@ class WarningPolicy:
         steps, limits = zip(*points, strict=True)
         return limit_crossing(steps, limits, rates_ahead, z=self.z)
 
-    def decide(self, instability: str, prediction: Prediction | None) -> bool:
-        """Whether ``prediction`` (the instability's prediction at a measured point, ``None`` for
-        none) raises a warning now; updates which warnings are active and the points in a row.
-        An active warning that :meth:`cleared` is dropped; a bending or missing fit says
-        nothing."""
+    def decide(self, instability: str, *predictions: Prediction | None) -> bool:
+        """Whether the instability's predictions at a measured point (one per signal that made
+        one; ``None`` for none) raise a warning now; updates which warnings are active and the
+        points in a row. A warning needs one prediction surely within the horizon at
+        ``consecutive`` points in a row; an active warning is dropped once every prediction
+        :meth:`cleared`; a bending or missing fit says nothing."""
+        given = [p for p in predictions if p is not None]
         if self.happened.get(instability) is not None:
             return False
         if instability in self.active:
-            if prediction is not None and self.cleared(instability, prediction):
+            if given and all(self.cleared(instability, p) for p in given):
                 self.active.remove(instability)
             return False
-        if prediction is None or not prediction.surely_within(
-            self.horizon_at(instability, _last_step(prediction))
-        ):
+        if not any(p.surely_within(self.horizon_at(instability, _last_step(p))) for p in given):
             self.in_a_row[instability] = 0
             return False
         self.in_a_row[instability] = self.in_a_row.get(instability, 0) + 1

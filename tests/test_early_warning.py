@@ -127,3 +127,31 @@ def test_the_events_thresholds():
     policy = WarningPolicy()
     assert policy.collapsed(0.51) and not policy.collapsed(0.5)
     assert policy.attention_blew_up(1.0001e4) and not policy.attention_blew_up(1e4)
+
+
+def test_two_signals_warn_when_either_is_sure_and_clear_when_both_have():
+    from dynlens.crossing import limit_crossing
+
+    policy = WarningPolicy(("divergence",), horizon=100, consecutive=1)
+    far = steps_to_threshold([0, 10, 20, 30], [0.0, 0.01, 0.02, 0.03], 1.03, rising=True)
+    crossing = limit_crossing([0, 10, 20, 30], [1.0] * 4, [0.9 * 1.01**k for k in range(300)])
+    assert crossing.surely_within(100) and not far.surely_within(100)
+    assert policy.decide("divergence", far, crossing)  # the stability limit speaks
+    assert policy.sooner("divergence", far, crossing) is crossing
+    assert not policy.decide("divergence", far, crossing) and policy.active == ["divergence"]
+    assert policy.cleared("divergence", far) and not policy.cleared("divergence", crossing)
+    steady = limit_crossing([0, 10, 20, 30], [1.0] * 4, [0.5] * 300)  # never reaches η_c
+    assert not policy.decide("divergence", far, steady) and policy.active == []
+
+
+def test_auto_windows_keep_the_last_share_of_the_run_and_auto_horizons_grow_with_it():
+    policy = WarningPolicy(("attention",), window="auto", horizon="auto")
+    for step in range(1, 400):
+        policy.forecast("attention", step, 1.0 + step, 1e4)
+    steps = [s for s, _ in policy.history["attention"]]
+    assert steps[-1] == 399 and steps[0] >= 199 * 0.99 and len(steps) <= 64  # thinned
+    assert policy.horizon_at("attention", 10) == 20 and policy.horizon_at("attention", 1000) == 500
+    young = WarningPolicy(("attention",), window="auto")
+    for step in range(1, 5):
+        young.forecast("attention", step, float(step), 1e4)
+    assert len(young.history["attention"]) == 4  # at least the minimum of points

@@ -79,9 +79,8 @@ from ..compat import Callback
 from ..events import Reason, format_event
 from .context import logging_step
 from .layout import Chart, tag_regex, tensorboard_writers, write_layout
-from .schedule import BudgetSchedule, check_cadence
-from .state import StateField, get_nested, is_missing, set_nested, to_device
-from .sync import Reduce, sync_to_host
+from .schedule import BudgetSchedule, check_cadence, dense_cadence
+from .state import DeclaredState, to_device
 from .validate import ConfigurationError, check_callable
 
 NO_LOGGER_WARNING = (
@@ -115,7 +114,7 @@ def fail_soft(hook: Hook) -> Hook:
     return guarded  # type: ignore[return-value]
 
 
-class Monitor(Callback):
+class Monitor(DeclaredState, Callback):
     """Base class of dynlens callbacks. Subclasses set :attr:`name` and :attr:`reasons` and
     implement hooks (module docstring).
 
@@ -142,6 +141,9 @@ class Monitor(Callback):
     reasons: ClassVar[type[Reason]] = Reason
     #: Whether measurements are timed without a ``budget`` too (for an ``overhead`` to log).
     timed: ClassVar[bool] = False
+    #: Measure densely early on, about this many times per doubling of the run, up to the fixed
+    #: cadence (:func:`~dynlens.callbacks.schedule.dense_cadence`); 0: the fixed cadence only.
+    dense_points: int = 0
 
     def __init__(
         self,
@@ -165,7 +167,7 @@ class Monitor(Callback):
         #: Why the monitor switched itself off mid-run, or ``None`` while it is active.
         self.disabled_reason: str | None = None
         self._failed_side_effects: set[str] = set()
-        self._states: dict[str, StateField] = {}
+        DeclaredState.__init__(self)
         self._trainer: weakref.ref[Any] | None = None  # the current fit's (charges the schedule)
         #: Discrete events so far: dicts with ``step``, ``reason`` and ``message`` (kept in state).
         self.events: list[dict[str, Any]] = self.add_state(
@@ -208,7 +210,7 @@ class Monitor(Callback):
         (call it then at every step that could be measured, on every rank: its first decision
         is broadcast from rank 0); else every ``every_n_steps``-th :meth:`cadence_step` (default:
         the monitor's own cadence; a monitor measuring a second quantity at another cadence
-        passes it).
+        passes it), densely early on with :attr:`dense_points`.
         """
         if trainer.sanity_checking or not trainer.training:
             return False
@@ -218,6 +220,8 @@ class Monitor(Callback):
             return self.schedule.due(trainer, step)
         cadence = self.every_n_steps if every_n_steps is None else every_n_steps
         assert cadence is not None
+        if self.dense_points:
+            cadence = dense_cadence(step, cadence, self.dense_points)
         return step % cadence == 0
 
     @contextlib.contextmanager
@@ -412,87 +416,20 @@ class Monitor(Callback):
         )
 
     # ----------------------------------------------------------------------------- state
-    def add_state(
-        self,
-        name: str,
-        default: Any,
-        *,
-        key: str | None = None,
-        persistent: bool = True,
-        pooled: bool = False,
-        device: bool = False,
-        reduce: Reduce | None = None,
-        save: Callable[[Any], Any] | None = None,
-        load: Callable[[Any], Any] | None = None,
-        owner: Any = None,
-    ) -> Any:
-        """Declare a field of the monitor's state and set it to ``default``
-        (:mod:`dynlens.callbacks.state`): ``key`` in checkpoints (default ``name`` without its
-        leading underscore; dotted keys nest), ``persistent`` (in checkpoints), ``pooled``
-        (pooled between logs: reset when a fit starts), ``device`` (moved to the module's device
-        when training starts), ``reduce`` (how :meth:`sync` reduces it across ranks:
-        :mod:`dynlens.callbacks.sync`), ``save``/``load`` (to and from the checkpoint's form),
-        ``owner`` (the object holding the attribute, if not the monitor). Returns the default it
-        set, so a declaration can carry the attribute's type:
-        ``self.onset_step: int | None = self.add_state("onset_step", None)``."""
-        if name in self._states:
-            raise RuntimeError(f"{type(self).__name__} declares the state {name!r} twice.")
-        field = StateField(
-            name,
-            default,
-            key or name.lstrip("_"),
-            persistent,
-            pooled,
-            device,
-            save,
-            load,
-            reduce,
-            owner,
-        )
-        self._states[name] = field
-        field.set(self, field.fresh())
-        return field.get(self)
-
-    def sync(self, trainer: Any) -> dict[str, Any]:
-        """Reduce every ``reduce`` field that holds a value (not ``None``) across ranks and bring
-        them all to the host: one collective per reduction, one host copy
-        (:func:`dynlens.callbacks.sync.sync_to_host`); ``{field name: host value}``. The fields
-        are set back to their defaults. Call it on every rank at the same steps, with the same
-        fields holding values."""
-        held = {
-            name: (field.get(self), field.reduce)
-            for name, field in self._states.items()
-            if field.reduce is not None and field.get(self) is not None
-        }
-        for name in held:
-            self._states[name].set(self, self._states[name].fresh())
-        return sync_to_host(trainer, held)
-
     @override
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer() if self._trainer is not None else None
         if self.schedule is not None and trainer is not None:
             # a checkpoint mid-run: the training so far counts
             self.schedule.charge(self.cadence_step(trainer))
-        state: dict[str, Any] = {}
-        for field in self._states.values():
-            if field.persistent:
-                set_nested(state, field.key, field.to_checkpoint(field.get(self)))
-        return state
+        return super().state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Tolerant of older or partial checkpoints: a field they lack gets its default, and
-        # pooled fields that checkpoints do not carry start empty.
         if self.schedule is not None and "schedule" not in state_dict and "next_step" in state_dict:
             # the layout before the base owned the schedule: its keys at the top level
             state_dict = {**state_dict, "schedule": state_dict}
-        for field in self._states.values():
-            value = get_nested(state_dict, field.key) if field.persistent else None
-            if field.persistent and not is_missing(value):
-                field.set(self, field.from_checkpoint(value))
-            elif field.persistent or field.pooled:
-                field.set(self, field.fresh())
+        super().load_state_dict(state_dict)
 
     def _restore_schedule(self, saved: Mapping[str, Any]) -> BudgetSchedule:
         assert self.schedule is not None

@@ -15,10 +15,9 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from ..collapse import collapse_threshold
-from ..early_warning import ATTENTION_LIMIT, WarningPolicy, warning_record
+from ..early_warning import DENSE_POINTS, LIMITED, Prediction, WarningPolicy, warning_record
 from ..events import INSTABILITIES, Instability, WarningReason
-from ..forecast import Forecast, update_ratio
+from ..forecast import update_ratio
 from ..loss_events import NOISE_WINDOW, LossEvent
 from ..nn import Activation, CrossEntropyLoss
 from .base import fail_soft
@@ -27,9 +26,9 @@ from .context import logging_step, sharding_strategy
 from .early_warning_signals import WarningSignals, attention_source, loss_of
 from .layout import Chart
 from .logits import LogitGrowthMonitor
-from .lr_ahead import LRAhead
+from .lr_ahead import LRAhead, largest_rate
 from .schedule import StepWindow
-from .validate import ConfigurationError, check_choice, check_positive_int
+from .validate import ConfigurationError, check_bool, check_choice, check_positive_int
 
 Action = Literal["checkpoint", "stop"] | Callable[[dict[str, Any]], Any] | None
 
@@ -37,42 +36,41 @@ Action = Literal["checkpoint", "stop"] | Callable[[dict[str, Any]], Any] | None
 class EarlyWarningMonitor(WarningSignals):
     """Warn that an instability is coming while there is still time to act.
 
-    Each measured step (every ``every_n_steps``) adds a point to the signal each instability is
-    forecast from, and the :class:`dynlens.early_warning.WarningPolicy` fits the last ``window``
-    points of it by least squares (:func:`dynlens.forecast.steps_to_threshold`), extrapolates
-    them to the instability's threshold and decides:
+    Each measured step (every ``every_n_steps``, and densely early on: ``dense_early``) adds a
+    point to the signals the instabilities are forecast from; the
+    :class:`dynlens.early_warning.WarningPolicy` fits each signal's window of points
+    (:func:`dynlens.forecast.steps_to_threshold`), extrapolates it and decides:
 
-    * **collapse** — the median top-vs-runner-up logit gap, a power of the step (a difference of
-      logits, which grow as products of weight norms) towards the collapse threshold ln(2/eps)
-      of the loss's precision (Prieto et al. 2025); the event: more than half of a measured
-      step's samples in Softmax Collapse;
-    * **divergence** — the training loss (its mean over the steps since the last measured one),
-      exponential towards the divergence threshold; the event, read at every step
-      (:mod:`dynlens.loss_events`): the loss non-finite, or above its lowest value by more than
-      its noise and half the ground it covered, at 10 steps in a row. Beside it, every
-      ``curvature_every_n_steps``, the update ratio η/η_c along the step the optimizer took
-      (:func:`dynlens.forecast.update_ratio`, two forward passes; 1: the step stops lowering the
-      loss, the edge of stability), which a divergence warning quotes;
-    * **attention** — the largest attention logit (Wortsman et al. 2023), a power of the step
-      (a product of weight norms that grow polynomially under Adam) towards 1e4; the event: the
-      largest attention logit above 1e4;
-    * **spike** — detected at every step, not forecast: a loss above the mean of the last 128 by
-      6 of their standard deviations (OLMo-core's rule), each one an event; ``spike/count`` and
-      ``spike/rate`` (spikes per step) are logged.
+    * **collapse** — the median top-vs-runner-up logit gap, a power of the step, towards the
+      collapse threshold ln(2/eps) of the loss's precision (Prieto et al. 2025); the event: more
+      than half of a measured step's samples in Softmax Collapse;
+    * **divergence** — two signals, the sooner speaks: the stability limit along the update,
+      η_c = η / the update ratio (:func:`dynlens.forecast.update_ratio`: the step's batch before
+      and after the step, two forward passes every ``curvature_every_n_steps``; 1 at the edge of
+      stability), against the learning rate the schedule will give (:mod:`dynlens.crossing`:
+      the divergence comes once η passes η_c); and the training loss, exponential towards the
+      divergence threshold. The event (:mod:`dynlens.loss_events`): the loss non-finite, or
+      above its lowest value by more than its noise and half the ground it covered, staying;
+    * **attention** — the largest attention logit (Wortsman et al. 2023), a power of the step,
+      towards 1e4; the event: the largest attention logit above 1e4;
+    * **spike** — forecast from the same stability limit as the divergence (a step past η_c
+      raises the loss, for a step or for good); detected at every step: a loss above the mean of
+      the last 128 by 6 of their standard deviations (OLMo-core's rule), each an event;
+      ``spike/count`` and ``spike/rate`` are logged.
 
-    A **warning** is raised when the event is expected within ``horizon`` steps even at the slow
-    end of the trend's range at ``consecutive`` measured points in a row
-    (:meth:`~dynlens.early_warning.WarningPolicy.decide`): kept in :attr:`warnings` and in
-    checkpoints, and written as a text event (reason ``warn_<event>``). One warning per event
-    until its forecast clears. No forecast is made from points that bend down, nor past the step
-    where a rising learning rate stops rising (the trainer's step-interval schedulers are read
-    ahead by :class:`dynlens.callbacks.lr_ahead.LRAhead`, which puts them back as they were).
-    An event is an event of its own (reason ``<event>``) and ends its forecasts. Every decision
-    is taken from values reduced across ranks, so every rank decides the same.
+    A **warning** is raised when the event is expected within the horizon even at the slow end of
+    the range, at ``consecutive`` measured points in a row: kept in :attr:`warnings` and in
+    checkpoints, written as a text event (reason ``warn_<event>``), and naming the signal that
+    spoke. One warning per event until its forecast clears. No trend is extrapolated from points
+    that bend down, nor past the step where a rising learning rate stops rising (the trainer's
+    step-interval schedulers are read ahead by :class:`dynlens.callbacks.lr_ahead.LRAhead`, which
+    puts them back). An event is an event of its own (reason ``<event>``) and ends its
+    forecasts. Every decision is taken from values reduced across ranks.
 
     Scalars under ``<prefix>/warning/<event>/``: the signals (``gap_median``, ``threshold``,
-    ``sc_fraction``; ``loss``, ``threshold``, ``update_ratio``; ``max_logit``) and ``steps_to``,
-    the expected steps to the event while one is expected within twice the horizon.
+    ``sc_fraction``; ``loss``, ``threshold``, ``update_ratio``; ``max_logit``), ``steps_to`` (the
+    expected steps to the event while one is expected within twice the horizon) and
+    ``spike/count``, ``spike/rate``.
 
     Args:
         instabilities: which of ``"collapse"``, ``"divergence"``, ``"attention"``, ``"spike"``
@@ -100,13 +98,15 @@ class EarlyWarningMonitor(WarningSignals):
         logits_module: where the collapse signal's logits come from, as for
             :class:`dynlens.SoftmaxCollapseMonitor` (``"auto"``, a submodule name, or ``None``
             for ``training_step``'s ``"logits"``).
+        dense_early: measure densely early on, every step at first, then every 2, 4, … steps up
+            to ``every_n_steps`` (about 8 points per doubling of the run; the update ratio about
+            4), so that an event at step 300 is forecast as early, in share of its run, as one
+            at step 30,000; ``False``: every ``every_n_steps`` from the start.
         prefix, verbose: as for every monitor.
 
-    With a :class:`dynlens.LogitGrowthMonitor` attached that measures attention at every step
-    this monitor measures (its ``attention_every_n_steps`` divides ``every_n_steps``), the
-    attention signal is read from its measurement instead of measured a second time (an event
-    ``attention_shared`` says so; should it stop measuring, this monitor measures itself from the
-    next step on, event ``attention_own``).
+    With a :class:`dynlens.LogitGrowthMonitor` attached whose ``attention_every_n_steps`` divides
+    ``every_n_steps``, the attention signal is read from its measurement at the steps it measures
+    (event ``attention_shared``; should it stop, event ``attention_own``).
 
     The collapse signal's precision and activation follow the first
     :class:`dynlens.CrossEntropyLoss` in the module (else the logits' dtype, softmax). The ratio
@@ -131,10 +131,14 @@ class EarlyWarningMonitor(WarningSignals):
         action: Action = None,
         checkpoint_dir: str | None = None,
         logits_module: str | None = "auto",
+        dense_early: bool = True,
         prefix: str = "dynlens",
         verbose: bool = True,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix, verbose=verbose)
+        check_bool("dense_early", dense_early)
+        # early events need points early: measured densely at first (``dense_early``)
+        self.dense_points = DENSE_POINTS if dense_early else 0
         try:
             #: When to warn: the forecasts, warnings and events (its state is checkpointed).
             self.policy = WarningPolicy(
@@ -160,6 +164,7 @@ class EarlyWarningMonitor(WarningSignals):
         #: (found at set-up; ``None``: measured by the monitor itself).
         self.attention_from: LogitGrowthMonitor | None = None
         self._attention_step: int | None = None
+        self._own_attention = True  # the step's attention is measured by this monitor
         #: Warnings so far: dicts with ``event``, ``step``, ``expected_step``, ``reason``,
         #: ``message`` (and ``checkpoint`` when one was saved).
         self.warnings: list[dict[str, Any]] = self.add_state("warnings", list)
@@ -214,9 +219,10 @@ class EarlyWarningMonitor(WarningSignals):
         self._follow_logits_dtype = True
         #: The latest update ratio η/η_c (``None`` until one is measured).
         self.last_update_ratio: float | None = None
-        #: Where the learning rate stops rising before a step, if it rises now (read from the
-        #: trainer's schedulers at set-up: :class:`dynlens.callbacks.lr_ahead.LRAhead`).
-        self._rise_ends_before: Callable[[float], int | None] = lambda step: None
+        #: The trainer's schedule read ahead (at set-up): the rates to come, and where a rising
+        #: rate stops rising (:class:`dynlens.callbacks.lr_ahead.LRAhead`).
+        self._lr_ahead: LRAhead | None = None
+        self._ratio_lr = 0.0  # the learning rate of the step whose update ratio is measured
 
     @property
     def instabilities(self) -> tuple[Instability, ...]:
@@ -246,9 +252,10 @@ class EarlyWarningMonitor(WarningSignals):
                 "collapse/gap_median", "collapse/threshold"
             )
         if self.watches("divergence"):
-            charts["divergence: training loss and 10× its lowest value"] = self.multiline(
+            charts["divergence: training loss and the divergence threshold"] = self.multiline(
                 "divergence/loss", "divergence/threshold"
             )
+        if any(self.watches(i) for i in LIMITED):
             charts["divergence: update ratio η/η_c (1: the step stops lowering the loss)"] = (
                 self.multiline("divergence/update_ratio")
             )
@@ -264,7 +271,7 @@ class EarlyWarningMonitor(WarningSignals):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._rise_ends_before = LRAhead(trainer).rise_ends_before
+        self._lr_ahead = LRAhead(trainer)
         if self.watches("collapse"):
             self.capture.attach(pl_module, type(self).__name__)
         if self.watches("attention"):
@@ -294,7 +301,7 @@ class EarlyWarningMonitor(WarningSignals):
         self.attention_capture.detach()
         self._window.close()
         self._theta = None
-        self._rise_ends_before = lambda step: None  # the trainer is let go
+        self._lr_ahead = None  # the trainer is let go
         super().teardown(trainer, pl_module, stage)
 
     @override
@@ -309,13 +316,6 @@ class EarlyWarningMonitor(WarningSignals):
         super().disable(reason)
 
     # ------------------------------------------------------------------------------ measuring
-    def _curvature_due(self, trainer: Any) -> bool:
-        return (
-            self.policy.ongoing("divergence")
-            and self._ratio_possible
-            and self.is_due(trainer, self.curvature_every_n_steps)
-        )
-
     @override
     @fail_soft
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
@@ -326,7 +326,11 @@ class EarlyWarningMonitor(WarningSignals):
             self.capture.arm()
         if self.watches("attention"):
             self._attention_step = trainer.global_step
-            if self.attention_from is None:
+            source = self.attention_from  # measures this step too, or the monitor measures it
+            self._own_attention = source is None or not source.is_due(
+                trainer, source.attention_every_n_steps
+            )
+            if self._own_attention:
                 self.attention_capture.arm()
 
     @override
@@ -338,6 +342,7 @@ class EarlyWarningMonitor(WarningSignals):
     @fail_soft
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self._window.is_open and self._curvature_due(trainer):
+            self._ratio_lr = largest_rate([optimizer])
             self._theta = {
                 k: p.detach().clone() for k, p in pl_module.named_parameters() if p.requires_grad
             }
@@ -417,39 +422,40 @@ class EarlyWarningMonitor(WarningSignals):
             signals["attention"] = (step, top)
             if self.policy.attention_blew_up(top):
                 self._happen(trainer, "attention", step, f"the largest attention logit {top:.4g}")
+        limit = None
         if "_ratio_losses" in host:
             before, after = host["_ratio_losses"]
             ratio = update_ratio(before, after, host["_decrease"])
             if math.isfinite(ratio):
                 scalars["divergence/update_ratio"] = self.last_update_ratio = ratio
-        elif self.watches("divergence") and not self._ratio_possible:
+                limit = self._limit_crossing(step, ratio)
+        elif any(self.watches(i) for i in LIMITED) and not self._ratio_possible:
             message = f"the update ratio is not measured under {self._no_ratio_reason}"
             self.log_event(trainer, step, WarningReason.NO_UPDATE_RATIO, message, once=True)
-        for instability, (at, value) in signals.items():
-            forecast = self.policy.forecast(
-                instability, at, value, self._threshold(instability), self._rise_ends_before
-            )
-            horizon = self.policy.horizon_at(instability, at)
-            if forecast is not None and forecast.within(2 * horizon):
-                assert forecast.steps_to is not None  # within the horizon: it crosses
-                scalars[f"{instability}/steps_to"] = forecast.steps_to
-            if self.policy.decide(instability, forecast):
-                assert forecast is not None
-                self._warn(trainer, instability, step, forecast)
+        rises = self._lr_ahead.rise_ends_before if self._lr_ahead is not None else None
+        limited = [i for i in LIMITED if self.watches(i)] if limit else []
+        for instability in dict.fromkeys([*signals, *limited]):
+            forecast: Prediction | None = None
+            if instability in signals:
+                at, value = signals[instability]
+                threshold = self._threshold(instability)
+                forecast = self.policy.forecast(instability, at, value, threshold, rises)
+            predictions = [forecast, *([limit] if instability in limited else [])]
+            sooner = self.policy.sooner(instability, *predictions)  # the signal that speaks
+            horizon = self.policy.horizon_at(instability, step)
+            if sooner is not None and sooner.within(2 * horizon):
+                assert sooner.steps_to is not None  # within the horizon: it crosses
+                scalars[f"{instability}/steps_to"] = sooner.steps_to
+            if self.policy.decide(instability, *predictions):
+                assert sooner is not None
+                self._warn(trainer, instability, step, sooner)
         logged = self.log_metrics(trainer, scalars, step=step)
         self.latest = {k.removeprefix(self.key("")): v for k, v in logged.items()}
 
-    def _threshold(self, instability: str) -> float:
-        if instability == "collapse":
-            return collapse_threshold(self._collapse_in[1], self._collapse_in[0])
-        if instability == "divergence":
-            return self.policy.divergence_threshold
-        return ATTENTION_LIMIT
-
-    def _warn(self, trainer: Any, instability: str, step: int, forecast: Forecast) -> None:
+    def _warn(self, trainer: Any, instability: str, step: int, forecast: Prediction) -> None:
         """Raise the warning that ``instability`` is coming: record it, act, log its event."""
         detail = ""
-        if instability == "divergence" and self.last_update_ratio is not None:
+        if instability in LIMITED and self.last_update_ratio is not None:
             detail = f"the latest update ratio η/η_c is {self.last_update_ratio:.3g}"
         warning = warning_record(instability, step, forecast, detail)
         message = warning["message"]

@@ -2,25 +2,32 @@
 training step: the collapse counts and median logit gap of the step's logits, the largest
 attention logit (measured, or read from a :class:`~dynlens.LogitGrowthMonitor` measuring the
 same step), the training losses since the last measured step, and the losses before and after
-the optimizer's step for the update ratio. Each is put in a declared, reduced state field
-(``Monitor.sync`` reduces them all at once); the monitor decides from the reduced values.
+the optimizer's step for the update ratio, and from it the stability limit along the update
+and when the scheduled learning rate reaches it. Each measurement is put in a declared, reduced
+state field (``Monitor.sync`` reduces them all at once); the monitor decides from the reduced
+values.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..attention import AttentionLogitSums
-from ..collapse import collapsed_mask, runner_up_gap
+from ..collapse import collapse_threshold, collapsed_mask, runner_up_gap
+from ..crossing import Crossing
+from ..early_warning import ATTENTION_LIMIT, LIMITED, RATIO_POINTS, WarningPolicy
 from ..events import WarningReason
 from ..nn import Activation
 from .base import Monitor
 from .capture import AttentionCapture, LogitsCapture, logits_found, take_logits
 from .context import logging_step
 from .logits import LogitGrowthMonitor
+from .lr_ahead import LRAhead
 from .replay import losses_across_step
+from .schedule import dense_cadence
 
 
 class WarningSignals(Monitor):
@@ -31,10 +38,16 @@ class WarningSignals(Monitor):
     attention_capture: AttentionCapture
     attention_from: LogitGrowthMonitor | None
     _attention_step: int | None
+    _own_attention: bool
     _collapse_in: tuple[Activation, torch.dtype]
     _follow_logits_dtype: bool
     _losses: list[tuple[int, torch.Tensor]]
     _theta: dict[str, torch.Tensor] | None
+    policy: WarningPolicy
+    curvature_every_n_steps: int
+    _ratio_possible: bool
+    _ratio_lr: float
+    _lr_ahead: LRAhead | None
     # reduced at the decision (see EarlyWarningMonitor.__init__)
     _loss_values: torch.Tensor | None
     _gap: torch.Tensor | None
@@ -44,10 +57,11 @@ class WarningSignals(Monitor):
     _decrease: torch.Tensor | None
 
     def _attention_sums(self, trainer: Any, step: int) -> dict[str, AttentionLogitSums]:
-        """The step's attention statistics: the monitor's own, or those of the LogitGrowthMonitor
-        that measures the same step (read, not taken from it: the same numbers, measured once)."""
+        """The step's attention statistics: those of the LogitGrowthMonitor that measures the
+        same step (read, not taken from it: the same numbers, measured once), or the monitor's
+        own where that one does not measure (early on, when this monitor measures densely)."""
         source = self.attention_from
-        if source is None:
+        if source is None or self._own_attention:
             return self.attention_capture.take()
         sums = None
         if source.disabled_reason is None:
@@ -99,6 +113,33 @@ class WarningSignals(Monitor):
             )
         self._ratio_losses = losses_across_step(pl_module, batch, batch_idx, theta)
         self._decrease = decrease.float().reshape(())
+
+    def _curvature_due(self, trainer: Any) -> bool:
+        """Whether the update ratio is measured at this step (densely early on too)."""
+        step = self.cadence_step(trainer)
+        every = self.curvature_every_n_steps
+        if self.dense_points:
+            every = dense_cadence(step, every, RATIO_POINTS)
+        limited = any(self.policy.ongoing(i) for i in LIMITED)
+        return limited and self._ratio_possible and step % every == 0
+
+    def _limit_crossing(self, step: int, ratio: float) -> Crossing | None:
+        """The stability limit along the update, η_c = η / ratio, and when the scheduled
+        learning rate reaches it (None before a forecast can be made)."""
+        if not ratio > 0 or not self._ratio_lr > 0 or self._lr_ahead is None:
+            return None
+        ahead = math.ceil(2 * self.policy.horizon_at("divergence", step))
+        # the rate of the measured step, then those of the steps after it (the schedulers have
+        # stepped: the optimizer's rate now is the next step's)
+        rates = [self._ratio_lr, *self._lr_ahead.rates(ahead)]
+        return self.policy.forecast_limit(step, self._ratio_lr / ratio, rates)
+
+    def _threshold(self, instability: str) -> float:
+        if instability == "collapse":
+            return collapse_threshold(self._collapse_in[1], self._collapse_in[0])
+        if instability == "divergence":
+            return self.policy.divergence_threshold
+        return ATTENTION_LIMIT
 
 
 def attention_source(trainer: Any, every_n_steps: int) -> LogitGrowthMonitor | None:

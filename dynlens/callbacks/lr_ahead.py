@@ -1,10 +1,13 @@
-"""The learning rate ahead: where the trainer's schedule stops raising it.
+"""The learning rate ahead: the rates the trainer's schedule will give, and where it stops
+raising them.
 
-A signal that rises while the learning rate rises (the training loss during a warm-up, at the
-edge of stability) may stop rising when the learning rate does; a forecast drawn through it
-should not be believed past that step. The schedule's future is read by stepping the trainer's
-step-interval schedulers forward on the spot and putting everything back: their state, and
-every parameter group's settings (learning rates, momenta), so training sees nothing.
+A divergence comes when the learning rate passes the stability limit: its crossing can be
+forecast from the rates ahead (:func:`dynlens.crossing.limit_crossing`). And a signal that rises
+while the learning rate rises (the training loss during a warm-up, at the edge of stability) may
+stop rising when the learning rate does; a forecast drawn through it should not be believed past
+that step. The schedule's future is read by stepping the trainer's step-interval schedulers
+forward on the spot and putting everything back: their state, and every parameter group's
+settings (learning rates, momenta), so training sees nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,28 @@ class LRAhead:
         self._peak: int | None = None  # a peak found ahead, as a global step
         self._rising_to: int = -1  # the learning rate rises at least up to this global step
 
+    def rates(self, ahead: int) -> list[float]:
+        """The learning rate now and after each of the next ``ahead`` steps (at most
+        :data:`MOST_STEPS`), as the schedule gives it; the last rate read stays on where the
+        schedule cannot be read further (a constant rate without a scheduler)."""
+        now = largest_rate(self.trainer.optimizers)
+        ahead = int(min(max(ahead, 0), MOST_STEPS))
+        configs = self._configs()
+        rates = [now]
+        if configs:
+            try:
+                rates = _rates_ahead(configs, self.trainer.optimizers, ahead)
+            except Exception:  # a scheduler whose state cannot be kept aside: unknown ahead
+                rates = [now]
+        return rates + [rates[-1]] * (ahead + 1 - len(rates))
+
+    def _configs(self) -> list[Any]:
+        return [
+            c
+            for c in getattr(self.trainer, "lr_scheduler_configs", ())
+            if c.interval == "step" and not isinstance(c.scheduler, ReduceLROnPlateau)
+        ]
+
     def rise_ends_before(self, step: float) -> int | None:
         """The global step, before ``step``, from which the learning rate stops rising, if it
         rises at the next step; ``None`` when it does not rise now, rises up to ``step`` or
@@ -44,11 +69,7 @@ class LRAhead:
         if now < self._rising_to and step <= self._rising_to:
             return None
         self._peak = None
-        configs = [
-            c
-            for c in getattr(self.trainer, "lr_scheduler_configs", ())
-            if c.interval == "step" and not isinstance(c.scheduler, ReduceLROnPlateau)
-        ]
+        configs = self._configs()
         ahead = math.ceil(min(float(MOST_STEPS), step - now))
         if not configs or ahead < 1:
             return None
@@ -81,7 +102,7 @@ def _rates_ahead(configs: list, optimizers: list, steps: int) -> list[float]:
         [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in o.param_groups]
         for o in optimizers
     ]
-    rates = [_largest_rate(optimizers)]
+    rates = [largest_rate(optimizers)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,7 +113,7 @@ def _rates_ahead(configs: list, optimizers: list, steps: int) -> list[float]:
                             c.scheduler.step()
                 except Exception:  # a scheduler refused (OneCycleLR past its last step, a
                     break  # user's function out of its range): the future is known up to here
-                rates.append(_largest_rate(optimizers))
+                rates.append(largest_rate(optimizers))
     finally:
         for c, state in zip(configs, saved, strict=True):
             c.scheduler.load_state_dict(state)
@@ -102,5 +123,6 @@ def _rates_ahead(configs: list, optimizers: list, steps: int) -> list[float]:
     return rates
 
 
-def _largest_rate(optimizers: list) -> float:
+def largest_rate(optimizers: list) -> float:
+    """The largest learning rate of every parameter group of ``optimizers``."""
     return max((float(g.get("lr", 0.0)) for o in optimizers for g in o.param_groups), default=0.0)

@@ -42,6 +42,22 @@ def check_cadence(every_n_steps: object, budget: object) -> None:
         )
 
 
+def dense_cadence(step: int, every: int, points: int) -> int:
+    """The cadence at ``step`` of a monitor that measures densely early on: every step, then
+    every 2, 4, 8, … steps (the largest power of two up to ``step / points``), never sparser
+    than every ``every`` steps. So about ``points`` measurements fall in each doubling of the
+    run, and the last half of the steps so far holds about that many at any step: a trend can
+    be fitted as early in a run whose event comes at step 300 as, in share of its run, in one
+    whose event comes at step 30,000.
+
+        >>> [dense_cadence(t, 10, 8) for t in (0, 15, 16, 40, 100, 200, 5000)]
+        [1, 1, 2, 4, 8, 10, 10]
+    """
+    if step < 2 * points:
+        return 1
+    return min(every, 1 << ((step // points).bit_length() - 1))
+
+
 def budget_schedule(
     step: int,
     *,

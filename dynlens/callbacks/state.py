@@ -19,7 +19,7 @@ declarations, the way torchmetrics' ``add_state`` does for metrics:
   when training starts (a checkpoint restores them on the CPU);
 * **reduction across ranks** — ``reduce`` fields (``"sum"``, ``"max"``, ``"min"``, ``"mean"``,
   ``"local"`` or ``"by_field"``, :mod:`dynlens.callbacks.sync`) hold a measurement's statistics
-  until :meth:`Monitor.sync` reduces every one that holds a value, in one collective per
+  until :meth:`DeclaredState.sync` reduces every one that holds a value, in one collective per
   reduction, brings them to the host in one copy and sets them back to their defaults.
 
 ``default`` is a value (copied for every reset) or a callable returning a fresh one (``list``,
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .sync import REDUCTIONS, Reduce
+from .sync import REDUCTIONS, Reduce, sync_to_host
 
 Convert = Callable[[Any], Any]
 
@@ -147,3 +147,85 @@ def tensors_of(cls: Any, saved: Mapping[str, Any], *, host: Collection[str] = ()
     return cls(
         **{f: v if f in host else torch.tensor(v, dtype=torch.float64) for f, v in saved.items()}
     )
+
+
+class DeclaredState:
+    """What follows from the declarations (the module docstring): :meth:`add_state`,
+    :meth:`sync`, ``state_dict`` and ``load_state_dict``. :class:`~dynlens.callbacks.base.Monitor`
+    derives from it."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, StateField] = {}
+
+    def add_state(
+        self,
+        name: str,
+        default: Any,
+        *,
+        key: str | None = None,
+        persistent: bool = True,
+        pooled: bool = False,
+        device: bool = False,
+        reduce: Reduce | None = None,
+        save: Callable[[Any], Any] | None = None,
+        load: Callable[[Any], Any] | None = None,
+        owner: Any = None,
+    ) -> Any:
+        """Declare a field of the monitor's state and set it to ``default``
+        (:mod:`dynlens.callbacks.state`): ``key`` in checkpoints (default ``name`` without its
+        leading underscore; dotted keys nest), ``persistent`` (in checkpoints), ``pooled``
+        (pooled between logs: reset when a fit starts), ``device`` (moved to the module's device
+        when training starts), ``reduce`` (how :meth:`sync` reduces it across ranks:
+        :mod:`dynlens.callbacks.sync`), ``save``/``load`` (to and from the checkpoint's form),
+        ``owner`` (the object holding the attribute, if not the monitor). Returns the default it
+        set, so a declaration can carry the attribute's type:
+        ``self.onset_step: int | None = self.add_state("onset_step", None)``."""
+        if name in self._states:
+            raise RuntimeError(f"{type(self).__name__} declares the state {name!r} twice.")
+        field = StateField(
+            name,
+            default,
+            key or name.lstrip("_"),
+            persistent,
+            pooled,
+            device,
+            save,
+            load,
+            reduce,
+            owner,
+        )
+        self._states[name] = field
+        field.set(self, field.fresh())
+        return field.get(self)
+
+    def sync(self, trainer: Any) -> dict[str, Any]:
+        """Reduce every ``reduce`` field that holds a value (not ``None``) across ranks and bring
+        them all to the host: one collective per reduction, one host copy
+        (:func:`dynlens.callbacks.sync.sync_to_host`); ``{field name: host value}``. The fields
+        are set back to their defaults. Call it on every rank at the same steps, with the same
+        fields holding values."""
+        held = {
+            name: (field.get(self), field.reduce)
+            for name, field in self._states.items()
+            if field.reduce is not None and field.get(self) is not None
+        }
+        for name in held:
+            self._states[name].set(self, self._states[name].fresh())
+        return sync_to_host(trainer, held)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for field in self._states.values():
+            if field.persistent:
+                set_nested(state, field.key, field.to_checkpoint(field.get(self)))
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Tolerant of older or partial checkpoints: a field they lack gets its default, and
+        # pooled fields that checkpoints do not carry start empty.
+        for field in self._states.values():
+            value = get_nested(state_dict, field.key) if field.persistent else None
+            if field.persistent and not is_missing(value):
+                field.set(self, field.from_checkpoint(value))
+            elif field.persistent or field.pooled:
+                field.set(self, field.fresh())

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynlens
+from dynlens.callbacks.schedule import dense_cadence
 from dynlens.callbacks.validate import ConfigurationError
 from dynlens.loss_events import LossWatch
 from tests.helpers import trainer as make_trainer
@@ -91,6 +92,7 @@ def test_a_gap_growing_with_the_step_is_forecast_exactly_and_collapse_is_over_ha
     # rounds to 0) from the first step whose gap does
     slope, horizon = 0.05, 100
     monitor = dynlens.EarlyWarningMonitor(
+        dense_early=False,
         instabilities=("collapse",),
         every_n_steps=5,
         window=4,
@@ -137,7 +139,12 @@ def test_a_gap_growing_as_a_power_of_the_step_is_forecast_exactly():
     # 1e-4 t² reaches the float32 threshold 16.64 at t = 407.9: a straight line through the last
     # four points (a window of 15 steps) would expect it at 426, 18 steps late
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("collapse",), every_n_steps=5, window=4, horizon=100, logits_module=None
+        dense_early=False,
+        instabilities=("collapse",),
+        every_n_steps=5,
+        window=4,
+        horizon=100,
+        logits_module=None,
     )
     fit(PowerGap(), monitor, 450)
     crossing = math.sqrt(dynlens.collapse.collapse_threshold(torch.float32) / 1e-4)
@@ -172,7 +179,11 @@ def test_collapse_signals_equal_their_brute_force_values():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("collapse",), every_n_steps=1, logits_module=None, verbose=False
+        dense_early=False,
+        instabilities=("collapse",),
+        every_n_steps=1,
+        logits_module=None,
+        verbose=False,
     )
     trainer = make_trainer(max_steps=1, logger=False, callbacks=[Read(), monitor])
     trainer.fit(Random(), loader(n=9, classes=5))
@@ -193,7 +204,7 @@ def test_divergence_and_spikes_are_the_loss_rules_read_at_every_step():
     expected = [(e.step, e.kind) for step in range(100) for e in watch.observe(step, curve(step))]
     assert ("spike", 30) in [(k, s) for s, k in expected] and (60, "divergence") in expected
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("divergence", "spike"), every_n_steps=10, verbose=False
+        dense_early=False, instabilities=("divergence", "spike"), every_n_steps=10, verbose=False
     )
     fit(Scripted(curve=curve), monitor, 100)
     assert monitor.happened == {"divergence": 60, "spike": 30}
@@ -203,7 +214,7 @@ def test_divergence_and_spikes_are_the_loss_rules_read_at_every_step():
     assert monitor.latest["spike/rate"] == pytest.approx(len(spikes) / 100)
 
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("divergence",), every_n_steps=10, verbose=False
+        dense_early=False, instabilities=("divergence",), every_n_steps=10, verbose=False
     )
     fit(Scripted(curve=lambda s: math.inf if s == 23 else 1.0), monitor, 30)
     assert monitor.happened == {"divergence": 23}
@@ -221,6 +232,7 @@ def test_an_exponentially_growing_loss_is_forecast_to_the_divergence_threshold()
         return 5.0 if step < 10 else 1.0 if step < 100 else math.exp(rate * (step - 100))
 
     monitor = dynlens.EarlyWarningMonitor(  # consecutive=1: the first point in the horizon warns
+        dense_early=False,
         instabilities=("divergence",),
         every_n_steps=10,
         window=4,
@@ -250,10 +262,14 @@ def test_a_loss_that_jumps_and_levels_off_does_not_warn_and_one_that_keeps_growi
     def keeps_growing(step):
         return levels_off(step) * math.exp(0.01 * max(step - 300, 0))
 
-    catapult = dynlens.EarlyWarningMonitor(instabilities=("divergence",), verbose=False)
+    catapult = dynlens.EarlyWarningMonitor(
+        dense_early=False, instabilities=("divergence",), verbose=False
+    )
     fit(Scripted(curve=levels_off), catapult, 700)
     assert catapult.warnings == [] and catapult.happened == {"divergence": None}
-    growing = dynlens.EarlyWarningMonitor(instabilities=("divergence",), verbose=False)
+    growing = dynlens.EarlyWarningMonitor(
+        dense_early=False, instabilities=("divergence",), verbose=False
+    )
     fit(Scripted(curve=keeps_growing), growing, 700)
     # the threshold (about 0.96 + (20 − 0.96) / 2 = 10.5) at about 300 + ln(10.5 / 2.2) / 0.01
     threshold = growing.latest["divergence/threshold"]
@@ -295,7 +311,11 @@ def test_the_update_ratio_is_the_step_size_over_two_over_the_curvature_along_the
             expected[trainer.global_step] = 0.3 * float(g @ h @ g) / (2 * float(g @ g))
 
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
+        dense_early=False,
+        instabilities=("divergence",),
+        every_n_steps=1,
+        curvature_every_n_steps=1,
+        verbose=False,
     )
     seen = {}
 
@@ -312,7 +332,11 @@ def test_the_update_ratio_is_the_step_size_over_two_over_the_curvature_along_the
 
 def test_the_update_ratio_is_not_measured_under_gradient_accumulation():
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("divergence",), every_n_steps=1, curvature_every_n_steps=1, verbose=False
+        dense_early=False,
+        instabilities=("divergence",),
+        every_n_steps=1,
+        curvature_every_n_steps=1,
+        verbose=False,
     )
     trainer = make_trainer(
         max_steps=2, logger=False, callbacks=[monitor], accumulate_grad_batches=2
@@ -347,7 +371,7 @@ class Attention(pl.LightningModule):
 def test_the_attention_signal_is_the_largest_attention_logit():
     model = Attention()
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("attention",), every_n_steps=2, verbose=False
+        dense_early=False, instabilities=("attention",), every_n_steps=2, verbose=False
     )
     seen = {}
 
@@ -383,7 +407,7 @@ def _attention_seen(monitor, callbacks):
 @pytest.mark.parametrize("first", ["warning", "logits"])
 def test_the_attention_signal_is_read_from_a_logit_growth_monitor_measuring_the_same_steps(first):
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("attention",), every_n_steps=2, verbose=False
+        dense_early=False, instabilities=("attention",), every_n_steps=2, verbose=False
     )
     growth = dynlens.LogitGrowthMonitor(
         output_logits=False, attention_every_n_steps=1, verbose=False
@@ -398,7 +422,7 @@ def test_the_attention_signal_is_read_from_a_logit_growth_monitor_measuring_the_
 
 def test_a_logit_growth_monitor_on_other_steps_or_one_that_stops_is_not_read():
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("attention",), every_n_steps=2, verbose=False
+        dense_early=False, instabilities=("attention",), every_n_steps=2, verbose=False
     )
     growth = dynlens.LogitGrowthMonitor(
         output_logits=False, attention_every_n_steps=3, verbose=False
@@ -408,7 +432,7 @@ def test_a_logit_growth_monitor_on_other_steps_or_one_that_stops_is_not_read():
     assert seen[4] == pytest.approx(model.largest[4], rel=1e-5)
 
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("attention",), every_n_steps=2, verbose=False
+        dense_early=False, instabilities=("attention",), every_n_steps=2, verbose=False
     )
     growth = dynlens.LogitGrowthMonitor(
         output_logits=False, attention_every_n_steps=1, verbose=False
@@ -440,6 +464,7 @@ class PowerAttention(Scripted):
 
 def test_a_power_law_attention_logit_is_forecast_exactly():
     monitor = dynlens.EarlyWarningMonitor(  # consecutive=1: the first point in the horizon warns
+        dense_early=False,
         instabilities=("attention",),
         every_n_steps=10,
         window=4,
@@ -471,6 +496,7 @@ def test_flat_noise_warns_of_nothing():
             return {"loss": loss, "logits": logits.detach()}
 
     monitor = dynlens.EarlyWarningMonitor(
+        dense_early=False,
         instabilities=("collapse",),
         every_n_steps=5,
         horizon=200,
@@ -486,6 +512,7 @@ def test_flat_noise_warns_of_nothing():
 def test_actions(action, tmp_path):
     got = []
     monitor = dynlens.EarlyWarningMonitor(
+        dense_early=False,
         instabilities=("collapse",),
         every_n_steps=5,
         window=4,
@@ -513,3 +540,99 @@ def test_the_panel_escapes_the_prefix_in_its_tag_patterns():
     pattern = monitor.panel()["expected steps to each event (while one is expected)"][1][0]
     assert re.fullmatch(pattern, "run.1+a/warning/collapse/steps_to")
     assert not re.fullmatch(pattern, "runX1+a/warning/collapse/steps_to")
+
+
+class Isotropic(pl.LightningModule):
+    """Least squares on three orthogonal inputs of length √3: H = 2·I, so along any gradient
+    step the update ratio is η·λ/2 = η and the stability limit η_c = 2/λ = 1 exactly. Each batch
+    draws new targets, so the weights never settle; the learning rate ramps geometrically from
+    0.1 by 1% a step and passes 1 at step 232 (0.1 · 1.01^231.4 = 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1, bias=False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.lin(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.01**t)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": ramp, "interval": "step"}}
+
+
+def isotropic_batches(steps: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = (math.sqrt(3) * torch.eye(3)).repeat(steps, 1)
+    return DataLoader(TensorDataset(x, torch.randn(3 * steps, generator=g)), batch_size=3)
+
+
+def test_the_scheduled_rate_passing_the_measured_stability_limit_is_forecast_exactly():
+    crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("divergence",), horizon=300, consecutive=1, verbose=False
+    )
+    trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
+    trainer.fit(Isotropic(), isotropic_batches(400))
+    (warning,) = monitor.warnings
+    assert warning["signal"] == "stability_limit" and warning["expected_step"] == crossing
+    assert f"range {crossing}–∞" in warning["message"]
+    # the ratio is measured densely from the start: the crossing is forecast once the window of
+    # divergence (16 points) holds measurements, at step 28
+    ratio_steps = [
+        s for s in range(400) if s % dense_cadence(s, 10, 8) == s % dense_cadence(s, 100, 4) == 0
+    ]
+    assert warning["step"] == ratio_steps[15] == 28
+    # the loss diverges about there: the noise the batches drive grows as η nears the limit
+    # (its variance goes as 1/(2 − ηλ)), and past it the weights run away
+    happened = monitor.happened["divergence"]
+    assert crossing - 10 <= happened <= crossing + 100
+    limits = [limit for _, limit in monitor.policy.history["limit"]]
+    assert limits == pytest.approx([1.0] * len(limits), rel=1e-3)  # η_c = 2/λ, measured
+
+
+def test_a_spike_is_forecast_from_the_same_stability_limit():
+    # watching spikes alone: the update ratio is measured for them, and the crossing warns
+    crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
+    monitor = dynlens.EarlyWarningMonitor(
+        instabilities=("spike",), horizon=300, consecutive=1, verbose=False
+    )
+    trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
+    trainer.fit(Isotropic(), isotropic_batches(400))
+    (warning,) = monitor.warnings
+    assert warning["event"] == "spike" and warning["signal"] == "stability_limit"
+    assert warning["expected_step"] == crossing and warning["step"] == 28
+    # the first loss 6 sigma above the last 128 comes once the step passes the limit
+    assert crossing <= monitor.happened["spike"] <= crossing + 100
+    assert "divergence" not in monitor.happened
+
+
+class Steps(pl.loggers.Logger):
+    """The steps at which a key was logged."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key, self.steps = key, []
+
+    name, version = "steps", 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if self.key in metrics:
+            self.steps.append(step)
+
+
+def test_measured_densely_early_then_every_n_steps():
+    steps = Steps("dynlens/warning/divergence/loss")
+    monitor = dynlens.EarlyWarningMonitor(instabilities=("divergence",), verbose=False)
+    trainer = make_trainer(max_steps=300, logger=steps, callbacks=[monitor])
+    trainer.fit(Scripted(curve=lambda s: 1.0), loader())
+    # every step up to 15, every 2 up to 31, 4 up to 63, 8 up to 127, then every 10
+    # (and the last step, where the losses since the last measured one are read at the end)
+    expected = [s for s in range(300) if s % dense_cadence(s, 10, 8) == 0] + [299]
+    assert expected[:22] == [*range(16), 16, 18, 20, 22, 24, 26]
+    assert expected[-3:] == [280, 290, 299] and 120 in expected and 124 not in expected
+    assert steps.steps == expected

@@ -54,6 +54,24 @@ def test_a_linear_warm_up_stops_rising_at_its_last_step():
     assert LRAhead(trainer).rise_ends_before(1000) is None
 
 
+def test_the_rates_ahead_are_the_schedule_s_and_it_is_left_as_it_was():
+    trainer, optimizer, scheduler = fake_trainer(
+        lambda o: lr_scheduler.LambdaLR(o, lambda t: 1.01**t)
+    )
+    advance(trainer, scheduler, 3)
+    before = copy.deepcopy(scheduler.state_dict())
+    rates = LRAhead(trainer).rates(5)
+    assert rates == pytest.approx([1.01**t for t in range(3, 9)])
+    assert scheduler.state_dict() == before and optimizer.param_groups[0]["lr"] == rates[0]
+    # a schedule that ends (OneCycleLR past its last step) holds its last rate from there
+    trainer, _, _ = fake_trainer(lambda o: lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=10))
+    ending = LRAhead(trainer).rates(20)
+    assert len(ending) == 21 and len(set(ending[11:])) == 1
+    # without a step-interval scheduler the rate stays what it is
+    trainer, _, _ = fake_trainer(warmup(5), interval="epoch")
+    assert LRAhead(trainer).rates(3) == [trainer.optimizers[0].param_groups[0]["lr"]] * 4
+
+
 def test_a_rise_that_lasts_past_the_step_asked_about_and_a_falling_rate():
     trainer, _, _ = fake_trainer(warmup(1000))
     ahead = LRAhead(trainer)
@@ -192,7 +210,12 @@ def test_the_monitor_does_not_forecast_past_the_end_of_a_warm_up():
     warned = {}
     for steps in (None, 300, 1000):
         monitor = dynlens.EarlyWarningMonitor(
-            instabilities=("divergence",), window=4, horizon=100, consecutive=1, verbose=False
+            dense_early=False,
+            instabilities=("divergence",),
+            window=4,
+            horizon=100,
+            consecutive=1,
+            verbose=False,
         )
         trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
         trainer.fit(WarmedUp(steps), loader())

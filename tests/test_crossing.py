@@ -1,0 +1,47 @@
+"""The scheduled learning rate against the fitted stability limit, on schedules whose crossing
+is known in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dynlens.crossing import limit_crossing
+
+
+def test_a_geometric_ramp_meets_a_steady_limit_where_the_logarithms_say():
+    # η_c = 2 steady; η(s) = 0.02 · 1.005^s from the last measurement: ln(100) / ln(1.005) on
+    rates = [0.02 * 1.005**k for k in range(2000)]
+    crossing = limit_crossing([0, 50, 100, 150], [2.0] * 4, rates)
+    steps = math.ceil(math.log(100) / math.log(1.005))  # 924
+    assert crossing.expected_step == 150 + steps and crossing.steps_to == steps
+    assert crossing.lower == crossing.upper == crossing.expected_step  # no spread: exact points
+    assert crossing.confident and crossing.surely_within(steps) and not crossing.surely_within(900)
+    assert crossing.threshold == pytest.approx(rates[steps])
+    assert crossing.range_text() == f"{150 + steps}–∞"
+
+
+def test_a_falling_limit_meets_a_constant_rate():
+    # progressive sharpening: η_c halves every 100 steps from 1 at step 300; η = 0.25 constant:
+    # η_c reaches 0.25 two halvings after step 300, at step 500
+    steps = [0, 100, 200, 300]
+    limits = [8.0, 4.0, 2.0, 1.0]
+    crossing = limit_crossing(steps, limits, [0.25] * 1000)
+    assert crossing.expected_step == 500
+
+
+def test_no_crossing_within_the_schedule_read_and_too_few_points():
+    assert limit_crossing([0, 10, 20], [1.0, 1.0, 1.0], [0.5] * 100).expected_step is None
+    assert limit_crossing([0, 0], [1.0, 1.0], [0.5]) is None  # one distinct step
+    two = limit_crossing([0, 10], [1.0, 1.0], [0.5 * 1.1**k for k in range(50)])
+    assert two.expected_step == 10 + 8 and not two.confident  # 0.5 · 1.1^8 > 1, no spread known
+    assert not two.surely_within(1000)
+
+
+def test_noisy_limits_give_a_range_about_the_fit():
+    limits = [1.0 * (1.1 if i % 2 else 0.9) for i in range(8)]
+    rates = [0.1 * 1.01**k for k in range(1000)]
+    crossing = limit_crossing(range(0, 80, 10), limits, rates)
+    assert crossing.lower < crossing.expected_step < crossing.upper
+    assert crossing.cleared(horizon=50, z=2.0)  # the fast end is beyond twice 50 steps
