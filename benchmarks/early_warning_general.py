@@ -117,6 +117,8 @@ class GeneralRun(Run):
     base_lr: float = 0.0
     #: Every forecast the policy returned for the event: [measured step, expected, lower, upper].
     ranges: list[list[float | None]] = field(default_factory=list)
+    #: Every measurement of the stability limit: [step, η_c, η, expected crossing or None].
+    limits: list[list[float | None]] = field(default_factory=list)
     #: Warnings of instabilities other than the one watched (should be none).
     other_warnings: list[dict] = field(default_factory=list)
     #: Per step: the training loss, the total gradient norm before clipping, the learning rate.
@@ -185,7 +187,17 @@ def train(setting: Setting, seed: int, unstable: bool, **options) -> GeneralRun:
                 ranges.append([step, made.expected_step, made.lower, made.upper])
         return made
 
+    limits: list[list[float | None]] = []
+    forecast_limit = monitor.policy.forecast_limit
+
+    def recorded_limit(step, limit, rates_ahead):
+        made = forecast_limit(step, limit, rates_ahead)
+        expected = None if made is None else made.expected_step
+        limits.append([step, limit, rates_ahead[0], expected])
+        return made
+
     monitor.policy.forecast = recorded
+    monitor.policy.forecast_limit = recorded_limit
     start = time.perf_counter()
     trainer.fit(model, loader)
     seconds = time.perf_counter() - start
@@ -206,6 +218,7 @@ def train(setting: Setting, seed: int, unstable: bool, **options) -> GeneralRun:
         schedule=asdict(schedule),
         base_lr=float(model.configure.lr),
         ranges=ranges,
+        limits=limits,
         other_warnings=[dict(w) for w in monitor.warnings if w["event"] != event],
         losses=torch.stack(series.losses).tolist() if series.losses else [],
         grad_norms=torch.stack(series.norms).tolist() if series.norms else [],

@@ -12,11 +12,13 @@ stays flat until the crossing and explodes within tens of steps after it.
 
 :func:`limit_crossing` fits ``ln η_c`` over the recent measurements by least squares (a limit
 that shrinks or grows by a constant factor per step: progressive sharpening lowers it), and
-finds the first step ahead at which ``ln η(s)`` reaches the fitted line; the range moves the
-slope by ± ``z`` standard errors about the last fitted value, as
-:func:`dynlens.forecast.steps_to_threshold` does. With a constant learning rate and a limit
-that does not fall there is no crossing: the ratio then says how close the run is (Bai et al.
-2025 see loss spikes follow a sustained ratio above 1). Plain Python and numpy.
+finds the first step ahead at which ``ln η(s)`` reaches the fitted line. The range moves both
+the line's level now and its slope by ± ``z`` standard errors: a limit measured about the rate
+itself (gradient descent at the edge of stability, where the ratio hovers about 1 and the run
+steadies itself) crosses only at the fast end, and so is no sure crossing; one that surely falls
+through the rate, or that the rate surely rises through, is. With a constant learning rate and a
+limit that does not fall there is no crossing: the ratio then says how close the run is (Bai et
+al. 2025 see loss spikes follow a sustained ratio above 1). Plain Python and numpy.
 
 >>> steps = [0, 10, 20, 30]
 >>> limits = [1.0, 1.0, 1.0, 1.0]  # η_c = 1, steady
@@ -45,9 +47,9 @@ class Crossing:
 
     ``trend`` is the fit of η_c (an exponential trend, in its logarithm); ``expected_step`` the
     first step at or after the last measurement at which η(s) ≥ η_c(s) on the fit (``None``:
-    not within the schedule read), ``lower`` and ``upper`` the same with the limit's slope ±
-    ``z`` standard errors (``upper`` inf when the slow end does not cross within the schedule
-    read); ``confident`` when the slow end crosses too.
+    not within the schedule read), ``lower`` and ``upper`` the same with the limit's level now
+    and its slope each ± ``z`` standard errors (``upper`` inf when the slow end does not cross
+    within the schedule read); ``confident`` when the slow end crosses too.
     """
 
     trend: Trend
@@ -109,14 +111,18 @@ def limit_crossing(
     last = float(trend.last_step)
     here = trend.intercept + trend.slope * last  # the fitted ln η_c now
     spread = z * trend.slope_stderr
+    # the standard error of the fitted level now: the slope's times √(Σ(s − s̄)²/n + (last − s̄)²)
+    t = np.asarray(steps, dtype=np.float64)
+    level = z * trend.slope_stderr * math.sqrt(t.var() + (last - t.mean()) ** 2)
 
-    def at(slope: float) -> float | None:
-        k = _first_reach(log_rates, here, slope)
+    def at(slope: float, shift: float = 0.0) -> float | None:
+        k = _first_reach(log_rates, here + shift, slope)
         return None if k is None else last + k
 
     expected = at(trend.slope)
     if math.isfinite(spread):
-        lower, upper = at(trend.slope - spread), at(trend.slope + spread)
+        lower = at(trend.slope - spread, -level)
+        upper = at(trend.slope + spread, level)
     else:  # two points: no spread known, no confidence
         lower, upper = expected, None
     return Crossing(

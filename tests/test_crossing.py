@@ -45,3 +45,39 @@ def test_noisy_limits_give_a_range_about_the_fit():
     crossing = limit_crossing(range(0, 80, 10), limits, rates)
     assert crossing.lower < crossing.expected_step < crossing.upper
     assert crossing.cleared(horizon=50, z=2.0)  # the fast end is beyond twice 50 steps
+
+
+def test_a_limit_measured_about_a_constant_rate_is_no_sure_crossing():
+    # the edge of stability: η_c hovers about η = 0.5 (the ratio about 1) and does not fall; the
+    # fit's level now may sit below the rate, but within its standard error: no sure crossing
+    limits = [0.5 * (0.97 if i % 2 else 1.01) for i in range(16)]
+    crossing = limit_crossing(range(0, 160, 10), limits, [0.5] * 1000)
+    assert crossing.expected_step == 150  # the fitted level is below the rate: crossed "now"
+    assert crossing.lower == 150 and crossing.upper is math.inf and not crossing.confident
+    assert not crossing.surely_within(1000)
+    # the same noise about a limit that halves every 100 steps, through the same rate: sure
+    falling = [v * 2.0 ** (-s / 100) for v, s in zip(limits, range(0, 160, 10), strict=True)]
+    crossing = limit_crossing(range(0, 160, 10), falling, [0.5 * 2.0 ** (-1.5)] * 1000)
+    assert crossing.confident and crossing.surely_within(100)
+
+
+def test_the_range_widens_by_the_standard_error_of_the_level_now():
+    # a steady limit with noise; the slow end is where the ramp passes the fit's level now
+    # plus z standard errors of it (slope + z·se as well), checked against numpy's own fit
+    import numpy as np
+
+    steps = np.arange(0, 80, 10.0)
+    limits = np.array([1.0 * (1.1 if i % 2 else 0.9) for i in range(8)])
+    rates = [0.1 * 1.01**k for k in range(2000)]
+    crossing = limit_crossing(steps, limits, rates)
+    (slope, intercept), cov = np.polyfit(steps, np.log(limits), 1, cov="unscaled")
+    residual = np.log(limits) - (intercept + slope * steps)
+    s2 = residual @ residual / (len(steps) - 2)
+    x = np.array([70.0, 1.0])  # the level now: [last step, 1] · (slope, intercept)
+    level_se = math.sqrt(s2 * x @ cov @ x)
+    slope_se = math.sqrt(s2 * cov[0, 0])
+    here = intercept + slope * 70
+    k = np.arange(2000)
+    slow = np.flatnonzero(np.log(rates) >= here + 2 * level_se + (slope + 2 * slope_se) * k)[0]
+    fast = np.flatnonzero(np.log(rates) >= here - 2 * level_se + (slope - 2 * slope_se) * k)[0]
+    assert (crossing.lower, crossing.upper) == (70 + fast, 70 + slow)
