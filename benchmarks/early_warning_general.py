@@ -256,7 +256,9 @@ def recalled(run: GeneralRun, warning: dict, slack: int) -> bool:
     if not warning["step"] < event or event - warning["step"] < 0.2 * event:
         return False
     span = forecast_range(run, warning)
-    return span is not None and math.floor(span[0]) <= event <= math.ceil(span[1]) + slack
+    if span is None or event < math.floor(span[0]):
+        return False
+    return math.isinf(span[1]) or event <= math.ceil(span[1]) + slack
 
 
 def false_alarm(run: GeneralRun, policy: WarningPolicy) -> list[dict]:
@@ -413,7 +415,8 @@ def monitor_option(text: str) -> tuple[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--half", choices=("dev", "record"), required=True)
+    parser.add_argument("--half", choices=("dev", "record"))
+    parser.add_argument("--rescore", default=None, help="score the runs of a --json file again")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--instabilities", nargs="+", choices=INSTABILITIES, default=None)
@@ -435,6 +438,9 @@ def main() -> None:
         "no scores): for placing the events, not for judging the monitor",
     )
     args = parser.parse_args()
+    if args.rescore:
+        rescore(args.rescore)
+        return
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -450,6 +456,8 @@ def main() -> None:
     options = dict(args.monitor or [])
     policy_options = {k: v for k, v in options.items() if k in POLICY_OPTIONS}
     policy = WarningPolicy(**policy_options)
+    if args.half is None:
+        parser.error("--half is required (dev or record)")
     slack = 10  # the monitor's every_n_steps at its defaults
     runs: list[GeneralRun] = []
     start = time.perf_counter()
@@ -478,24 +486,37 @@ def main() -> None:
     print(f"\n{len(runs)} runs in {seconds / 60:.1f} min")
     if args.calibrate:
         return
-    table = scores_by_bucket(runs, policy, slack)
-    print_table(table)
-    if args.json:
-        report = {
-            "half": args.half,
-            "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
-            "dynlens": dynlens_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "seconds": seconds,
-            "monitor options": options,
-            "horizons": policy.horizons,
-            "settings": [s.describe() for s in chosen],
-            "scores": table,
-            "runs": [asdict(r) for r in runs],
-        }
+    report = {
+        "half": args.half,
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+        "dynlens": dynlens_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "monitor options": options,
+        "horizons": policy.horizons,
+        "settings": [s.describe() for s in chosen],
+        "runs": [asdict(r) for r in runs],
+    }
+    if args.json:  # the runs first: a failure in scoring loses no run
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    report["scores"] = scores_by_bucket(runs, policy, slack)
+    print_table(report["scores"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def rescore(path: str) -> None:
+    """Score the runs a ``--json`` file holds again (after a change to the scores, not to the
+    monitor: the warnings are the runs' own)."""
+    with open(path) as f:
+        report = json.load(f)
+    runs = [GeneralRun(**r) for r in report["runs"]]
+    options = report.get("monitor options", {})
+    policy = WarningPolicy(**{k: v for k, v in options.items() if k in POLICY_OPTIONS})
+    print_table(scores_by_bucket(runs, policy, slack=10))
 
 
 if __name__ == "__main__":

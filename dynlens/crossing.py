@@ -16,9 +16,11 @@ finds the first step ahead at which ``ln η(s)`` reaches the fitted line. The ra
 the line's level now and its slope by ± ``z`` standard errors: a limit measured about the rate
 itself (gradient descent at the edge of stability, where the ratio hovers about 1 and the run
 steadies itself) crosses only at the fast end, and so is no sure crossing; one that surely falls
-through the rate, or that the rate surely rises through, is. With a constant learning rate and a
-limit that does not fall there is no crossing: the ratio then says how close the run is (Bai et
-al. 2025 see loss spikes follow a sustained ratio above 1). Plain Python and numpy.
+through a rising rate, or that the rate surely rises through, is. Under a rate that does not
+rise, a limit that falls to it is the edge of stability, at which descent steadies itself
+(progressive sharpening stops there); what is sure there is a limit already below the rate by
+more than its standard error, the update ratio sustained above 1 (Bai et al. 2025 see loss
+spikes follow it under Adam): the crossing is then expected now. Plain Python and numpy.
 
 >>> steps = [0, 10, 20, 30]
 >>> limits = [1.0, 1.0, 1.0, 1.0]  # η_c = 1, steady
@@ -123,6 +125,10 @@ def limit_crossing(
     if math.isfinite(spread):
         lower = at(trend.slope - spread, -level)
         upper = at(trend.slope + spread, level)
+        if upper is not None and upper > last and not (rates[1:] > rates[0]).any():
+            # a limit falling to a rate that does not rise: the edge of stability, which
+            # descent steadies itself at; only a limit surely below the rate now is sure
+            upper = None
     else:  # two points: no spread known, no confidence
         lower, upper = expected, None
     return Crossing(

@@ -47,7 +47,7 @@ def test_noisy_limits_give_a_range_about_the_fit():
     assert crossing.cleared(horizon=50, z=2.0)  # the fast end is beyond twice 50 steps
 
 
-def test_a_limit_measured_about_a_constant_rate_is_no_sure_crossing():
+def test_at_a_constant_rate_only_a_limit_surely_below_it_is_a_sure_crossing():
     # the edge of stability: η_c hovers about η = 0.5 (the ratio about 1) and does not fall; the
     # fit's level now may sit below the rate, but within its standard error: no sure crossing
     limits = [0.5 * (0.97 if i % 2 else 1.01) for i in range(16)]
@@ -55,10 +55,20 @@ def test_a_limit_measured_about_a_constant_rate_is_no_sure_crossing():
     assert crossing.expected_step == 150  # the fitted level is below the rate: crossed "now"
     assert crossing.lower == 150 and crossing.upper is math.inf and not crossing.confident
     assert not crossing.surely_within(1000)
-    # the same noise about a limit that halves every 100 steps, through the same rate: sure
-    falling = [v * 2.0 ** (-s / 100) for v, s in zip(limits, range(0, 160, 10), strict=True)]
-    crossing = limit_crossing(range(0, 160, 10), falling, [0.5 * 2.0 ** (-1.5)] * 1000)
-    assert crossing.confident and crossing.surely_within(100)
+    # the same noise about a limit that halves every 100 steps (to 0.177 now)
+    steps = range(0, 160, 10)
+    falling = [v * 2.0 ** (-s / 100) for v, s in zip(limits, steps, strict=True)]
+    # to a rate that does not rise, 0.1 ahead: the edge of stability, no sure crossing
+    edge = limit_crossing(steps, falling, [0.1] * 1000)
+    here = edge.trend.intercept + edge.trend.slope * 150  # the fitted ln η_c now
+    assert edge.expected_step == 150 + math.ceil((math.log(0.1) - here) / edge.trend.slope)
+    assert 150 + 75 < edge.expected_step < 150 + 90 and not edge.confident  # 100·log2(1.77)
+    # already below the rate by more than its standard error (the ratio sustained above 1): now
+    past = limit_crossing(steps, falling, [0.25] * 1000)
+    assert past.confident and past.upper == past.expected_step == 150
+    # to a rate that rises: sure, a little after the fit says
+    rising = limit_crossing(steps, falling, [0.1 * 1.001**k for k in range(1000)])
+    assert rising.confident and 150 < rising.expected_step < rising.upper < 150 + 100
 
 
 def test_the_range_widens_by_the_standard_error_of_the_level_now():
