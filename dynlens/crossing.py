@@ -19,8 +19,9 @@ steadies itself) crosses only at the fast end, and so is no sure crossing; one t
 through a rising rate, or that the rate surely rises through, is. Under a rate that does not
 rise, a limit that falls to it is the edge of stability, at which descent steadies itself
 (progressive sharpening stops there); what is sure there is a limit already below the rate by
-more than its standard error, the update ratio sustained above 1 (Bai et al. 2025 see loss
-spikes follow it under Adam): the crossing is then expected now. Plain Python and numpy.
+more than its standard error and measured below it :data:`SUSTAINED` times in a row, the update
+ratio sustained above 1 (Bai et al. 2025 see loss spikes follow it under Adam): the crossing is
+then expected now. Plain Python and numpy.
 
 >>> steps = [0, 10, 20, 30]
 >>> limits = [1.0, 1.0, 1.0, 1.0]  # η_c = 1, steady
@@ -40,7 +41,11 @@ import numpy as np
 
 from .forecast import Trend, fit_trend
 
-__all__ = ["Crossing", "limit_crossing"]
+__all__ = ["SUSTAINED", "Crossing", "limit_crossing"]
+
+#: Under a rate that does not rise, the measurements of the limit in a row that must be below
+#: the rate (the update ratio above 1) for a sure crossing: as many as a trend needs.
+SUSTAINED = 4
 
 
 @dataclass(frozen=True)
@@ -125,10 +130,13 @@ def limit_crossing(
     if math.isfinite(spread):
         lower = at(trend.slope - spread, -level)
         upper = at(trend.slope + spread, level)
-        if upper is not None and upper > last and not (rates[1:] > rates[0]).any():
+        if not (rates[1:] > rates[0]).any():
             # a limit falling to a rate that does not rise: the edge of stability, which
-            # descent steadies itself at; only a limit surely below the rate now is sure
-            upper = None
+            # descent steadies itself at; only a limit surely below the rate now, and measured
+            # below it the last SUSTAINED times, is sure (the ratio sustained above 1)
+            below = all(v < rates[0] for v in list(limits)[-SUSTAINED:])
+            if upper is not None and (upper > last or not below):
+                upper = None
     else:  # two points: no spread known, no confidence
         lower, upper = expected, None
     return Crossing(

@@ -100,7 +100,7 @@ MAX_POINTS = 64
 #: ``horizon="auto"``: warn of an instability expected within this share of the steps so far (at
 #: least :data:`MIN_HORIZON` steps): the same share of lead at every timescale.
 HORIZON_SHARE = 0.5
-MIN_HORIZON = 20
+MIN_HORIZON = 1
 #: Signals are measured densely early on, about this many times per doubling of the run
 #: (:func:`dynlens.callbacks.schedule.dense_cadence`), so that an event at step 300 has points
 #: to be forecast from; the update ratio (two forward passes) about :data:`RATIO_POINTS` times.

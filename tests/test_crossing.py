@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dynlens.crossing import limit_crossing
+from dynlens.crossing import SUSTAINED, limit_crossing
 
 
 def test_a_geometric_ramp_meets_a_steady_limit_where_the_logarithms_say():
@@ -91,3 +91,16 @@ def test_the_range_widens_by_the_standard_error_of_the_level_now():
     slow = np.flatnonzero(np.log(rates) >= here + 2 * level_se + (slope + 2 * slope_se) * k)[0]
     fast = np.flatnonzero(np.log(rates) >= here - 2 * level_se + (slope - 2 * slope_se) * k)[0]
     assert (crossing.lower, crossing.upper) == (70 + fast, 70 + slow)
+
+
+def test_at_a_constant_rate_the_limit_must_be_measured_below_it_sustained_times_in_a_row():
+    # a limit falling by half every 100 steps, well below a rate of 0.25 for its last points
+    steps = list(range(0, 160, 10))
+    falling = [2.0 ** (-s / 100) for s in steps]  # 0.35 now: the rate 0.5 is above it
+    sure = limit_crossing(steps, falling, [0.5] * 1000)
+    assert sum(v < 0.5 for v in falling) >= SUSTAINED and sure.confident
+    assert sure.upper == sure.expected_step == 150
+    # one of the last SUSTAINED measurements above the rate: no sure crossing yet
+    bumped = [*falling[:-2], 0.55, *falling[-1:]]
+    crossing = limit_crossing(steps, bumped, [0.5] * 1000)
+    assert crossing.expected_step == 150 and not crossing.confident

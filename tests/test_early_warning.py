@@ -150,7 +150,8 @@ def test_auto_windows_keep_the_last_share_of_the_run_and_auto_horizons_grow_with
         policy.forecast("attention", step, 1.0 + step, 1e4)
     steps = [s for s, _ in policy.history["attention"]]
     assert steps[-1] == 399 and steps[0] >= 199 * 0.99 and len(steps) <= 64  # thinned
-    assert policy.horizon_at("attention", 10) == 20 and policy.horizon_at("attention", 1000) == 500
+    assert policy.horizon_at("attention", 10) == 5 and policy.horizon_at("attention", 1000) == 500
+    assert policy.horizon_at("attention", 1) == 1  # at least MIN_HORIZON
     young = WarningPolicy(("attention",), window="auto")
     for step in range(1, 5):
         young.forecast("attention", step, float(step), 1e4)
