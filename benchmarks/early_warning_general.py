@@ -56,13 +56,13 @@ steps after its event is detected; a control runs all its steps.
   attention, up to ``every_n_steps`` past its upper end, as the event is only seen there); the
   **median lead** of those warnings in steps and as a share of the time to the event; **false
   alarms**: controls with any warning of the event, plus unstable runs with a warning whose event
-  did not come within max(horizon, 2 × (expected − warned)) steps
-  (:func:`false_alarm`), as a share of the controls;
+  did not come within max(horizon, 2 × (expected − warned)) steps (for a crossing's open range,
+  "from this step on": did not come at all; :func:`false_alarm`), as a share of the controls;
 * the **baselines** (:mod:`_baselines`: Lightning's ``SpikeDetection``, OLMo-core's 6σ rule,
-  ZClip's gradient-norm z-score), read from the same runs' series: recall (fired before the
-  event), the median lead over the runs where it fired at all (a reactive rule fires at or after
-  the event, a lead ≤ 0, when nothing gives the event away before), false alarms (controls where
-  it fired).
+  ZClip's gradient-norm z-score), read from the same runs' series: recall (fired with a lead of
+  at least 20% of the time to the event, as for dynlens; they have no range), the median lead
+  over the runs where it fired at all (a reactive rule fires at or after the event, a lead ≤ 0,
+  when nothing gives the event away before), false alarms (controls where it fired at all).
 
 Runs use ``torch.set_flush_denormal(True)``: a float64 loss keeps gradients that float32 holds
 only as subnormal numbers, which made the float64 controls some 50× slower per step.
@@ -263,11 +263,15 @@ def recalled(run: GeneralRun, warning: dict, slack: int) -> bool:
 
 def false_alarm(run: GeneralRun, policy: WarningPolicy) -> list[dict]:
     """Warnings whose event did not come within max(horizon, 2 × (expected − warned)) steps,
-    the horizon the one the warning was raised under."""
+    the horizon the one the warning was raised under; or, for a warning whose range is open
+    (the stability limit's crossing: "from this step on"), did not come in the run at all."""
     late = []
     for w in run.warnings:
         horizon = policy.horizon_at(run.event, w["step"])
         allowed = max(horizon, 2 * (w["expected_step"] - w["step"]))
+        span = forecast_range(run, w)
+        if span is not None and math.isinf(span[1]):
+            allowed = math.inf
         if run.happened is None or not w["step"] <= run.happened <= w["step"] + allowed:
             late.append(w)
     return late
@@ -309,11 +313,18 @@ def score(runs: list[GeneralRun], policy: WarningPolicy, slack: int) -> dict:
     }
     for name, (series, rule) in BASELINES.items():
         fired = [(r, rule(getattr(r, series))) for r in came]
+        # recalled as dynlens is: fired with a lead of at least 20% of the time to the event
+        ahead = [
+            r
+            for r, at in fired
+            if at is not None and (r.happened or 0) - at >= 0.2 * (r.happened or 0) > 0
+        ]
         before = [r for r, at in fired if at is not None and at < (r.happened or 0)]
         lead = [(r.happened or 0) - at for r, at in fired if at is not None]
         alarms = sum(rule(getattr(r, series)) is not None for r in controls)
         scores[name] = {
-            "recall": len(before) / max(len(came), 1),
+            "recall": len(ahead) / max(len(came), 1),
+            "fired before the event (any lead)": len(before),
             "fired at all": sum(at is not None for _, at in fired),
             "median lead (steps)": _median(lead),
             "false alarms (runs)": alarms,

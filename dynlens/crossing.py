@@ -16,8 +16,8 @@ finds the first step ahead at which ``ln η(s)`` reaches the fitted line. The ra
 the line's level now and its slope by ± ``z`` standard errors: a limit measured about the rate
 itself (gradient descent at the edge of stability, where the ratio hovers about 1 and the run
 steadies itself) crosses only at the fast end, and so is no sure crossing; one that surely falls
-through a rising rate, or that the rate surely rises through, is. Under a rate that does not
-rise, a limit that falls to it is the edge of stability, at which descent steadies itself
+through a rising rate, or that the rate surely rises through, is. Where the rate does not rise
+at the crossing, a limit that falls to it is the edge of stability, at which descent steadies itself
 (progressive sharpening stops there); what is sure there is a limit already below the rate by
 more than its standard error and measured below it :data:`SUSTAINED` times in a row, the update
 ratio sustained above 1 (Bai et al. 2025 see loss spikes follow it under Adam): the crossing is
@@ -130,12 +130,13 @@ def limit_crossing(
     if math.isfinite(spread):
         lower = at(trend.slope - spread, -level)
         upper = at(trend.slope + spread, level)
-        if not (rates[1:] > rates[0]).any():
-            # a limit falling to a rate that does not rise: the edge of stability, which
+        k = None if upper is None else int(upper - last)
+        if k is not None and not (k + 1 < len(rates) and rates[k + 1] > rates[k]):
+            # a limit falling to a rate that does not rise there: the edge of stability, which
             # descent steadies itself at; only a limit surely below the rate now, and measured
             # below it the last SUSTAINED times, is sure (the ratio sustained above 1)
             below = all(v < rates[0] for v in list(limits)[-SUSTAINED:])
-            if upper is not None and (upper > last or not below):
+            if k > 0 or not below:
                 upper = None
     else:  # two points: no spread known, no confidence
         lower, upper = expected, None

@@ -104,3 +104,17 @@ def test_at_a_constant_rate_the_limit_must_be_measured_below_it_sustained_times_
     bumped = [*falling[:-2], 0.55, *falling[-1:]]
     crossing = limit_crossing(steps, bumped, [0.5] * 1000)
     assert crossing.expected_step == 150 and not crossing.confident
+
+
+def test_a_rate_that_stops_rising_before_the_limit_is_met_makes_no_sure_crossing():
+    # a steady limit of 1; a ramp ×1.01 per step from 0.5 reaches it at step 70 ahead
+    steps, limits = [0, 10, 20, 30], [1.0, 1.0, 1.0, 1.0]
+    ramp = [0.5 * 1.01**k for k in range(300)]
+    assert limit_crossing(steps, limits, ramp).confident
+    # the same ramp held from 80 steps ahead at 1.1: it still rises where it meets the limit
+    held_after = [min(r, 1.1) for r in ramp]
+    assert limit_crossing(steps, limits, held_after).confident
+    # held at 1.0 exactly: it meets the limit where it stops rising, the edge of stability
+    held_at = [min(r, 1.0) for r in ramp]
+    crossing = limit_crossing(steps, limits, held_at)
+    assert crossing.expected_step is not None and not crossing.confident
