@@ -83,22 +83,20 @@ SIGNALS: dict[str, tuple[str, TrendKind]] = {
 }
 #: Fewest points a trend may be fitted to (the bend of a parabola needs four).
 MIN_POINTS = 4
-#: The default window of each trend, in measured points: 16 (160 steps at the default cadence),
-#: and 32 for the logit gap, which grows over thousands of steps.
-WINDOWS: dict[str, int] = {"collapse": 32, "divergence": 16, "attention": 16, "spike": 16}
-#: The default horizon of each instability, in steps: 500, and 1,000 for collapse, whose logit
-#: gap grows over thousands of steps (chosen by replaying the benchmark's seeds 4-15,
-#: benchmarks/RESULTS.md, fourth round).
-HORIZONS: dict[str, int] = {"collapse": 1000, "divergence": 500, "attention": 500, "spike": 500}
-#: ``window="auto"``: a trend is fitted to the points of the last ``WINDOW_SHARE`` of the steps
-#: so far (at least :data:`MIN_POINTS` of them, the older ones thinned beyond
-#: :data:`MAX_POINTS`), so that its span grows with the run: an event at step 300 and one at step
-#: 30,000 are seen through windows of the same share of their run.
+#: ``"auto"`` (a window or a horizon that grows with the run).
 AUTO: Literal["auto"] = "auto"
+#: The default window of each trend: ``"auto"``, the points of the last :data:`WINDOW_SHARE` of
+#: the steps so far (at least :data:`MIN_POINTS` of them, the older ones thinned beyond
+#: :data:`MAX_POINTS`), so that its span grows with the run: an event at step 300 and one at step
+#: 30,000 are seen through windows of the same share of their run. Chosen on the development
+#: half of ``benchmarks/early_warning_general.py`` (benchmarks/RESULTS.md, 2026-12-07).
+WINDOWS: dict[str, Setting] = dict.fromkeys(INSTABILITIES, AUTO)
 WINDOW_SHARE = 0.5
 MAX_POINTS = 64
-#: ``horizon="auto"``: warn of an instability expected within this share of the steps so far (at
-#: least :data:`MIN_HORIZON` steps): the same share of lead at every timescale.
+#: The default horizon of each instability: ``"auto"``, an instability expected within
+#: :data:`HORIZON_SHARE` of the steps so far (at least :data:`MIN_HORIZON` steps): the same share
+#: of lead at every timescale (the development half, as the windows).
+HORIZONS: dict[str, Setting] = dict.fromkeys(INSTABILITIES, AUTO)
 HORIZON_SHARE = 0.5
 MIN_HORIZON = 1
 #: Signals are measured densely early on, about this many times per doubling of the run
@@ -124,8 +122,8 @@ def per_instability(
     ``least``, or ``"auto"`` where the setting takes it (a window or a horizon that grows with
     the run). A ``ValueError`` says what is wrong.
 
-        >>> per_instability("horizon", {"collapse": 2000, "spike": "auto"}, HORIZONS)
-        {'collapse': 2000, 'divergence': 500, 'attention': 500, 'spike': 'auto'}
+        >>> per_instability("window", {"collapse": 32, "spike": "auto"}, WINDOWS)
+        {'collapse': 32, 'divergence': 'auto', 'attention': 'auto', 'spike': 'auto'}
     """
     values = given if isinstance(given, Mapping) else dict.fromkeys(INSTABILITIES, given)
     for key in values:

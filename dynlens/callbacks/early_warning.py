@@ -15,7 +15,14 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from ..early_warning import DENSE_POINTS, LIMITED, Prediction, WarningPolicy, warning_record
+from ..early_warning import (
+    DENSE_POINTS,
+    LIMITED,
+    Prediction,
+    Setting,
+    WarningPolicy,
+    warning_record,
+)
 from ..events import INSTABILITIES, Instability, WarningReason
 from ..forecast import update_ratio
 from ..loss_events import NOISE_WINDOW, LossEvent
@@ -44,28 +51,24 @@ class EarlyWarningMonitor(WarningSignals):
     * **collapse** — the median top-vs-runner-up logit gap, a power of the step, towards the
       collapse threshold ln(2/eps) of the loss's precision (Prieto et al. 2025); the event: more
       than half of a measured step's samples in Softmax Collapse;
-    * **divergence** — two signals, the sooner speaks: the stability limit along the update,
-      η_c = η / the update ratio (:func:`dynlens.forecast.update_ratio`: the step's batch before
-      and after the step, two forward passes every ``curvature_every_n_steps``; 1 at the edge of
-      stability), against the learning rate the schedule will give (:mod:`dynlens.crossing`:
-      the divergence comes once η passes η_c); and the training loss, exponential towards the
-      divergence threshold. The event (:mod:`dynlens.loss_events`): the loss non-finite, or
-      above its lowest value by more than its noise and half the ground it covered, staying;
+    * **divergence** — two signals, the sooner speaks: the scheduled learning rate's crossing of
+      the stability limit along the update, η_c = η / the update ratio (two forward passes every
+      ``curvature_every_n_steps``; :mod:`dynlens.crossing`), and the training loss, exponential
+      towards the divergence threshold. The event (:mod:`dynlens.loss_events`): the loss
+      non-finite, or above its lowest by more than its noise and half its ground, staying;
     * **attention** — the largest attention logit (Wortsman et al. 2023), a power of the step,
       towards 1e4; the event: the largest attention logit above 1e4;
-    * **spike** — forecast from the same stability limit as the divergence (a step past η_c
-      raises the loss, for a step or for good); detected at every step: a loss above the mean of
-      the last 128 by 6 of their standard deviations (OLMo-core's rule), each an event;
+    * **spike** — forecast from the same crossing; detected at every step: a loss above the mean
+      of the last 128 by 6 of their standard deviations (OLMo-core's rule), each an event;
       ``spike/count`` and ``spike/rate`` are logged.
 
     A **warning** is raised when the event is expected within the horizon even at the slow end of
     the range, at ``consecutive`` measured points in a row: kept in :attr:`warnings` and in
     checkpoints, written as a text event (reason ``warn_<event>``), and naming the signal that
     spoke. One warning per event until its forecast clears. No trend is extrapolated from points
-    that bend down, nor past the step where a rising learning rate stops rising (the trainer's
-    step-interval schedulers are read ahead by :class:`dynlens.callbacks.lr_ahead.LRAhead`, which
-    puts them back). An event is an event of its own (reason ``<event>``) and ends its
-    forecasts. Every decision is taken from values reduced across ranks.
+    that bend down, nor past the step where a rising learning rate stops rising (schedules read
+    ahead by :class:`dynlens.callbacks.lr_ahead.LRAhead`). An event is an event of its own
+    (reason ``<event>``) and ends its forecasts. Decisions use values reduced across ranks.
 
     Scalars under ``<prefix>/warning/<event>/``: the signals (``gap_median``, ``threshold``,
     ``sc_fraction``; ``loss``, ``threshold``, ``update_ratio``; ``max_logit``), ``steps_to`` (the
@@ -75,15 +78,15 @@ class EarlyWarningMonitor(WarningSignals):
     Args:
         instabilities: which of ``"collapse"``, ``"divergence"``, ``"attention"``, ``"spike"``
             to watch (all by default).
-        horizon: warn when the event is expected within this many steps: one number for every
-            event, or a mapping event → steps; by default 500, and 1,000 for collapse, which
-            comes over thousands of steps (:data:`dynlens.early_warning.HORIZONS`).
+        horizon: warn of an event expected within this many steps, or ``"auto"`` (the default):
+            within half the steps so far; one setting, or a mapping event → setting
+            (:data:`dynlens.early_warning.HORIZONS`).
         every_n_steps: measure every this many steps (default 10).
         curvature_every_n_steps: measure the update ratio every this many steps (default 100; a
             multiple of ``every_n_steps``; two forward passes on the step's batch).
-        window: measured points a trend is fitted to, once there are that many (at least 4): one
-            number for every event, or a mapping event → points; by default 16, and 32 for
-            collapse (:data:`dynlens.early_warning.WINDOWS`).
+        window: the measured points a trend is fitted to (at least 4), or ``"auto"``: those of
+            the last half of the steps so far (the default); one setting, or a mapping event →
+            setting (:data:`dynlens.early_warning.WINDOWS`).
         z: standard errors the slope must be from 0 (default 2).
         consecutive: measured points in a row at which the event must be surely within the
             horizon before a warning: one number for every event, or a mapping event → points;
@@ -122,10 +125,10 @@ class EarlyWarningMonitor(WarningSignals):
         self,
         *,
         instabilities: Sequence[Instability] = INSTABILITIES,
-        horizon: int | Mapping[str, int] | None = None,
+        horizon: Setting | Mapping[str, Setting] | None = None,
         every_n_steps: int = 10,
         curvature_every_n_steps: int = 100,
-        window: int | Mapping[str, int] | None = None,
+        window: Setting | Mapping[str, Setting] | None = None,
         z: float = 2.0,
         consecutive: int | Mapping[str, int] | None = None,
         action: Action = None,
@@ -398,7 +401,7 @@ class EarlyWarningMonitor(WarningSignals):
             self._losses = []
             for event in self.policy.scan_losses(steps, values):
                 self._loss_event(trainer, event)
-            if all(math.isfinite(v) for v in values):
+            if self.watches("divergence") and all(math.isfinite(v) for v in values):
                 # the mean loss of the steps since the last measured one, at their mean step
                 loss = sum(values) / len(values)
                 signals["divergence"] = (sum(steps) / len(steps), loss)

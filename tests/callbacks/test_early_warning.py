@@ -505,7 +505,10 @@ def test_flat_noise_warns_of_nothing():
     )
     fit(Noisy(), monitor, 300)
     assert monitor.warnings == [] and monitor.happened == {"collapse": None}
-    assert len(monitor.policy.history["collapse"]) == monitor.policy.windows["collapse"]
+    # the default window: the points of the last half of the run, measured every 5 steps
+    steps = [int(s) for s, _ in monitor.policy.history["collapse"]]
+    assert monitor.policy.windows["collapse"] == "auto"
+    assert steps == list(range(math.ceil(steps[-1] / 2 / 5) * 5, steps[-1] + 1, 5))
 
 
 @pytest.mark.parametrize("action", ["stop", "checkpoint", "callable"])
@@ -571,7 +574,7 @@ def isotropic_batches(steps: int) -> DataLoader:
 def test_the_scheduled_rate_passing_the_measured_stability_limit_is_forecast_exactly():
     crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("divergence",), horizon=300, consecutive=1, verbose=False
+        instabilities=("divergence",), horizon=300, window=16, consecutive=1, verbose=False
     )
     trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
     trainer.fit(Isotropic(), isotropic_batches(400))
@@ -596,15 +599,16 @@ def test_a_spike_is_forecast_from_the_same_stability_limit():
     # watching spikes alone: the update ratio is measured for them, and the crossing warns
     crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("spike",), horizon=300, consecutive=1, verbose=False
+        instabilities=("spike",), horizon=300, window=16, consecutive=1, verbose=False
     )
     trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
     trainer.fit(Isotropic(), isotropic_batches(400))
-    (warning,) = monitor.warnings
+    (warning,) = monitor.warnings  # and none of the divergence, which is not watched
     assert warning["event"] == "spike" and warning["signal"] == "stability_limit"
     assert warning["expected_step"] == crossing and warning["step"] == 28
-    # the first loss 6 sigma above the last 128 comes once the step passes the limit
-    assert crossing <= monitor.happened["spike"] <= crossing + 100
+    # here the spikes come before the crossing: the noise the batches drive grows as η nears
+    # the limit (its variance as 1/(2 − ηλ)), and the 6 sigma rule reads its growth as a spike
+    assert 28 < monitor.happened["spike"] < crossing
     assert "divergence" not in monitor.happened
 
 
