@@ -425,7 +425,7 @@ def main() -> None:
         "--horizon",
         type=int,
         default=None,
-        help="the monitor's, for every event (default: 1000 for collapse, 500 for the others)",
+        help="the monitor's, for every event (default: the monitor's, 'auto')",
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

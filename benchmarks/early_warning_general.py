@@ -3,6 +3,8 @@
     python benchmarks/early_warning_general.py --half dev [--seeds 2] [--instabilities ...]
         [--settings NAME ...] [--json out.json]
     python benchmarks/early_warning_general.py --half dev --calibrate   # event steps only
+    python benchmarks/early_warning_general.py --half dev --monitor 'window=16' --json dev.json
+    python benchmarks/early_warning_general.py --rescore dev.json       # score saved runs again
 
 The first suite (``benchmarks/early_warning.py``) has one small setting per instability, with
 events at steps 1,800–4,600, and the monitor's defaults were chosen on it. This suite spreads

@@ -4,11 +4,11 @@ An MLP (64 → 128 → 10) memorises 256 of scikit-learn's 8×8 digits with Adam
 0.03 and no weight decay, in float32. Once every sample is fitted, the logits keep growing and the
 median gap between the top logit and the runner-up climbs slowly towards ln(2/eps) = 16.64, where
 float32's softmax rounds to exactly 1 and the sample stops teaching the model (Prieto et al.
-2025). ``EarlyWarningMonitor`` fits that climb every 10 steps (a power of the step) and warns
-when the crossing is expected within its horizon (1,000 steps for collapse) even at the slow end
-of the fit's range; with ``action="checkpoint"`` it saves a checkpoint to roll back to. The
-collapse itself (more than half of the samples collapsed) is an event of its own, and
-``dynlens report`` shows both in its "Warnings" table.
+2025). ``EarlyWarningMonitor`` fits that climb every 10 steps (a power of the step, over the
+last half of the run) and warns when the crossing is expected within its horizon (half the steps
+so far) even at the slow end of the fit's range; with ``action="checkpoint"`` it saves a
+checkpoint to roll back to. The collapse itself (more than half of the samples collapsed) is an
+event of its own, and ``dynlens report`` shows both in its "Warnings" table.
 
     python examples/early_warning.py                     # about a minute on a CPU
     tensorboard --logdir runs/examples                   # Custom Scalars: dynlens/warning
