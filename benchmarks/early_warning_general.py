@@ -418,6 +418,11 @@ def dynlens_version() -> dict:
 POLICY_OPTIONS = ("horizon", "window", "consecutive", "z")
 
 
+def policy_of(options: dict) -> WarningPolicy:
+    """The policy the monitor with ``options`` decides by (for the scores' horizons)."""
+    return WarningPolicy(**{k: v for k, v in options.items() if k in POLICY_OPTIONS})
+
+
 def monitor_option(text: str) -> tuple[str, object]:
     name, _, value = text.partition("=")
     try:
@@ -467,8 +472,7 @@ def main() -> None:
         and (args.settings is None or s.name in args.settings)
     ]
     options = dict(args.monitor or [])
-    policy_options = {k: v for k, v in options.items() if k in POLICY_OPTIONS}
-    policy = WarningPolicy(**policy_options)
+    policy = policy_of(options)
     if args.half is None:
         parser.error("--half is required (dev or record)")
     slack = 10  # the monitor's every_n_steps at its defaults
@@ -527,8 +531,7 @@ def rescore(path: str) -> None:
     with open(path) as f:
         report = json.load(f)
     runs = [GeneralRun(**r) for r in report["runs"]]
-    options = report.get("monitor options", {})
-    policy = WarningPolicy(**{k: v for k, v in options.items() if k in POLICY_OPTIONS})
+    policy = policy_of(report.get("monitor options", {}))
     print_table(scores_by_bucket(runs, policy, slack=10))
 
 

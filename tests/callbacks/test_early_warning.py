@@ -571,13 +571,19 @@ def isotropic_batches(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, torch.randn(3 * steps, generator=g)), batch_size=3)
 
 
-def test_the_scheduled_rate_passing_the_measured_stability_limit_is_forecast_exactly():
-    crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
+def fit_isotropic(instability: str) -> dynlens.EarlyWarningMonitor:
+    """400 steps of :class:`Isotropic` watched for ``instability`` alone (a window of 16)."""
     monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("divergence",), horizon=300, window=16, consecutive=1, verbose=False
+        instabilities=(instability,), horizon=300, window=16, consecutive=1, verbose=False
     )
     trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
     trainer.fit(Isotropic(), isotropic_batches(400))
+    return monitor
+
+
+def test_the_scheduled_rate_passing_the_measured_stability_limit_is_forecast_exactly():
+    crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
+    monitor = fit_isotropic("divergence")
     (warning,) = monitor.warnings
     assert warning["signal"] == "stability_limit" and warning["expected_step"] == crossing
     assert f"range {crossing}–∞" in warning["message"]
@@ -598,11 +604,7 @@ def test_the_scheduled_rate_passing_the_measured_stability_limit_is_forecast_exa
 def test_a_spike_is_forecast_from_the_same_stability_limit():
     # watching spikes alone: the update ratio is measured for them, and the crossing warns
     crossing = math.ceil(math.log(10) / math.log(1.01))  # 232
-    monitor = dynlens.EarlyWarningMonitor(
-        instabilities=("spike",), horizon=300, window=16, consecutive=1, verbose=False
-    )
-    trainer = make_trainer(max_steps=400, logger=False, callbacks=[monitor])
-    trainer.fit(Isotropic(), isotropic_batches(400))
+    monitor = fit_isotropic("spike")
     (warning,) = monitor.warnings  # and none of the divergence, which is not watched
     assert warning["event"] == "spike" and warning["signal"] == "stability_limit"
     assert warning["expected_step"] == crossing and warning["step"] == 28
