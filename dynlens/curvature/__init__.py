@@ -38,7 +38,10 @@ Modules
   :mod:`.errors`: :class:`CurvatureError`, :class:`CurvatureMemoryError`,
   :class:`CurvatureFallbackWarning`.
 * :mod:`.memory`: :class:`MemoryMeter` (:class:`CudaMemoryMeter`, :class:`RssMemoryMeter`,
-  :func:`memory_meter`) and :class:`MemoryLimit`.
+  :func:`memory_meter`) and :class:`MemoryLimit`; :mod:`.passes`: the plan of memory-bounded
+  passes (samples per micro-batch, probes per pass).
+* :mod:`.microbatch`: :class:`MicroBatchLoss`, a batch-mean loss split into micro-batches whose
+  weighted Hessians sum to the batch's.
 * :mod:`.trace`: :class:`Estimate`, :func:`hutchinson_trace` (with per-block traces),
   :func:`hutchpp_trace`, :func:`parameter_blocks` (the blocks ``hutchinson_trace`` splits into),
   :data:`BLOCK_RULES`, :data:`OTHER_BLOCK`.
@@ -62,6 +65,7 @@ from .density import SpectralDensity, smoothed_density, spectral_density, spectr
 from .errors import CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
 from .lanczos import Eigen, top_eigenvalue
 from .memory import CudaMemoryMeter, MemoryLimit, MemoryMeter, RssMemoryMeter, memory_meter
+from .microbatch import MicroBatchLoss
 from .operator import EXPLICIT_ROUTES, ROUTES, TUNING_PROBES, HessianOperator, Route, hvp
 from .preconditioner import adam_preconditioner
 from .routes import finite_difference_step
@@ -97,6 +101,7 @@ __all__ = [
     "HessianOperator",
     "MemoryLimit",
     "MemoryMeter",
+    "MicroBatchLoss",
     "Route",
     "RssMemoryMeter",
     "SpectralDensity",

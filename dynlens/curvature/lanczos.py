@@ -137,7 +137,7 @@ def top_eigenvalue(
     )
     theta, s = lanczos.evals[-1].item(), lanczos.evecs[:, -1]
     residual = abs(lanczos.beta * s[-1].item())
-    vector = s.to(device=op.device, dtype=op.dtype) @ torch.stack(lanczos.basis)
+    vector = s.to(device=op.device, dtype=op.dtype) @ lanczos.basis
     vector = vector / vector.norm()
     return Eigen(
         value=theta,
@@ -154,13 +154,17 @@ def top_eigenvalue(
 class _Lanczos:
     """What a Lanczos run leaves: the basis, T's entries and T's eigendecomposition."""
 
-    basis: list[Tensor]  # q_1 … q_j, orthonormal, one per completed step
+    basis: Tensor  # rows q_1 … q_j, orthonormal, one per completed step
     alphas: list[float]  # T's diagonal α_1 … α_j
     betas: list[float]  # T's off-diagonal β_2 … β_j
     beta: float  # β_{j+1} = ‖r_j‖, the residual norm after the last step
     evals: Tensor  # T's eigenvalues (the Ritz values), ascending, float64 on the CPU
     evecs: Tensor  # T's orthonormal eigenvectors, one per column
     stopped: bool  # `accept` held, or the Krylov space became invariant (Ritz values exact)
+
+
+#: Rows of the basis's first block (it doubles when full).
+_FIRST_ROWS = 8
 
 
 def _lanczos(
@@ -179,23 +183,26 @@ def _lanczos(
     invariant (β_{j+1} ≈ 0), when it spans ℝⁿ, or when a product no longer fits in memory (a
     :class:`CurvatureMemoryError` after the first step; on the first it propagates).
     """
-    basis = [q]
+    # The basis lives in one block of rows, grown by doubling: each step reads it as a view
+    # instead of stacking a copy of every vector so far.
+    block = q.new_empty(min(_FIRST_ROWS, max_iter + 1, numel), q.numel())
+    block[0], rows = q, 1
     alphas: list[float] = []
     betas: list[float] = []
     beta, stopped = math.inf, False
     evals = evecs = torch.ones(1, dtype=torch.float64)  # replaced by the first step's
     for _ in range(max_iter):
         try:
-            w = apply(basis[-1])
+            w = apply(block[rows - 1])
         except CurvatureMemoryError:
             if not alphas:
                 raise
-            basis.pop()  # its product did not fit: the Ritz values of the steps so far stand
+            rows -= 1  # its product did not fit: the Ritz values of the steps so far stand
             break
-        alphas.append(torch.dot(basis[-1], w).item())
+        alphas.append(torch.dot(block[rows - 1], w).item())
         # Full reorthogonalisation ("twice is enough", Parlett, The Symmetric Eigenvalue Problem)
         # keeps the basis orthogonal in floating point: no spurious copies of converged Ritz values.
-        b = torch.stack(basis)
+        b = block[:rows]
         for _ in range(2):
             w = w - b.T @ (b @ w)
         beta = w.norm().item()
@@ -207,13 +214,18 @@ def _lanczos(
             # The first case is an invariant subspace: the Ritz values are exact eigenvalues.
             stopped = True
             break
-        if len(basis) == numel:
+        if rows == numel:
             break
         betas.append(beta)
-        basis.append(w / beta)
+        if rows == len(block):
+            grown = block.new_empty(min(2 * rows, max_iter + 1, numel), block.shape[1])
+            grown[:rows] = block
+            block = grown
+        block[rows] = w / beta
+        rows += 1
     # Drop what a step that did not complete (max_iter reached, a product that did not fit) left.
-    del basis[len(alphas) :], betas[len(alphas) - 1 :]
-    return _Lanczos(basis, alphas, betas, beta, evals, evecs, stopped)
+    del betas[len(alphas) - 1 :]
+    return _Lanczos(block[: len(alphas)], alphas, betas, beta, evals, evecs, stopped)
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:

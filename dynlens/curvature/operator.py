@@ -7,19 +7,19 @@ under a :class:`~dynlens.curvature.MemoryLimit`; :func:`hvp` is its dict front e
 
 from __future__ import annotations
 
-import functools
-import gc
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .errors import _OOM_ERRORS, CurvatureError, CurvatureFallbackWarning, CurvatureMemoryError
-from .memory import _MEMORY_FIX, MemoryLimit, _gib
-from .routes import LossFn, _Routes
+from .errors import _OOM_ERRORS, CurvatureError, CurvatureFallbackWarning
+from .memory import MemoryLimit
+from .microbatch import MicroBatchLoss
+from .passes import TUNING_PROBES, _Passes
+from .routes import LossFn
 
 Route = Literal[
     "auto",
@@ -38,17 +38,13 @@ ROUTES: tuple[str, ...] = ("double_backward", "vmap_forward_over_reverse", "forw
 #: ``HessianMonitor`` where the exact routes fail or do not fit in memory).
 EXPLICIT_ROUTES: tuple[str, ...] = (*ROUTES, "batched_double_backward", "finite_difference")
 
-#: Probes in the first batch from which ``route="tuned"`` on CPU times the two double-backward
-#: routes against each other (one product builds the graph, two are timed one at a time, the
-#: rest, up to eight, in one vectorised pass).
-TUNING_PROBES = 5
 _TRIAL_SEQUENTIAL, _TRIAL_BATCHED, _BATCHED_MARGIN = 2, 8, 0.9
 
 # Reasons already warned about, so a fallback that repeats every measurement warns once per process.
 _WARNED: set[tuple[str, ...]] = set()
 
 
-class HessianOperator(_Routes):
+class HessianOperator(_Passes):
     """The Hessian H = ∇²L(θ) of ``loss_fn`` at ``params`` as a linear operator on ℝⁿ.
 
     ``op @ V`` (or ``op.matmul(V)``) returns H·v for a flat vector ``V`` of shape ``(n,)`` or for
@@ -112,8 +108,14 @@ class HessianOperator(_Routes):
         chunk_size: probes per ``vmap`` call (bounds its memory); ``None`` vectorises all at once.
         memory: a :class:`MemoryLimit`: every pass of products is metered and planned so that the
             memory in use stays within it (a batch is split into passes of as many probes as fit,
-            one at first), and out-of-memory is retried with half the probes per pass. ``None``
-            (default): no metering, a batch in one pass as described above.
+            one at first), and out-of-memory is retried with half the probes per pass. With a
+            :class:`MicroBatchLoss`, the data are split too: into micro-batches of as many
+            samples as fit (see :mod:`dynlens.curvature.passes`). ``None`` (default): no
+            metering, a batch in one pass as described above.
+        samples_per_chunk: with a :class:`MicroBatchLoss`, products micro-batch by micro-batch
+            of this many samples, H·v = Σ_i (|B_i|/N)·H_i·v (exact; each micro-batch's graph is
+            built and freed in turn). ``None`` (default): planned under ``memory``, else the
+            whole batch.
 
     Example:
         >>> import torch
@@ -133,6 +135,7 @@ class HessianOperator(_Routes):
         route: Route = "auto",
         chunk_size: int | None = None,
         memory: MemoryLimit | None = None,
+        samples_per_chunk: int | None = None,
     ) -> None:
         if torch.is_inference_mode_enabled():
             raise CurvatureError(
@@ -143,6 +146,14 @@ class HessianOperator(_Routes):
             raise ValueError(
                 "Expected `params` to be a non-empty dict name -> tensor, e.g. "
                 "dict(model.named_parameters())"
+            )
+        if samples_per_chunk is not None and (
+            not isinstance(loss_fn, MicroBatchLoss) or not loss_fn.exact or samples_per_chunk < 1
+        ):
+            raise ValueError(
+                "Expected `samples_per_chunk` to be None or a positive int with a loss_fn that is "
+                f"a dynlens.curvature.MicroBatchLoss, got {samples_per_chunk!r} with "
+                f"{type(loss_fn).__name__}"
             )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(
@@ -166,6 +177,10 @@ class HessianOperator(_Routes):
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.chunk_size = chunk_size
+        #: Samples per micro-batch of a :class:`MicroBatchLoss` (``None``: the whole batch at
+        #: once); planned under ``memory`` by the first product unless given.
+        self.samples_per_chunk = samples_per_chunk
+        self._chunks_planned = samples_per_chunk is not None
         # Detached views (no copy); inference tensors must be cloned to become differentiable.
         self._primals = {
             k: (p.detach().clone() if p.is_inference() else p.detach()) for k, p in params.items()
@@ -305,86 +320,6 @@ class HessianOperator(_Routes):
         if self.memory is None:
             return self._apply(route, batch)
         return self._planned(route, batch)
-
-    # memory-bounded passes -------------------------------------------------------------------
-
-    def _planned(self, route: str, batch: Tensor) -> Tensor:
-        memory = self.memory
-        assert memory is not None
-        if route in ("double_backward", "batched_double_backward") and self._graph is None:
-            self._metered(f"{route}:graph", 1, lambda: self._build_graph(), retry=False)
-        if route == "double_backward" and self._tuning and len(batch) >= TUNING_PROBES:
-            return self._tune(batch)
-        # Before its first pass, a vectorised route is predicted from its one-at-a-time twin:
-        # each of its probes costs at most one such pass.
-        like = {"batched_double_backward": "double_backward"}.get(route)
-        parts, start = [], 0
-        while start < len(batch):
-            probes = memory.probes_per_pass(route, len(batch) - start, like=like)
-            if probes == 0:
-                self._free(drop_graph=True)
-                raise CurvatureMemoryError(self._memory_message(route))
-            rows = batch[start : start + probes]
-            out = self._metered(route, probes, functools.partial(self._apply, route, rows))
-            if out is None:  # out of memory: the plan now caps the route lower; retry
-                continue
-            parts.append(out)
-            start += probes
-        return torch.cat(parts) if parts else batch.clone()
-
-    def _metered(
-        self, route: str, probes: int, fn: Callable[[], Tensor], *, retry: bool = True
-    ) -> Tensor | None:
-        """Run one pass under the meter and record its increment; ``None`` after an
-        out-of-memory error that a smaller pass may avoid."""
-        memory = self.memory
-        assert memory is not None and memory.meter is not None
-        before = memory.meter.in_use()
-        try:
-            out, peak = memory.meter.measure(fn, probes)
-        except _OOM_ERRORS:
-            pass  # handled below, outside the except block, so its traceback's tensors are freed
-        else:
-            memory.record(route, probes, before, peak)
-            return out
-        retry_with = memory.failed(route, probes) if retry else 0
-        self._free(drop_graph=retry_with == 0)
-        if retry_with == 0:
-            raise CurvatureMemoryError(
-                f"out of memory at one Hessian-vector product per pass on the {route!r} route "
-                f"under a limit of {_gib(memory.limit)}; what the measurement held is freed. "
-                + _MEMORY_FIX
-            )
-        return None
-
-    def _free(self, *, drop_graph: bool) -> None:
-        if drop_graph:
-            self._graph = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _memory_message(self, route: str) -> str:
-        memory = self.memory
-        assert memory is not None
-        product = memory.predict(route, 1) or 0.0
-        graph = memory.predict(f"{route}:graph", 1) or 0.0
-        held = f" (its gradient graph {_gib(graph)}, one product {_gib(product)})" if graph else ""
-        return (
-            f"one Hessian-vector product on the {route!r} route needs about "
-            f"{_gib(graph + product)} more memory{held}, but only "
-            f"{_gib(max(memory.headroom(), 0))} is left under the limit of "
-            f"{_gib(memory.limit)}. " + _MEMORY_FIX
-        )
-
-    def rows_that_fit(self, requested: int) -> int:
-        """Probe rows to hold at once (probes, products and their concatenation: 3 rows of n
-        each) so that they take at most a quarter of the headroom under the memory limit."""
-        if self.memory is None or self.memory.meter is None or not self.memory.meter.available:
-            return requested
-        row = 3 * self.numel * torch.finfo(self.dtype).bits // 8
-        room = 0.25 * self.memory.margin * self.memory.headroom()
-        return max(1, min(requested, int(room // row)))
 
     def _failure_message(self) -> str:
         lines = "; ".join(f"{route}: {_first_line(err)}" for route, err in self._failures)

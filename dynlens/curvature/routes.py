@@ -8,6 +8,7 @@ inherits; which route runs, its fallback and its memory plan are the operator's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from .errors import _OOM_ERRORS, CurvatureError
 from .memory import MemoryLimit
+from .microbatch import MicroBatchLoss
 
 #: What the curvature functions measure: dict name -> tensor of parameters to a scalar loss.
 LossFn = Callable[[dict[str, Tensor]], Tensor]
@@ -58,6 +60,7 @@ class _Routes:
     dtype: torch.dtype
     device: torch.device
     chunk_size: int | None
+    samples_per_chunk: int | None
     memory: MemoryLimit | None
     finite_difference_error: float | None
     _primals: dict[str, Tensor]
@@ -72,8 +75,25 @@ class _Routes:
 
         def unflatten(self, flat: Tensor) -> dict[str, Tensor]: ...
 
-    def _scalar_loss(self, p: dict[str, Tensor]) -> Tensor:
-        loss = self.loss_fn(p)
+    def _pieces(self) -> list[tuple[float, LossFn]]:
+        """The loss as weighted micro-batches (one piece, weight 1, unless chunked)."""
+        size = self.samples_per_chunk
+        loss = self.loss_fn
+        if isinstance(loss, MicroBatchLoss) and loss.exact and size and size < loss.samples:
+            return loss.chunks(size)
+        return [(1.0, self.loss_fn)]
+
+    def _settle(self) -> None:
+        """Between micro-batches: what the last one freed is given back (the meter's
+        :meth:`~dynlens.curvature.MemoryMeter.settle`), so the next starts from what is held."""
+        if self.memory is not None and self.memory.meter is not None and self._chunked():
+            self.memory.meter.settle()
+
+    def _chunked(self) -> bool:
+        return len(self._pieces()) > 1
+
+    def _scalar_loss(self, p: dict[str, Tensor], fn: LossFn | None = None) -> Tensor:
+        loss = (fn or self.loss_fn)(p)
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
             raise ValueError(
                 "Expected `loss_fn` to return a scalar floating-point tensor, got "
@@ -104,23 +124,40 @@ class _Routes:
         return [p.detach().requires_grad_(True) for p in self._primals.values()]
 
     def _build_graph(self) -> Tensor:
+        self._graph = self._graph_of(self.loss_fn)
+        return self._graph[1]
+
+    def _graph_of(self, fn: LossFn) -> tuple[list[Tensor], Tensor]:
+        """The leaves θ and the flat gradient ∇L(θ) of ``fn`` with its graph (create_graph)."""
         leaves = self._leaves()
         with self._evaluation():
-            loss = self._scalar_loss(dict(zip(self.names, leaves, strict=True)))
-            _refuse_once_differentiable(loss)
-            self._checked = True
+            loss = self._scalar_loss(dict(zip(self.names, leaves, strict=True)), fn)
+            if not self._checked:  # once per operator: its micro-batches share their ops
+                _refuse_once_differentiable(loss)
+                self._checked = True
             grads: tuple[Tensor | None, ...] = (None,) * len(leaves)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         # A gradient that does not require grad is constant in θ: its Hessian block is zero.
-        self._graph = (leaves, _flat(grads, leaves))
-        return self._graph[1]
+        return leaves, _flat(grads, leaves)
 
     def _double_backward(self, batch: Tensor, batched: bool = False) -> Tensor:
-        if self._graph is None:
-            self._build_graph()
-        assert self._graph is not None
-        leaves, flat_grad = self._graph
+        pieces = self._pieces()
+        if len(pieces) == 1:  # the whole batch: its graph is kept for every later product
+            if self._graph is None:
+                self._build_graph()
+            assert self._graph is not None
+            return self._through(self._graph, batch, batched)
+        # micro-batch by micro-batch: each graph is built, used by every probe, and freed
+        total = torch.zeros_like(batch)
+        for weight, fn in pieces:
+            total.add_(self._through(self._graph_of(fn), batch, batched), alpha=weight)
+            self._settle()
+        return total
+
+    def _through(self, graph: tuple[list[Tensor], Tensor], batch: Tensor, batched: bool) -> Tensor:
+        """The products of ``batch`` through one gradient graph."""
+        leaves, flat_grad = graph
         if not flat_grad.requires_grad:
             return torch.zeros_like(batch)
         if batched and len(batch) > 1 and self._vectorisable:
@@ -152,25 +189,37 @@ class _Routes:
         return _flat(hv, leaves, rows=len(batch))
 
     def _jvp_of_grad(self, tangents: dict[str, Tensor]) -> Tensor:
-        with self._evaluation():
-            # jvp returns (output, jvp_out); its stub's union with the has_aux triple rules out
-            # unpacking, so the second item is indexed, as in _vmap_jvp_of_grad below.
-            out: dict[str, Tensor] = torch.func.jvp(
-                torch.func.grad(self._scalar_loss), (self._primals,), (tangents,)
-            )[1]
-        return self.flatten(out)
+        total: Tensor | None = None
+        for weight, fn in self._pieces():
+            with self._evaluation():
+                # jvp returns (output, jvp_out); its stub's union with the has_aux triple rules
+                # out unpacking, so the second item is indexed, as in _vmap_jvp_of_grad below.
+                out: dict[str, Tensor] = torch.func.jvp(
+                    torch.func.grad(functools.partial(self._scalar_loss, fn=fn)),
+                    (self._primals,),
+                    (tangents,),
+                )[1]
+            total = _weighted_sum(total, self.flatten(out), weight)
+            self._settle()
+        assert total is not None
+        return total
 
     def _vmap_jvp_of_grad(self, batch: Tensor) -> Tensor:
-        def one(tangents: dict[str, Tensor]) -> dict[str, Tensor]:
-            grad_fn = torch.func.grad(self._scalar_loss)
+        def one(fn: LossFn, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+            grad_fn = torch.func.grad(functools.partial(self._scalar_loss, fn=fn))
             return torch.func.jvp(grad_fn, (self._primals,), (tangents,))[1]
 
-        # randomness="same": dropout inside loss_fn draws one mask shared by all probes.
-        with self._evaluation():
-            out = torch.func.vmap(one, randomness="same", chunk_size=self.chunk_size)(
-                self.unflatten(batch)
-            )
-        return self.flatten(out, batched=True)
+        total: Tensor | None = None
+        for weight, fn in self._pieces():
+            # randomness="same": dropout inside loss_fn draws one mask shared by all probes.
+            with self._evaluation():
+                out = torch.func.vmap(
+                    functools.partial(one, fn), randomness="same", chunk_size=self.chunk_size
+                )(self.unflatten(batch))
+            total = _weighted_sum(total, self.flatten(out, batched=True), weight)
+            self._settle()
+        assert total is not None
+        return total
 
     def _finite_difference(self, batch: Tensor) -> Tensor:
         if self._theta_norm is None:
@@ -210,27 +259,41 @@ class _Routes:
         return 4.0 / 3.0 * float((hv.double() - half.double()).norm()) / scale
 
     def _gradient_at(self, v: Tensor, step: float) -> Tensor:
-        """∇L at a perturbed copy θ + step·v (the primals are never written)."""
+        """∇L at a perturbed copy θ + step·v (the primals are never written), micro-batch by
+        micro-batch where the loss is chunked."""
         direction = self.unflatten(v)
-        leaves = [
-            torch.add(p, direction[name], alpha=step).requires_grad_(True)
-            for name, p in self._primals.items()
-        ]
-        with self._evaluation():
-            loss = self._scalar_loss(dict(zip(self.names, leaves, strict=True)))
-            if not loss.requires_grad:
-                return torch.zeros_like(v)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return _flat(grads, leaves)
+        total = torch.zeros_like(v)
+        for weight, fn in self._pieces():
+            leaves = [
+                torch.add(p, direction[name], alpha=step).requires_grad_(True)
+                for name, p in self._primals.items()
+            ]
+            with self._evaluation():
+                loss = self._scalar_loss(dict(zip(self.names, leaves, strict=True)), fn)
+                if loss.requires_grad:
+                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                    total.add_(_flat(grads, leaves), alpha=weight)
+                    self._settle()
+        return total
 
     def _check_once_differentiable(self) -> None:
         # torch.func routes run the backward under functorch transforms, where a once-differentiable
         # backward silently drops the tangent; a plain forward reveals such Functions in the graph.
+        # (One micro-batch's forward shows the same Functions as the batch's, in less memory.)
         leaves = self._leaves()
         with self._evaluation():
-            loss = self._scalar_loss(dict(zip(self.names, leaves, strict=True)))
+            loss = self._scalar_loss(
+                dict(zip(self.names, leaves, strict=True)), self._pieces()[0][1]
+            )
         _refuse_once_differentiable(loss)
         self._checked = True
+
+
+def _weighted_sum(total: Tensor | None, term: Tensor, weight: float) -> Tensor:
+    """``total + weight · term`` (``weight · term`` when ``total`` is None); weight 1 is exact."""
+    if total is None:
+        return term if weight == 1.0 else term.mul_(weight)
+    return total.add_(term, alpha=weight)
 
 
 def _flat(

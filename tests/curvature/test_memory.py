@@ -398,3 +398,15 @@ def test_estimates_carry_the_product_error_of_finite_differences_only():
     eigen = top_eigenvalue(loss_fn, params, max_iter=4, route="finite_difference")
     assert 0 < eigen.product_error < 1e-3
     assert top_eigenvalue(loss_fn, params, max_iter=4).product_error is None
+
+
+def test_the_rss_meter_does_not_count_what_the_c_allocator_keeps_after_a_free():
+    meter = RssMemoryMeter()
+    # 4,000 blocks of 64 KiB (below glibc's mmap threshold: on the heap); every other one freed,
+    # the last kept, so the freed pages are holes that glibc does not give back by itself
+    blocks = [torch.ones(16 * 1024) for _ in range(4000)]
+    held = meter.in_use()
+    del blocks[0:-1:2]
+    freed = 2000 * 64 * 1024
+    assert held - meter.in_use() >= freed // 2, (held, meter.in_use())
+    del blocks
