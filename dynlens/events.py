@@ -128,6 +128,7 @@ class HessianReason(Reason, monitor="hessian"):
     ADAPTIVE_EDGE_OF_STABILITY = "adaptive_edge_of_stability"  #: ``precond_ratio`` reached 1
     FINITE_DIFFERENCE = "finite_difference"  #: products by finite differences from now on
     NO_PRECONDITIONED_SHARPNESS = "no_preconditioned_sharpness"  #: Adam's P is not defined
+    WHOLE_BATCH = "whole_batch"  #: the batch cannot be split into micro-batches (and why)
 
 
 class ContinualReason(Reason, monitor="continual"):

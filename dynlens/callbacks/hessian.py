@@ -136,8 +136,10 @@ class HessianMonitor(HessianPublishing):
 
     Memory (``memory``): every pass of Hessian-vector products is metered and planned under a
     :class:`dynlens.curvature.MemoryLimit`: with ``"auto"`` (default) 2× the peak that training
-    reaches, an int is a limit in bytes, ``None`` plans nothing. Out of memory inside a
-    measurement, the pass is retried with half the probes; where even one product does not fit,
+    reaches (on the CPU over the RSS just before ``fit``), an int is a limit in bytes counted the
+    same way, ``None`` plans nothing. Where the batch's loss is the mean of its samples', the
+    products run micro-batch by micro-batch as small as the limit needs. Out of memory inside a
+    measurement, the pass is retried with half the probes; where even one sample's does not fit,
     the monitor falls back to finite differences, and where that does not fit either it warns
     once and switches itself off; training goes on (details: :mod:`.hessian_measure`).
 
@@ -339,8 +341,7 @@ class HessianMonitor(HessianPublishing):
         self.add_state("history", list)
         self.num_measurements: int
         self.add_state("num_measurements", 0, load=int)
-        # the last measured step
-        self._last_step: int | None
+        self._last_step: int | None  # the last measured step
         self.add_state("_last_step", None, load=_int_or_none)
         self._since_cold: int
         self.add_state("_since_cold", 0, load=int)
@@ -415,6 +416,8 @@ class HessianMonitor(HessianPublishing):
         if stage != "fit":
             return
         self._check_measurable(trainer, pl_module)
+        # the limit counts what training adds to the process from here on (on CUDA: tensors)
+        self._memory(trainer.strategy.root_device).rebase()
         if self.blocks is not None:
             names = [k for k, p in pl_module.named_parameters() if p.requires_grad]
             try:

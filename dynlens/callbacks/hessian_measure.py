@@ -8,14 +8,18 @@ across ranks. The monitor class adds the hooks, the cadence, the logging and the
 mixin holds no state of its own beyond what the monitor declares.
 
 Memory (``memory``): every pass of Hessian-vector products is metered (CUDA: the allocator's
-``max_memory_allocated``; CPU: the process's peak RSS) and planned under a limit, starting from
-one probe per pass and vectorising only as many probes as the measured peaks say fit. With
-``memory="auto"`` the limit is :data:`MEMORY_FACTOR` × the peak that training reaches: the
-monitor meters the first :data:`METERED_STEPS` training steps, and a measurement before any of
-them (step 0) meters one gradient of the measured loss first (what a training step's forward and
-backward hold). Out of memory inside a measurement: what it held is freed and the pass retried
-with half the probes; where even one product does not fit, the monitor falls back to finite
-differences, and where that does not fit either it switches itself off.
+``max_memory_allocated``; CPU: the process's peak RSS over its RSS just before training, so
+that neither counts the interpreter, the libraries or what existed before ``fit``) and planned
+under a limit, starting from one probe per pass and vectorising only as many probes as the
+measured peaks say fit. Where the batch's loss is the mean of its samples' (:mod:`.microbatch`),
+the products are exact micro-batch by micro-batch, in micro-batches of as many samples as the
+measured peaks say fit (:mod:`dynlens.curvature.passes`). With ``memory="auto"`` the limit is
+:data:`MEMORY_FACTOR` × the peak that training reaches: the monitor meters the first
+:data:`METERED_STEPS` training steps, and a measurement before any of them (step 0) meters one
+gradient of the measured loss first (what a training step's forward and backward hold). Out of
+memory inside a measurement: what it held is freed and the pass retried with half the probes;
+where even one sample's product does not fit, the monitor falls back to finite differences
+(micro-batched too), and where that does not fit either it switches itself off.
 
 Finite differences (central differences of gradients at perturbed copies of θ; the memory of one
 gradient) check each measurement's products against the same product at half the step; above
@@ -38,7 +42,8 @@ from .. import curvature
 from ..events import HessianReason
 from .base import Monitor
 from .context import logging_step, sharding_strategy
-from .replay import UserLossFn, _rng_restored, loss_closure, probe_generator
+from .microbatch import micro_batched
+from .replay import UserLossFn, _rng_restored, probe_generator, replay
 from .validate import ConfigurationError
 
 Memory = Literal["auto"] | int | None
@@ -127,7 +132,9 @@ class HessianMeasuring(Monitor):
         if self.memory is None:
             return None
         if self.memory == "auto":
-            limit = int(MEMORY_FACTOR * (self._train_peak or 0))
+            limit = max(
+                int(MEMORY_FACTOR * (self._train_peak or 0)), self._memory(device).resolution
+            )
         else:
             limit = int(self.memory)
         if self._limit is None:
@@ -218,7 +225,9 @@ class HessianMeasuring(Monitor):
                 )
             batch, batch_idx = self._probe_on_device, 0
         self._local_spectrum = None  # a retry by finite differences starts afresh
-        params, loss_of = loss_closure(pl_module, batch, batch_idx, self.loss_fn)
+        params, loss_on, prepare = replay(pl_module, batch_idx, self.loss_fn)
+        batch = prepare(batch)
+        loss_of: Callable[[dict[str, Tensor]], Tensor] = lambda p: loss_on(p, batch)  # noqa: E731
         device = next(iter(params.values())).device
         # Grad stays enabled: a training_step may differentiate inside (e.g. a gradient penalty).
         with _rng_restored(device):
@@ -227,6 +236,20 @@ class HessianMeasuring(Monitor):
             else:
                 loss = float(loss_of(params).detach())
         memory = self._memory_limit(device)
+        if memory is not None and math.isfinite(loss):
+            # exact products micro-batch by micro-batch where the batch's graph does not fit
+            with _rng_restored(device):
+                split, why = micro_batched(pl_module, batch, params, loss_on)
+            loss_of = split or loss_of
+            if why is not None:
+                self.log_event(
+                    trainer,
+                    logging_step(trainer),
+                    HessianReason.WHOLE_BATCH,
+                    f"exact products over the whole batch only, never micro-batch by "
+                    f"micro-batch: {why}",
+                    once=True,
+                )
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"the loss is {loss} at step {logging_step(trainer)}: curvature is undefined there"

@@ -37,6 +37,7 @@ __all__ = [
     "loss_closure",
     "losses_across_step",
     "probe_generator",
+    "replay",
 ]
 
 UserLossFn = Callable[[Any, Any], Any]  # (pl_module, batch) -> loss tensor (or {"loss": ...})
@@ -128,6 +129,17 @@ def loss_closure(
     Returns ``(params, loss_of)``: the trainable parameters by name (detached; upcast copies when
     needed) and the function of them.
     """
+    params, loss_on, prepare = replay(module, batch_idx, loss_fn)
+    batch = prepare(batch)
+    return params, lambda p: loss_on(p, batch)
+
+
+def replay(
+    module: nn.Module, batch_idx: int, loss_fn: UserLossFn | None = None
+) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor], Any], Tensor], Callable[[Any], Any]]:
+    """:func:`loss_closure` for any batch: ``(params, loss_on, prepare)`` with
+    ``loss_on(params, prepare(batch))`` the loss on ``batch`` (``prepare`` upcasts its floats
+    where the replay runs in float32)."""
     trainable = {k: p for k, p in module.named_parameters() if p.requires_grad}
     frozen = {k: p for k, p in module.named_parameters() if not p.requires_grad}
     buffers: dict[str, Tensor | None] = {}
@@ -146,7 +158,6 @@ def loss_closure(
     if upcast:
         params = {k: p.detach().to(dtype) for k, p in trainable.items()}
         fixed = {k: p.detach().to(dtype) for k, p in frozen.items()}
-        batch = _cast_floats(batch, dtype)
     else:
         params = {k: p.detach() for k, p in trainable.items()}
         fixed = {}
@@ -162,7 +173,7 @@ def loss_closure(
         wrapper = _Call(module, lambda m, b, i: loss_fn(m, b))
     device_type = next(iter(params.values())).device.type if params else "cpu"
 
-    def loss_of(p: dict[str, Tensor]) -> Tensor:
+    def loss_on(p: dict[str, Tensor], batch: Any) -> Tensor:
         state: dict[str, Tensor | None] = {f"module.{k}": fresh(b) for k, b in buffers.items()}
         state.update({f"module.{k}": v for k, v in fixed.items()})
         state.update({f"module.{k}": v for k, v in p.items()})
@@ -177,7 +188,10 @@ def loss_closure(
             out = functional_call(wrapper, state, (batch, batch_idx), strict=False)  # type: ignore[arg-type]
         return _as_loss(out)
 
-    return params, loss_of
+    def prepare(batch: Any) -> Any:
+        return _cast_floats(batch, dtype) if upcast else batch
+
+    return params, loss_on, prepare
 
 
 def losses_across_step(
