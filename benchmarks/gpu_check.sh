@@ -253,10 +253,11 @@ PY
     run_step "monitor smoke check (CUDA)" 120 "$PYTHON" "$SMOKE"
     run_step "benchmarks/scale.py --device cuda --size gpt2-small --parts routes" 200 \
         "$PYTHON" benchmarks/scale.py --device cuda --size gpt2-small --parts routes --routes \
-        double_backward batched_double_backward vmap_forward_over_reverse finite_difference
+        double_backward batched_double_backward vmap_forward_over_reverse finite_difference \
+        curvlinops
     run_step "benchmarks/scale.py --device cuda --size gpt2-small --parts monitors" 120 \
         "$PYTHON" benchmarks/scale.py --device cuda --size gpt2-small --parts monitors \
-        --models gpt2 --fit-steps 30
+        --models gpt2 llama --configs hessian --fit-steps 30
     run_step "benchmarks/hessian_routes.py --device cuda" 60 \
         "$PYTHON" benchmarks/hessian_routes.py --device cuda
     run_step "benchmarks/collapse.py --accelerator gpu" 60 \
