@@ -51,9 +51,10 @@ class HessianMonitor(HessianPublishing):
 
     * ``trace`` tr(H) by Hutchinson (default; ``frobenius`` ‖H‖_F comes free with it) or Hutch++
       with ``num_probes`` products, with its standard error;
-    * ``lambda_max`` λ_max(H) by Lanczos, warm-started from the previous eigenvector with a cold
-      start every ``cold_start_every`` measurements (a warm start can miss an eigenvalue that
-      overtakes the tracked one);
+    * ``lambda_max`` λ_max(H) by Lanczos, warm-started from the previous eigenvector (cold every
+      ``cold_start_every`` measurements: a warm start can miss an eigenvalue that overtakes it),
+      ``lambda_max_converged`` (1 where the residual fell to ``tol``·|λ|; across ranks, the share)
+      and ``lambda_max_residual`` ‖Hx − λx‖ (an eigenvalue of H lies that close to λ);
     * for Adam-family optimizers (those with ``exp_avg_sq`` state, i.e. from their first step on)
       ``precond_lambda_max`` λ_max(P^{-1/2} H P^{-1/2}) with P = diag(√v̂ + ε) (Cohen et al. 2022).
 
@@ -75,11 +76,12 @@ class HessianMonitor(HessianPublishing):
 
     Logged under ``<prefix>/hessian/``: ``loss``, ``trace``, ``trace_stderr``, ``trace_lower``
     and ``trace_upper`` (trace ∓ one standard error), ``frobenius`` (Hutchinson only),
-    ``lambda_max``, ``lr``, ``eos_threshold``, ``eos_ratio``, ``trace_threshold``,
-    ``trace_ratio``, ``precond_lambda_max``, ``precond_threshold``, ``precond_ratio`` (Adam
-    family), ``one`` (the constant 1, the reference line of the ratio chart) and ``overhead``
-    (measurement time ÷ training time so far). The first time ``eos_ratio`` (not for Adam) or
-    ``precond_ratio`` reaches 1 is a text event. With ``blocks``, per block ``b`` also
+    ``lambda_max``, ``lambda_max_converged``, ``lambda_max_residual``, ``lr``, ``eos_threshold``,
+    ``eos_ratio``, ``trace_threshold``, ``trace_ratio``, ``precond_lambda_max``,
+    ``precond_threshold``, ``precond_ratio`` (Adam family), ``one`` (the constant 1, the
+    reference line of the ratio chart) and ``overhead`` (measurement time ÷ training time).
+    The first time ``eos_ratio`` (not for Adam) or ``precond_ratio`` reaches 1 is a text event.
+    With ``blocks``, per block ``b`` also
     ``trace/<b>`` (the trace of the block's diagonal block tr(H_bb), from the same products as
     the total: no extra cost), ``trace_stderr/<b>`` and ``trace_share/<b>`` (its share of the
     total), each with a chart of a line per block. With ``density``, ``spectrum_top/1`` …
@@ -322,13 +324,18 @@ class HessianMonitor(HessianPublishing):
         self.seed = seed
         # memory: the limit (learns the products' peaks), training's metered peak
         self._limit: curvature.MemoryLimit | None
-        self.add_state("_limit", None, key="memory_plan", save=_plan_of, load=_limit_from_plan)
+        self.add_state(
+            "_limit",
+            None,
+            key="memory_plan",
+            save=lambda limit: None if limit is None else limit.state_dict(),
+            load=lambda plan: None if plan is None else curvature.MemoryLimit.from_state(plan),
+        )
         self._train_peak: int | None
         self.add_state("_train_peak", None, load=_int_or_none)
         self._metered_steps: int
         self.add_state("_metered_steps", 0, load=int)
         self._metering = False
-
         #: The values logged at the latest measurement, by quantity (without the prefix), as
         #: every monitor's ``latest`` (kept in checkpoints under ``last``).
         self.latest: dict[str, float]
@@ -375,6 +382,9 @@ class HessianMonitor(HessianPublishing):
         if self.sharpness:
             charts["sharpness λ_max and its stability threshold"] = self.multiline(
                 "lambda_max", "eos_threshold"
+            )
+            charts["Lanczos: residual ‖Hx − λx‖ and converged (1)"] = self.multiline(
+                "lambda_max_residual", "lambda_max_converged"
             )
             if self.preconditioned:
                 charts["Adam: preconditioned sharpness λ_max(P⁻¹H) and (2+2β₁)/((1−β₁)η)"] = (
@@ -476,23 +486,9 @@ class HessianMonitor(HessianPublishing):
             return
         self._publish(trainer, pl_module, step, values, spectrum)
 
-    # ----------------------------------------------------------------------------- logging
-
 
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def _plan_of(limit: curvature.MemoryLimit | None) -> dict[str, Any] | None:
-    return None if limit is None else limit.state_dict()
-
-
-def _limit_from_plan(plan: dict[str, Any] | None) -> curvature.MemoryLimit | None:
-    if plan is None:
-        return None
-    limit = curvature.MemoryLimit(max(int(plan.get("limit", 1)), 1))
-    limit.load_state_dict(plan)
-    return limit
 
 
 def _detached(vector: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:

@@ -1,11 +1,10 @@
 """The measuring half of :class:`~dynlens.callbacks.hessian.HessianMonitor`: one measurement.
 
 A measurement replays the training loss at the current parameters (:mod:`.replay`), plans its
-products under the memory limit (:class:`dynlens.curvature.MemoryLimit`), estimates the trace,
-the top eigenvalues and (with ``density``) the spectral density with the route in use, falls
-back to finite differences where the exact routes fail or do not fit, and averages the results
-across ranks. The monitor class adds the hooks, the cadence, the logging and the state; this
-mixin holds no state of its own beyond what the monitor declares.
+products under the memory limit, estimates the trace, the top eigenvalues (with Lanczos's
+convergence and residual) and (with ``density``) the spectral density, falls back to finite
+differences where the exact routes fail or do not fit, and averages across ranks. The monitor
+class adds the hooks, cadence, logging and state; this mixin holds no state of its own.
 
 Memory (``memory``): every pass of Hessian-vector products is metered (CUDA: the allocator's
 ``max_memory_allocated``; CPU: the process's peak RSS over its RSS just before training, so
@@ -21,10 +20,9 @@ memory inside a measurement: what it held is freed and the pass retried with hal
 where even one sample's product does not fit, the monitor falls back to finite differences
 (micro-batched too), and where that does not fit either it switches itself off.
 
-Finite differences (central differences of gradients at perturbed copies of θ; the memory of one
-gradient) check each measurement's products against the same product at half the step; above
-:data:`FD_TOLERANCE` the loss is not smooth at the step's scale and the monitor switches itself
-off rather than log values that are not the Hessian's.
+Finite differences (of gradients at perturbed copies of θ; one gradient's memory) check each
+measurement's products against the product at half the step; above :data:`FD_TOLERANCE` the loss
+is not smooth at the step's scale and the monitor switches off rather than log wrong values.
 """
 
 from __future__ import annotations
@@ -63,6 +61,8 @@ REDUCED = (
     "trace_var",
     "frobenius",
     "lambda_max",
+    "lambda_max_converged",  # averaged: the share of ranks whose Lanczos converged
+    "lambda_max_residual",
     "precond_lambda_max",
     "product_error",
 )
@@ -132,9 +132,8 @@ class HessianMeasuring(Monitor):
         if self.memory is None:
             return None
         if self.memory == "auto":
-            limit = max(
-                int(MEMORY_FACTOR * (self._train_peak or 0)), self._memory(device).resolution
-            )
+            peak, floor = self._train_peak or 0, self._memory(device).resolution
+            limit = max(int(MEMORY_FACTOR * peak), floor)
         else:
             limit = int(self.memory)
         if self._limit is None:
@@ -296,6 +295,7 @@ class HessianMeasuring(Monitor):
             self._eigvec, self._route = eig.vector, eig.route or self._route
             self._check_product_error(eig.product_error, out)
             out["lambda_max"] = eig.value
+            out["lambda_max_converged"], out["lambda_max_residual"] = eig.converged, eig.residual
             out["cold"], out["iterations"] = float(cold), float(eig.iterations)
             preconditioner = self._adam_preconditioner(trainer, pl_module, params)
             if preconditioner is not None:

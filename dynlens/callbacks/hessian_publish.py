@@ -58,6 +58,9 @@ class HessianPublishing(HessianMeasuring):
             logged["product_error"] = values["product_error"]
         if self.sharpness:
             logged["lambda_max"] = values["lambda_max"]
+            # Lanczos's Ritz value θ ≤ λ_max, and an eigenvalue of H lies within ‖Hx − θx‖ of it
+            for key in ("lambda_max_converged", "lambda_max_residual"):
+                logged[key] = values[key]
             if not math.isnan(values["precond_lambda_max"]):
                 logged["precond_lambda_max"] = values["precond_lambda_max"]
         for i, value in enumerate(spectrum.top if spectrum is not None else (), start=1):

@@ -286,6 +286,13 @@ class MemoryLimit:
             "cap": dict(self._cap),
         }
 
+    @classmethod
+    def from_state(cls, state: Mapping[str, object]) -> MemoryLimit:
+        """A limit restored from :meth:`state_dict` (its meter is set when it is used)."""
+        limit = cls(max(int(state.get("limit", 1)), 1))  # type: ignore[call-overload]
+        limit.load_state_dict(state)
+        return limit
+
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.limit = int(state.get("limit", self.limit))  # type: ignore[call-overload]
         # The layouts state_dict writes (a serialiser may have re-typed keys and counts, which

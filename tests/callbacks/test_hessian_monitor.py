@@ -885,3 +885,21 @@ def test_defaults_use_the_budget():
     monitor = HessianMonitor()
     assert monitor.budget == 0.05 and monitor.every_n_steps is None
     assert monitor.estimator == "hutchinson" and HessianMonitor(num_probes=1).num_probes == 1
+
+
+def test_lanczos_convergence_and_residual_are_logged_and_bound_the_exact_spectrum(tmp_path):
+    # 40 steps on 21 parameters converge; 2 steps do not, and the residual ‖Hx − λx‖ still
+    # bounds the distance from the logged λ to an exact eigenvalue (the dense Hessian's)
+    for max_iter, converged in ((40, 1.0), (2, 0.0)):
+        snap = Snapshot()
+        monitor = exact_monitor(every_n_steps=1, max_iter=max_iter, trace=False)
+        fit(tmp_path / str(max_iter), [monitor, snap], max_steps=2)
+        logged = scalars(tmp_path / str(max_iter))
+        for step in (0, 1):
+            assert values(logged, "lambda_max_converged")[step] == converged
+            lam, residual = (values(logged, q)[step] for q in ("lambda_max", "lambda_max_residual"))
+            exact = torch.linalg.eigvalsh(exact_hessian(*snap.at[step][:2]))
+            assert (exact - lam).abs().min().item() <= residual * (1 + 1e-4) + 1e-6
+            assert lam <= exact[-1].item() * (1 + 1e-5) + 1e-6  # a Ritz value is below λ_max
+            if converged:
+                assert residual <= 1e-6 * abs(lam) + 1e-9
