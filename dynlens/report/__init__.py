@@ -93,8 +93,10 @@ are null for the task being trained).
 expected at (the warned step + the ``<event>/steps_to`` logged at it, rounded up; read back as
 float32, so one step early when that sum lay within float32 rounding above an integer), the step
 the event happened at (its first occurrence at or after the warning, else the last before it;
-null if it never happened) and ``lead`` (happened − warned, null if it never happened); and
-``happened`` (``{"<event>": step}`` for every event that happened, warned or not).
+null if it never happened) and ``lead`` (happened − warned, null if it never happened), with a
+row too for every event that happened and that no warning's row names (``warned_step``,
+``expected_step`` and ``lead`` null: it came unwarned); and ``happened`` (``{"<event>": step}``
+for every event that happened, warned or not).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def overview_table(report: RenderedReport) -> Table:
 
 def family_table(family: Family, runs: list[RunSummary]) -> Table | None:
     """One family's table: a row per run that logged it, the family's declared columns; with
-    ``family.rows``, a row per item of that list (one row of dashes for an empty list)."""
+    ``family.rows``, a row per item of that list (one row of dashes for an empty list); a cell
+    whose field the item lacks is a dash, whatever the column's format says of a null."""
     rows = [r for r in runs if family.name in r.families]
     if not rows:
         return None
@@ -92,7 +93,9 @@ def family_table(family: Family, runs: list[RunSummary]) -> Table | None:
             for column in family.columns:
                 value = item.get(column.field)
                 style = column.style(value) if column.style else ""
-                cells.append(Text(column.format(value), style=style))
+                # a row without the field (the dashes of an empty list) has nothing to format
+                shown = column.format(value) if column.field in item else "—"
+                cells.append(Text(shown, style=style))
             table.add_row(*cells)
     return table
 

@@ -117,8 +117,27 @@ def test_warnings_are_in_step_order_and_a_repeated_warning_waits_for_the_same_ev
         ("collapse", 20, 120, 90, 70),
         ("attention", 20, 21, None, None),
         ("collapse", 60, 90, 90, 30),
+        ("divergence", None, None, 70, None),  # the event no warning named has its own row
     ]
     assert got["happened"] == {"collapse": 90, "divergence": 70}
+
+
+def test_events_that_came_unwarned_are_rows_of_their_own_in_the_table(tmp_path):
+    # the run of the report's issue: three events, no warning at all
+    events = [(430, "collapse", "c"), (50, "divergence", "d"), (150, "attention", "a")]
+    directory = write(tmp_path, {W + "collapse/gap_median": {0: 3.0}}, events)
+    got = summarise(directory)["warning"]
+    assert [(w["event"], w["warned_step"], w["happened_step"]) for w in got["warnings"]] == [
+        ("divergence", None, 50),
+        ("attention", None, 150),
+        ("collapse", None, 430),
+    ]
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(build_report([directory]))
+    table = out.getvalue()
+    for event, step in (("divergence", "50"), ("attention", "150"), ("collapse", "430")):
+        (line,) = [row for row in table.splitlines() if event in row and "not warned" in row]
+        assert step in line
 
 
 def test_a_warning_without_steps_to_at_its_step_has_no_expected_step(tmp_path):

@@ -24,6 +24,15 @@ def happened_step(steps: list[int], warned: int) -> int | None:
     return max(steps) if steps else None
 
 
+def _fmt_warned(step: int | None) -> str:
+    return "not warned" if step is None else fmt_int(step)
+
+
+def _row_step(row: dict[str, Any]) -> int:
+    """Where a row stands in step order: its warning's step, else its event's."""
+    return row["happened_step"] if row["warned_step"] is None else row["warned_step"]
+
+
 @family(
     "warning",
     order=80,
@@ -31,7 +40,7 @@ def happened_step(steps: list[int], warned: int) -> int | None:
     fields=("warnings", "happened"),
     columns=(
         Column("event", "event", fmt_text),
-        Column("warned_step", "warned at", fmt_int),
+        Column("warned_step", "warned at", _fmt_warned),
         Column("expected_step", "expected", fmt_int),
         Column("happened_step", "happened at", fmt_int),
         Column("lead", "lead", fmt_int),
@@ -42,7 +51,9 @@ def warning(ctx: Context) -> dict[str, Any] | None:
     """One row per warning (reason ``warn_<event>``), in step order: the step it was raised at,
     the step its event was expected at (that step + the ``<event>/steps_to`` logged there,
     rounded up, as the monitor rounds it), the step the event happened at (reason ``<event>``)
-    and the lead (happened − warned); and the step of every event that happened, warned or not.
+    and the lead (happened − warned); a row too for every event that happened and that no
+    warning's row names (``warned_step`` null: it came unwarned); and the step of every event
+    that happened, warned or not.
     """
     if not ctx.texts("warning") and not ctx.matching("warning", r".+"):
         return None
@@ -67,6 +78,19 @@ def warning(ctx: Context) -> dict[str, Any] | None:
                 "lead": None if came is None else came - warned,
             }
         )
+    named = {(w["event"], w["happened_step"]) for w in warnings}
+    for event, steps in happened.items():
+        if steps and (event, steps[0]) not in named:
+            warnings.append(
+                {
+                    "event": event,
+                    "warned_step": None,
+                    "expected_step": None,
+                    "happened_step": steps[0],
+                    "lead": None,
+                }
+            )
+    warnings.sort(key=_row_step)
     return {
         "warnings": warnings,
         "happened": {e: steps[0] for e, steps in happened.items() if steps},
