@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 from .context import own_forward, sharding_strategy
+from .replay import map_tensors
 from .validate import ConfigurationError
 
 SubsetMode = Literal["random", "fixed"]
@@ -68,16 +69,7 @@ def default_forward(pl_module: Any, batch: Any, task: int) -> tuple[Any, Any]:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to ``device``; other objects pass through."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        mapping: Any = type(batch)  # a concrete mapping type (dict, a ModelOutput, ...)
-        return mapping({k: _to_device(v, device) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
 class _IndexSampler(Sampler[int]):

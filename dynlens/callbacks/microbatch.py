@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import curvature
+from .replay import map_tensors
 
 #: Relative difference between the batch's loss and its halves' weighted sum below which the loss
 #: counts as their mean (float32 sums in another order differ by about 1e-7).
@@ -38,32 +39,14 @@ TOLERANCE = 1e-5
 def batch_samples(batch: Any) -> int | None:
     """The length of the first dimension that every tensor of ``batch`` shares, ``None`` where
     they disagree or there is none."""
-    sizes = {t.shape[0] for t in _tensors(batch) if t.ndim >= 1}
+    sizes: set[int] = set()
+    map_tensors(batch, lambda t: sizes.add(t.shape[0]) if t.ndim >= 1 else None)
     return sizes.pop() if len(sizes) == 1 else None
 
 
 def batch_rows(batch: Any, start: int, stop: int) -> Any:
     """The samples ``start:stop`` of ``batch`` (every tensor sliced along its first dimension)."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop] if batch.ndim >= 1 else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: batch_rows(v, start, stop) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(batch_rows(v, start, stop) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(batch_rows(v, start, stop) for v in batch)
-    return batch
-
-
-def _tensors(batch: Any) -> Iterator[Tensor]:
-    if isinstance(batch, Tensor):
-        yield batch
-    elif isinstance(batch, Mapping):
-        for v in batch.values():
-            yield from _tensors(v)
-    elif isinstance(batch, (list, tuple)):
-        for v in batch:
-            yield from _tensors(v)
+    return map_tensors(batch, lambda t: t[start:stop] if t.ndim >= 1 else t)
 
 
 def micro_batched(

@@ -36,6 +36,7 @@ __all__ = [
     "logging_suppressed",
     "loss_closure",
     "losses_across_step",
+    "map_tensors",
     "probe_generator",
     "replay",
 ]
@@ -94,16 +95,22 @@ def _as_loss(out: Any) -> Tensor:
     return out
 
 
-def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (in mappings, named tuples, lists and
+    tuples, each rebuilt as its own type); other objects pass through."""
     if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
+        return fn(obj)
     if isinstance(obj, Mapping):
-        return type(obj)({k: _cast_floats(v, dtype) for k, v in obj.items()})  # type: ignore[call-arg]
+        return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})  # type: ignore[call-arg]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_cast_floats(v, dtype) for v in obj))
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_floats(v, dtype) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def loss_closure(

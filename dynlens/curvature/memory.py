@@ -260,15 +260,17 @@ class MemoryLimit:
     def record(self, route: str, probes: int, before: int, peak: int) -> None:
         self.peak_seen = max(self.peak_seen, peak)
         seen = self._passes.setdefault(route, {})
-        floor = self.meter.granularity if self.meter is not None else 0
-        seen[probes] = max(seen.get(probes, 0), peak - before, floor)
+        seen[probes] = max(seen.get(probes, 0), peak - before, self._noise())
+
+    def _noise(self) -> int:
+        """The meter's granularity: increments below it are noise (0 without a meter)."""
+        return self.meter.granularity if self.meter is not None else 0
 
     def record_like(self, route: str, units: int, like: str, probes: int) -> None:
         """Record for ``units`` on ``route`` the increment recorded for ``probes`` on ``like``
         (one product of a micro-batch of ``units`` samples sizes later micro-batches)."""
         increment = self._passes.get(like, {}).get(probes)
-        floor = self.meter.granularity if self.meter is not None else 0
-        if increment is not None and increment > floor:  # (a floored reading would bend the line)
+        if increment is not None and increment > self._noise():  # (a floored one bends the line)
             seen = self._passes.setdefault(route, {})
             seen[units] = max(seen.get(units, 0), increment)
 

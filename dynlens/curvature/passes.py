@@ -163,28 +163,25 @@ class _Passes(_Routes):
         # A first pass also allocates what any pass does once (autograd's and the kernels' own
         # buffers): it is metered for the limit, not read as the samples'.
         self._trial(route, probe, size)
-        last: tuple[int, int] | None = None
+        last: tuple[int, int, int] | None = None  # samples, in use before, peak
         while True:
             try:
-                increment = max(self._trial(route, probe, size), noise)
+                last = (size, *self._trial(route, probe, size))
             except CurvatureMemoryError:
                 if last is None:
                     raise
                 memory.failed(key, size)  # out of memory: micro-batches stay below this size
-                size, increment = last
                 break
-            last = (size, increment)
-            if 2 * size > loss.samples or 2 * increment > memory.room():
+            if 2 * size > loss.samples or 2 * max(last[2] - last[1], noise) > memory.room():
                 break
             size *= 2
-        memory.record(key, size, 0, increment)
+        memory.record(key, *last)
 
-    def _trial(self, route: str, probe: Tensor, samples: int) -> int:
-        """The metered increment of one product on the first ``samples`` samples only (its
-        value is not used)."""
-        whole, memory = self.loss_fn, self.memory
-        assert isinstance(whole, MicroBatchLoss) and memory is not None
-        assert memory.meter is not None
+    def _trial(self, route: str, probe: Tensor, samples: int) -> tuple[int, int]:
+        """One product on the first ``samples`` samples only (its value is not used): the
+        memory in use before it and its peak."""
+        whole = self.loss_fn
+        assert isinstance(whole, MicroBatchLoss)
         self.loss_fn = whole.piece(0, samples)
 
         def one() -> Tensor:
@@ -192,45 +189,43 @@ class _Passes(_Routes):
             self._graph = None
             return out
 
-        before = memory.meter.in_use()
         try:
-            _, peak = memory.meter.measure(one, len(probe))
-        except _OOM_ERRORS:
-            peak = None  # handled below, outside the except block, so its tensors are freed
+            metered = self._pass(one, len(probe))
         finally:
             self.loss_fn = whole
-        if peak is None:
+        if metered is None:
             self._free(drop_graph=True)
             raise CurvatureMemoryError(
                 f"out of memory at one Hessian-vector product on {samples} sample(s) on the "
-                f"{route!r} route under a limit of {_gib(memory.limit)}; what the measurement "
-                "held is freed. " + _MEMORY_FIX
+                f"{route!r} route; what the measurement held is freed. " + _MEMORY_FIX
             )
-        memory.peak_seen = max(memory.peak_seen, peak)
-        return max(peak - before, 0)
+        return metered[1:]
 
-    def _metered(
-        self,
-        route: str,
-        probes: int,
-        fn: Callable[[], Tensor],
-        *,
-        retry: bool = True,
-        units: int | None = None,
-    ) -> Tensor | None:
-        """Run one pass of ``probes`` under the meter and record its increment (for ``units``
-        of ``route``, the probes unless said); ``None`` after an out-of-memory error that a
-        smaller pass may avoid."""
+    def _pass(self, fn: Callable[[], Tensor], probes: int) -> tuple[Tensor, int, int] | None:
+        """One pass of ``probes`` under the meter: its result, the memory in use before it and
+        its peak; ``None`` where it ran out of memory (handled by the caller, outside this
+        except block, so that the traceback's tensors are freed)."""
         memory = self.memory
         assert memory is not None and memory.meter is not None
         before = memory.meter.in_use()
         try:
             out, peak = memory.meter.measure(fn, probes)
         except _OOM_ERRORS:
-            pass  # handled below, outside the except block, so its traceback's tensors are freed
-        else:
-            memory.record(route, probes if units is None else units, before, peak)
-            return out
+            return None
+        memory.peak_seen = max(memory.peak_seen, peak)
+        return out, before, peak
+
+    def _metered(
+        self, route: str, probes: int, fn: Callable[[], Tensor], *, retry: bool = True
+    ) -> Tensor | None:
+        """Run one pass of ``probes`` under the meter and record its increment; ``None`` after
+        an out-of-memory error that a smaller pass may avoid."""
+        memory = self.memory
+        assert memory is not None
+        metered = self._pass(fn, probes)
+        if metered is not None:
+            memory.record(route, probes, *metered[1:])
+            return metered[0]
         retry_with = memory.failed(route, probes) if retry else 0
         self._free(drop_graph=retry_with == 0)
         if retry_with == 0:

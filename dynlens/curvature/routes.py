@@ -75,22 +75,31 @@ class _Routes:
 
         def unflatten(self, flat: Tensor) -> dict[str, Tensor]: ...
 
+    def _chunked(self) -> bool:
+        """Whether the products run micro-batch by micro-batch."""
+        loss, size = self.loss_fn, self.samples_per_chunk
+        return isinstance(loss, MicroBatchLoss) and loss.exact and 0 < (size or 0) < loss.samples
+
     def _pieces(self) -> list[tuple[float, LossFn]]:
         """The loss as weighted micro-batches (one piece, weight 1, unless chunked)."""
-        size = self.samples_per_chunk
-        loss = self.loss_fn
-        if isinstance(loss, MicroBatchLoss) and loss.exact and size and size < loss.samples:
-            return loss.chunks(size)
+        if self._chunked():
+            assert isinstance(self.loss_fn, MicroBatchLoss) and self.samples_per_chunk
+            return self.loss_fn.chunks(self.samples_per_chunk)
         return [(1.0, self.loss_fn)]
 
-    def _settle(self) -> None:
-        """Between micro-batches: what the last one freed is given back (the meter's
-        :meth:`~dynlens.curvature.MemoryMeter.settle`), so the next starts from what is held."""
-        if self.memory is not None and self.memory.meter is not None and self._chunked():
-            self.memory.meter.settle()
-
-    def _chunked(self) -> bool:
-        return len(self._pieces()) > 1
+    def _summed(self, term: Callable[[LossFn], Tensor]) -> Tensor:
+        """Σ_i w_i · term(L_i) over the pieces (``term(L)`` itself, unchunked). Between
+        micro-batches the meter settles (:meth:`~dynlens.curvature.MemoryMeter.settle`): what
+        the last one freed is given back, so the next starts from what is held."""
+        pieces = self._pieces()
+        meter = self.memory.meter if self.memory is not None and len(pieces) > 1 else None
+        total: Tensor | None = None
+        for weight, fn in pieces:
+            total = _weighted_sum(total, term(fn), weight)
+            if meter is not None:
+                meter.settle()
+        assert total is not None
+        return total
 
     def _scalar_loss(self, p: dict[str, Tensor], fn: LossFn | None = None) -> Tensor:
         loss = (fn or self.loss_fn)(p)
@@ -142,18 +151,13 @@ class _Routes:
         return leaves, _flat(grads, leaves)
 
     def _double_backward(self, batch: Tensor, batched: bool = False) -> Tensor:
-        pieces = self._pieces()
-        if len(pieces) == 1:  # the whole batch: its graph is kept for every later product
+        if not self._chunked():  # the whole batch: its graph is kept for every later product
             if self._graph is None:
                 self._build_graph()
             assert self._graph is not None
             return self._through(self._graph, batch, batched)
         # micro-batch by micro-batch: each graph is built, used by every probe, and freed
-        total = torch.zeros_like(batch)
-        for weight, fn in pieces:
-            total.add_(self._through(self._graph_of(fn), batch, batched), alpha=weight)
-            self._settle()
-        return total
+        return self._summed(lambda fn: self._through(self._graph_of(fn), batch, batched))
 
     def _through(self, graph: tuple[list[Tensor], Tensor], batch: Tensor, batched: bool) -> Tensor:
         """The products of ``batch`` through one gradient graph."""
@@ -189,8 +193,7 @@ class _Routes:
         return _flat(hv, leaves, rows=len(batch))
 
     def _jvp_of_grad(self, tangents: dict[str, Tensor]) -> Tensor:
-        total: Tensor | None = None
-        for weight, fn in self._pieces():
+        def term(fn: LossFn) -> Tensor:
             with self._evaluation():
                 # jvp returns (output, jvp_out); its stub's union with the has_aux triple rules
                 # out unpacking, so the second item is indexed, as in _vmap_jvp_of_grad below.
@@ -199,27 +202,24 @@ class _Routes:
                     (self._primals,),
                     (tangents,),
                 )[1]
-            total = _weighted_sum(total, self.flatten(out), weight)
-            self._settle()
-        assert total is not None
-        return total
+            return self.flatten(out)
+
+        return self._summed(term)
 
     def _vmap_jvp_of_grad(self, batch: Tensor) -> Tensor:
         def one(fn: LossFn, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
             grad_fn = torch.func.grad(functools.partial(self._scalar_loss, fn=fn))
             return torch.func.jvp(grad_fn, (self._primals,), (tangents,))[1]
 
-        total: Tensor | None = None
-        for weight, fn in self._pieces():
+        def term(fn: LossFn) -> Tensor:
             # randomness="same": dropout inside loss_fn draws one mask shared by all probes.
             with self._evaluation():
                 out = torch.func.vmap(
                     functools.partial(one, fn), randomness="same", chunk_size=self.chunk_size
                 )(self.unflatten(batch))
-            total = _weighted_sum(total, self.flatten(out, batched=True), weight)
-            self._settle()
-        assert total is not None
-        return total
+            return self.flatten(out, batched=True)
+
+        return self._summed(term)
 
     def _finite_difference(self, batch: Tensor) -> Tensor:
         if self._theta_norm is None:
@@ -262,19 +262,20 @@ class _Routes:
         """∇L at a perturbed copy θ + step·v (the primals are never written), micro-batch by
         micro-batch where the loss is chunked."""
         direction = self.unflatten(v)
-        total = torch.zeros_like(v)
-        for weight, fn in self._pieces():
+
+        def term(fn: LossFn) -> Tensor:
             leaves = [
                 torch.add(p, direction[name], alpha=step).requires_grad_(True)
                 for name, p in self._primals.items()
             ]
             with self._evaluation():
                 loss = self._scalar_loss(dict(zip(self.names, leaves, strict=True)), fn)
-                if loss.requires_grad:
-                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                    total.add_(_flat(grads, leaves), alpha=weight)
-                    self._settle()
-        return total
+                if not loss.requires_grad:
+                    return torch.zeros_like(v)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            return _flat(grads, leaves)
+
+        return self._summed(term)
 
     def _check_once_differentiable(self) -> None:
         # torch.func routes run the backward under functorch transforms, where a once-differentiable
