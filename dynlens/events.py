@@ -110,6 +110,8 @@ class CollapseReason(Reason, monitor="collapse"):
     REMEDY = "remedy"  #: the loss modules were switched to StableMax or float64
     PRECISION = "precision"  #: the activation and precision collapse is measured in
     LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
+    #: how the targets align with the logits (or that no alignment reproduced the loss)
+    TARGETS = "targets"
 
 
 class LogitsReason(Reason, monitor="logits"):

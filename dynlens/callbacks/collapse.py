@@ -21,10 +21,11 @@ from .capture import (
     LogitsCapture,
     LogProbsTap,
     TargetsArg,
-    batch_targets,
     logits_found,
     same_memory,
     take_logits,
+    targets_of,
+    targets_said,
 )
 from .collapse_counts import PendingCounts, counted_from_rows
 from .context import logging_step, sharding_strategy
@@ -77,20 +78,27 @@ class SoftmaxCollapseMonitor(PooledMonitor):
 
     Args:
         logits_module: ``"auto"`` (default) finds the logits at the first measured step:
-            ``training_step``'s ``"logits"`` when it returns them, else the outermost module whose
-            output carries ``.logits`` (a Hugging Face ``ModelOutput``), else the output of the
-            LightningModule's own ``forward``; the choice is said once (event ``logits_found``).
-            Or the name of the submodule producing the logits (a forward hook records them during
-            measured steps); ``None`` reads ``outputs["logits"]`` from ``training_step``.
-        targets: ``"auto"`` (the second element of a ``(x, y)`` batch, or a ``labels``/``targets``/
-            ``y`` entry of a dict batch; ``(B, T)`` labels also serve logits flattened to
-            ``(B·T, C)``), a function ``batch -> targets``, or ``None``. Targets outside
-            ``[0, C)``, such as the ``-100`` of ignored positions, never count as zero-loss.
-        shift_targets: ``"auto"`` shifts the targets when the logits come from a Hugging Face
-            causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``: the model scores the logits at
-            position t against ``labels[t + 1]`` inside its loss); ``True`` always shifts (a
-            causal LM written by hand that is given unshifted labels), ``False`` never (labels
-            already aligned with the logits).
+            ``training_step``'s ``"logits"`` when it returns them, else the tensor whose
+            cross-entropy against the batch's targets reproduces the loss ``training_step``
+            returned (a module's output, an element of its tuple, its ``.logits``, or a list of
+            chunks), else the outermost module whose output carries ``.logits``, else the
+            output of the LightningModule's own ``forward``; the choice is said once (event
+            ``logits_found``). Or the name of the submodule producing the logits (a forward
+            hook records them during measured steps); ``None`` reads ``outputs["logits"]`` from
+            ``training_step``.
+        targets: ``"auto"``: the batch's integer tensor, aligned as given or shifted by one
+            position, whose mean cross-entropy on the logits reproduces the returned loss
+            (negative targets ignored, as ``ignore_index`` does), decided at the first measured
+            step and said once (event ``targets``). Where none reproduces it (z-loss, label
+            smoothing, a weighted loss), Softmax Collapse is counted from the logits alone, the
+            keys that need targets are left out, and the event gives the two values that
+            disagreed. Without a loss to compare with, the second element of a ``(x, y)``
+            batch or a ``labels``/``targets``/``y`` entry of a dict batch. Or a function
+            ``batch -> targets``, or ``None``. Targets outside ``[0, C)``, such as the ``-100``
+            of ignored positions, never count as zero-loss.
+        shift_targets: ``"auto"``: as the agreement with the loss decides (where both
+            alignments reproduce it, or there is no loss, shifted when the logits come from a
+            Hugging Face causal LM); ``True`` always shifts, ``False`` never: decided by hand.
         activation: ``"auto"`` follows the first :class:`dynlens.CrossEntropyLoss` in the module
             (softmax if there is none); or ``"softmax"``/``"stablemax"``.
         dtype: precision to measure in; ``"auto"`` is the loss's ``dtype`` when a
@@ -298,7 +306,7 @@ class SoftmaxCollapseMonitor(PooledMonitor):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         if self.is_due(trainer):
             self._window.open(trainer)
-            self.capture.arm()
+            self.capture.arm(batch, trainer.accumulate_grad_batches)
             self.tap.arm()
             self._logging = self._logs_now(trainer)
 
@@ -326,20 +334,16 @@ class SoftmaxCollapseMonitor(PooledMonitor):
             return
         try:
             taken = take_logits(self.capture, outputs, type(self).__name__)
-            shift = self._shifts()
-            found = logits_found(
-                self.capture,
-                targets=(
-                    "targets: the batch's labels shifted by one position (causal LM)"
-                    if shift and self.targets is not None
-                    else ""
-                ),
-            )
+            found = logits_found(self.capture)
+            step = logging_step(trainer)
             if found is not None:
-                step = logging_step(trainer)
                 self.log_event(trainer, step, CollapseReason.LOGITS_FOUND, found, once=True)
-            for logits in taken:
-                self._accumulate(logits, batch_targets(batch, self.targets, logits, shift))
+            said = targets_said(self.capture, self.targets, self.shift_targets)
+            if said is not None:
+                self.log_event(trainer, step, CollapseReason.TARGETS, said, once=True)
+            aligned = targets_of(self.capture, batch, taken, self.targets, self.shift_targets)
+            for logits, targets in zip(taken, aligned, strict=True):
+                self._accumulate(logits, targets)
         finally:
             self.tap.disarm()
         if self._window.close_if_stepped(trainer):  # the optimizer stepped: the step is whole
@@ -347,13 +351,6 @@ class SoftmaxCollapseMonitor(PooledMonitor):
             self._end_step(step)
             if self._logging:
                 self.flush(trainer, step, last=self.run_ends_inside_interval(trainer))
-
-    def _shifts(self) -> bool:
-        """Whether the targets are shifted: a causal LM's logits at position t are scored against
-        ``labels[t + 1]``."""
-        if self.shift_targets == "auto":
-            return self.capture.causal_lm
-        return self.shift_targets
 
     def _measure_in_loss(
         self, input: torch.Tensor, target: torch.Tensor, log_probs: torch.Tensor

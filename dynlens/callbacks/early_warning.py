@@ -326,7 +326,7 @@ class EarlyWarningMonitor(WarningSignals):
             return
         self._window.open(trainer)
         if self.watches("collapse"):
-            self.capture.arm()
+            self.capture.arm(batch, trainer.accumulate_grad_batches)
         if self.watches("attention"):
             self._attention_step = trainer.global_step
             source = self.attention_from  # measures this step too, or the monitor measures it

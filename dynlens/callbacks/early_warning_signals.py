@@ -89,17 +89,21 @@ class WarningSignals(Monitor):
             step = logging_step(trainer)
             self.log_event(trainer, step, WarningReason.LOGITS_FOUND, found, once=True)
         activation, dtype = self._collapse_in
-        logits = taken[-1]
         if self._follow_logits_dtype:  # no loss sets a precision: the logits' own, as F's loss
-            dtype = logits.dtype
+            dtype = taken[0].dtype
         self._collapse_in = (activation, dtype)
-        gaps = runner_up_gap(logits, activation=activation, dtype=dtype).float()
-        collapsed = collapsed_mask(logits, activation=activation, dtype=dtype)
-        found_count = collapsed.sum()
+        # every chunk of the step's logits (a head that runs once per chunk), pooled
+        gaps = torch.cat(
+            [
+                runner_up_gap(x, activation=activation, dtype=dtype).float().reshape(-1)
+                for x in taken
+            ]
+        )
+        masks = [collapsed_mask(x, activation=activation, dtype=dtype) for x in taken]
+        found_count = torch.stack([m.sum() for m in masks]).sum()
         self._gap = gaps.nanmedian()
-        self._collapse_counts = torch.stack(
-            [found_count.new_tensor(collapsed.numel()), found_count]
-        ).float()
+        total = sum(m.numel() for m in masks)
+        self._collapse_counts = torch.stack([found_count.new_tensor(total), found_count]).float()
 
     def _ratio_signal(self, pl_module: Any, batch: Any, batch_idx: int) -> None:
         theta, self._theta = self._theta, None

@@ -319,7 +319,7 @@ class LogitGrowthMonitor(PooledMonitor):
         output_due = self.output_logits and self.is_due(trainer)
         attention_due = self.attention and self.is_due(trainer, self.attention_every_n_steps)
         if output_due:
-            self.capture.arm()
+            self.capture.arm(batch, trainer.accumulate_grad_batches)
             self._output_armed = True
         if attention_due:
             self.attention_capture.arm(tag=trainer.global_step)

@@ -168,7 +168,7 @@ def test_auto_finds_the_outermost_model_output_and_keeps_it():
     x = torch.randn(2, 4)
     seen = []
     capture, taken = discover(wrapper, lambda: seen.append(wrapper.model(x)), {"loss": 0})
-    assert capture.found == ("model", "the output of `model` (TaskModel, its .logits)")
+    assert capture.found == ("model", "the output of `model` (TaskModel, its logits by name)")
     assert torch.equal(taken[0], seen[0].logits) and capture.hooked
     capture.arm()  # later steps: the forward hook on `model`
     out = wrapper.model(x)

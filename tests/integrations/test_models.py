@@ -141,8 +141,9 @@ def test_causal_lm_targets_are_shifted(shift):
     trainer.fit(module, DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], 4))
     expected = shifted if shift == "auto" else unshifted
     assert monitor.latest["zero_loss_fraction"] == pytest.approx(expected, abs=1e-12)
-    (found,) = [e["message"] for e in monitor.events if e["reason"] == "logits_found"]
-    assert ("shifted by one position" in found) is (shift == "auto")
+    (said,) = [e["message"] for e in monitor.events if e["reason"] == "targets"]
+    assert ("shifted by one position" in said) is (shift == "auto")
+    assert ("reproduces the loss" in said) is (shift == "auto")  # False: by hand
 
 
 def test_shift_is_decided_by_the_model_not_the_shape():

@@ -14,7 +14,8 @@ Every capture has the same five calls, made by its monitor at the same moments:
 Between ``disarm`` and the next ``arm`` a capture costs nothing. The captures:
 
 * :class:`LogitsCapture` (:mod:`.logits`): the output logits, from ``training_step``'s outputs or
-  a forward hook, found automatically;
+  a forward hook, found automatically, and how the batch's targets align with them, both decided
+  by agreement with the step's loss (:mod:`.agreement`);
 * :class:`LogProbsTap` (:mod:`.log_probs`): the log-probabilities a
   :class:`dynlens.CrossEntropyLoss` computes, measured inside its forward;
 * :class:`AttentionCapture` (:mod:`.attention`): attention logits of every attention call;
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from .agreement import Alignment, fit_targets, shifts, targets_of, targets_said
 from .attention import AttentionCapture
 from .log_probs import LogProbsTap, same_memory
 from .logits import AUTO, LogitsCapture, is_causal_lm, logits_found, take_logits
@@ -47,15 +49,20 @@ class Capture(Protocol):
 __all__ = [
     "AUTO",
     "TARGET_KEYS",
+    "Alignment",
     "AttentionCapture",
     "Capture",
     "LogProbsTap",
     "LogitsCapture",
     "TargetsArg",
     "batch_targets",
+    "fit_targets",
     "is_causal_lm",
     "logits_found",
     "same_memory",
     "shift_targets_left",
+    "shifts",
     "take_logits",
+    "targets_of",
+    "targets_said",
 ]

@@ -16,6 +16,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from ..context import in_own_forward
 from ..validate import ConfigurationError
+from .agreement import Alignment, Reading, choose, integer_tensors, readings, tolerance
 
 
 def _logits_of(output: Any) -> torch.Tensor | None:
@@ -51,6 +52,46 @@ def _is_logits(output: Any) -> bool:
     return isinstance(output, torch.Tensor) and output.is_floating_point() and output.dim() >= 2
 
 
+def _candidates(output: Any) -> list[tuple[str, list[torch.Tensor]]]:
+    """The ways a module's output can hold logits, as ``(how, chunks)``: the output itself
+    (``""``), its ``.logits`` or ``"logits"`` (``".logits"``), an element of a tuple or list
+    (``"[i]"``, e.g. nanoGPT's ``(logits, loss)``), or all of a list of chunks along the token
+    axis (``"chunks"``, e.g. LitGPT's chunked head)."""
+    if _is_logits(output):
+        return [("", [output])]
+    if _is_model_output(output):
+        return [(".logits", [_logits_of(output)])]  # type: ignore[list-item]
+    if not isinstance(output, (tuple, list)):
+        return []
+    found = [(f"[{i}]", [x]) for i, x in enumerate(output) if _is_logits(x)]
+    first = output[0] if output else None
+    if (
+        len(output) >= 2
+        and len(found) == len(output)
+        and isinstance(first, torch.Tensor)
+        and all(x.dim() >= 3 and x.shape[:-2] == first.shape[:-2] for x in output)
+        and all(x.shape[-1] == first.shape[-1] for x in output)
+    ):
+        found.append(("chunks", list(output)))
+    return found
+
+
+def _extract(output: Any, how: str) -> list[torch.Tensor]:
+    """The logits that ``how`` (see :func:`_candidates`) names in a module's output."""
+    if how == "":
+        return [output] if isinstance(output, torch.Tensor) else []
+    if how == ".logits":
+        logits = _logits_of(output) if _is_model_output(output) else None
+        return [logits] if logits is not None else []
+    if not isinstance(output, (tuple, list)):
+        return []
+    if how == "chunks":
+        return [x for x in output if isinstance(x, torch.Tensor)]
+    index = int(how[1:-1])
+    item = output[index] if index < len(output) else None
+    return [item] if isinstance(item, torch.Tensor) else []
+
+
 def _contains(outer: str, inner: str) -> bool:
     """Module ``outer`` is ``inner`` or one of its ancestors (by dotted names; ``""`` is the
     LightningModule itself)."""
@@ -80,14 +121,24 @@ class LogitsCapture:
             ``"model.lm_head"``); a forward hook records its output during measured steps only.
             ``None``: read ``outputs[output_key]`` of ``training_step`` instead. ``"auto"``
             (default): at the first measured step, ``outputs[output_key]`` when
-            ``training_step`` returns it; otherwise the outermost module whose output names its
-            logits (a Hugging Face ``ModelOutput`` with ``.logits``, a dict with ``"logits"``);
-            otherwise the LightningModule's own ``forward`` when it returns a floating tensor of
-            at least two dimensions; otherwise the one direct submodule that ``training_step``
-            called and that returned such a tensor. That choice is then kept (:attr:`found`),
-            and a step whose logits cannot be told apart raises a :class:`ConfigurationError`
-            that names the candidates.
+            ``training_step`` returns it; otherwise the logits are found by what they do: the
+            tensor whose mean cross-entropy against the batch's targets (as given or shifted by
+            one position) reproduces the loss ``training_step`` returned (:mod:`.agreement`),
+            whether a module returns it, returns it in a tuple (nanoGPT's ``(logits, loss)``),
+            names it (``.logits``, ``"logits"``) or returns it in chunks along the token axis
+            (LitGPT's chunked head); the outermost such module. Where nothing reproduces the
+            loss (a loss with other terms: z-loss, label smoothing, auxiliary losses), the
+            outermost module whose output names its logits; otherwise the LightningModule's own
+            ``forward`` when it returns a floating tensor of at least two dimensions; otherwise
+            the one direct submodule that ``training_step`` called and that returned such a
+            tensor. That choice is then kept (:attr:`found`), and a step whose logits cannot be
+            told apart raises a :class:`ConfigurationError` that names what was tried.
         output_key: key of the logits in the dict ``training_step`` returns.
+
+    Whatever the source, the first measured step also decides how the batch's targets align
+    with the logits, by the same agreement (:attr:`alignment`). Hooks never run inside a
+    ``torch.compile``'d region (Dynamo does not see them): a compiled model is read at its
+    outermost module, which runs eagerly.
     """
 
     def __init__(self, logits_module: str | None = AUTO, output_key: str = "logits") -> None:
@@ -101,14 +152,32 @@ class LogitsCapture:
         #: Where the logits come from once known: ``(source, description)``, ``source`` a module
         #: name (``""`` for the LightningModule), or ``None`` for ``training_step``'s outputs.
         self.found: tuple[str | None, str] | None = None
-        #: The logits come from a Hugging Face causal LM (targets need shifting).
+        #: How the logits sit in the source module's output (see :func:`_candidates`).
+        self.how = ""
+        #: The model's class says causal LM (a hint where both alignments fit the loss).
         self.causal_lm = False
+        #: The first measured step decided the targets' alignment (or that none can be).
+        self.aligned = False
+        #: The alignment whose cross-entropy reproduced the step's loss (``None``: none did, or
+        #: the step returned no loss or its batch has no integer tensor).
+        self.alignment: Alignment | None = None
+        #: Where a loss was returned and nothing reproduced it: the closest reading (and then
+        #: :attr:`alignment` is set only where the targets' shape allows one alignment).
+        self.disagreement: Reading | None = None
         self._model: nn.Module | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._armed = False
         self._captured: list[torch.Tensor] = []
-        # "auto" before the logits are found: the step's module outputs, by module
-        self._searching: dict[nn.Module, Any] | None = None
+        # until the alignment is decided: the measured step's batch, and Lightning's division
+        # of the returned loss (accumulated gradients)
+        self._batch: Any = None
+        self._loss_scale = 1.0
+        # "auto" before the logits are found: candidates by (module, how), and every floating
+        # output's shape (for the error message); only candidates are held, so no other
+        # activation outlives its time
+        self._searching: dict[tuple[nn.Module, str], list[torch.Tensor]] | None = None
+        self._shapes: dict[nn.Module, tuple[int, ...]] = {}
+        self._largest_target: int | None = None
         self._search_handle: torch.utils.hooks.RemovableHandle | None = None
         self._children: set[nn.Module] = set()
 
@@ -129,7 +198,8 @@ class LogitsCapture:
         """Register the forward hook (when a module is named). Call from ``setup``."""
         self.detach()
         self._model = pl_module
-        self.found, self.causal_lm = None, False
+        self.found, self.causal_lm, self.how = None, False, ""
+        self.aligned, self.alignment, self.disagreement = False, None, None
         if self.logits_module is None:
             self._resolve(None, f"training_step's {self.output_key!r}")
         elif self.logits_module != AUTO:
@@ -144,7 +214,7 @@ class LogitsCapture:
                 ) from None
             self._resolve(self.logits_module, f"the output of `{self.logits_module}`")
 
-    def _resolve(self, source: str | None, description: str) -> None:
+    def _resolve(self, source: str | None, description: str, how: str = "") -> None:
         model = self._model
         assert model is not None
         if source is not None:
@@ -154,7 +224,7 @@ class LogitsCapture:
             (_contains(at, name) or _contains(name, at)) and is_causal_lm(module)
             for name, module in model.named_modules()
         )
-        self.found = (source, description)
+        self.found, self.how = (source, description), how
 
     def detach(self) -> None:
         if self._handle is not None:
@@ -162,32 +232,44 @@ class LogitsCapture:
             self._handle = None
         self.disarm()
         self._captured = []
+        self._batch = None
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return  # invisible to Dynamo: the compiled graph is the one without monitors
         if self._armed and not in_own_forward():  # not another monitor's replay or evaluation
-            logits = _logits_of(output)
-            if logits is not None:
-                self._captured.append(logits.detach())
+            self._captured.extend(x.detach() for x in _extract(output, self.how))
 
     def _search(self, module: nn.Module, args: Any, output: Any) -> None:
         # every module's output during the first measured step of "auto" (the gradient-recording
-        # ones: not a frozen teacher under no_grad, not another monitor's replay); only outputs
-        # that name their logits and the LightningModule's own are held, of the others only the
-        # shape is kept (for the error message), so no activation outlives its time
+        # ones: not a frozen teacher under no_grad, not another monitor's replay)
+        if torch.compiler.is_compiling():
+            return
         if not torch.is_grad_enabled() or in_own_forward() or self._searching is None:
             return
         direct = module is self._model or module in self._children
-        if _is_model_output(output) or (direct and _is_logits(output)):
-            self._searching.setdefault(module, output)
-        elif _is_logits(output):
-            self._searching.setdefault(module, tuple(output.shape))
+        for how, chunks in _candidates(output):
+            if direct or how == ".logits" or self._may_be_logits(chunks[0]):
+                self._searching.setdefault((module, how), []).extend(x.detach() for x in chunks)
+            self._shapes.setdefault(module, tuple(chunks[0].shape))
 
-    def arm(self) -> None:
-        """Start recording the hooked module's outputs (a measured training step begins)."""
+    def _may_be_logits(self, chunk: torch.Tensor) -> bool:
+        """Enough classes for every target of the batch (so its cross-entropy can be read)."""
+        largest = self._largest_target
+        return largest is not None and chunk.shape[-1] > max(largest, 1)
+
+    def arm(self, batch: Any = None, loss_scale: float = 1.0) -> None:
+        """Start recording the hooked module's outputs (a measured training step begins).
+        ``batch`` and ``loss_scale`` (what Lightning divides the returned loss by, the
+        accumulated micro-batches) serve the first measured step's decisions only."""
         self._armed = True
         self._captured = []
+        if not self.aligned:
+            self._batch, self._loss_scale = batch, float(loss_scale)
         if self.found is None and self._search_handle is None:
-            self._searching = {}
+            self._searching, self._shapes = {}, {}
+            targets = [t for _, t in integer_tensors(batch)]
+            self._largest_target = max((int(t.max()) for t in targets), default=None)
             self._children = set(self._model.children()) if self._model is not None else set()
             self._search_handle = register_module_forward_hook(self._search)
 
@@ -199,72 +281,148 @@ class LogitsCapture:
             self._search_handle, self._searching = None, None
 
     def take(self, outputs: Any, owner: str = "the monitor") -> list[torch.Tensor]:
-        """The logits of the step that just ran (several when the hooked module ran repeatedly),
-        then stop recording. Empty when none were found. With ``"auto"``, the first call decides
-        where the logits come from (:attr:`found`), or raises :class:`ConfigurationError` naming
-        the candidates when that cannot be decided."""
+        """The logits of the step that just ran (several when the hooked module ran repeatedly
+        or returned chunks), then stop recording. Empty when none were found. The first call
+        decides where the logits come from (:attr:`found`, with ``"auto"``) and how the targets
+        align (:attr:`alignment`), or raises :class:`ConfigurationError` naming the candidates
+        when the logits cannot be told apart."""
         try:
             if self.found is None and self._searching is not None:
-                return self._discover(outputs, self._searching, owner)
-            if self.found is not None and self.found[0] is not None:
-                captured, self._captured = self._captured, []
-                return captured
-            logits = outputs.get(self.output_key) if isinstance(outputs, Mapping) else None
-            return [logits.detach()] if isinstance(logits, torch.Tensor) else []
+                logits = self._discover(outputs, self._searching, owner)
+            elif self.found is not None and self.found[0] is not None:
+                logits, self._captured = self._captured, []
+            else:
+                value = outputs.get(self.output_key) if isinstance(outputs, Mapping) else None
+                logits = [value.detach()] if isinstance(value, torch.Tensor) else []
+            if logits and not self.aligned:
+                self._align(logits, outputs)
+            return logits
         finally:
             self.disarm()
 
-    def _discover(self, outputs: Any, seen: dict[nn.Module, Any], owner: str) -> list[torch.Tensor]:
+    def _step_loss(self, outputs: Any) -> torch.Tensor | None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+            return loss.detach().reshape(())
+        return None
+
+    def _align(self, logits: list[torch.Tensor], outputs: Any) -> None:
+        """Decide the targets' alignment by agreement with the step's loss (see the class)."""
+        self.aligned = True
+        batch, self._batch = self._batch, None
+        loss = self._step_loss(outputs)
+        if loss is None or batch is None:
+            return
+        found = readings(logits, batch, float(loss) * self._loss_scale)
+        best = choose(found, tolerance(loss.dtype, logits[0].dtype), self.causal_lm)
+        if best is not None or not found:
+            self.alignment = best.alignment if best is not None else None
+            return
+        # Nothing reproduced the loss (it has other terms). The first targets that fit: read
+        # only where their shape allows one alignment (a label per sample), never a guessed shift.
+        self.disagreement = found[0]
+        key = next(k for k, _ in integer_tensors(batch) if any(r.alignment.key == k for r in found))
+        fits = [r.alignment for r in found if r.alignment.key == key]
+        if len(fits) == 1 and not fits[0].shift:
+            self.alignment = fits[0]
+            self.disagreement = next(r for r in found if r.alignment == fits[0])
+
+    def _discover(
+        self, outputs: Any, seen: dict[tuple[nn.Module, str], list[torch.Tensor]], owner: str
+    ) -> list[torch.Tensor]:
         """Decide where the logits come from, from the first measured step (see the class)."""
-        logits = outputs.get(self.output_key) if isinstance(outputs, Mapping) else None
-        if isinstance(logits, torch.Tensor):
+        value = outputs.get(self.output_key) if isinstance(outputs, Mapping) else None
+        if isinstance(value, torch.Tensor):
             self._resolve(None, f"training_step's {self.output_key!r}")
-            return [logits.detach()]
+            return [value.detach()]
         model = self._model
         assert model is not None
         names = {module: name for name, module in model.named_modules()}
-        structured = {
-            names[m]: out for m, out in seen.items() if m in names and _is_model_output(out)
-        }
+        seen = {k: v for k, v in seen.items() if k[0] in names}
+        tried = self._by_agreement(outputs, seen, names, owner)
+        if isinstance(tried, list):
+            return tried
+        structured = {names[m]: chunks for (m, how), chunks in seen.items() if how == ".logits"}
         outermost = [
             n for n in structured if not any(o != n and _contains(o, n) for o in structured)
         ]
         if len(outermost) == 1:
             (name,) = outermost
             kind = type(model.get_submodule(name)).__name__
-            named = getattr(structured[name], "logits", None) is not None  # ModelOutput
-            what = "its .logits" if named else "its 'logits'"
             label = f"`{name}`" if name else "the LightningModule's forward"
-            self._resolve(name, f"the output of {label} ({kind}, {what})")
-            logits = _logits_of(structured[name])
-            assert logits is not None  # a structured output names its logits
-            return [logits.detach()]
-        own = seen.get(model)
-        if not outermost and isinstance(own, torch.Tensor):
+            self._resolve(name, f"the output of {label} ({kind}, its logits by name)", ".logits")
+            return structured[name]
+        own = seen.get((model, ""))
+        if not outermost and own is not None:
             self._resolve("", "the output of the LightningModule's forward")
-            return [own.detach()]
-        children = [
-            m for m, out in seen.items() if m is not model and isinstance(out, torch.Tensor)
-        ]
+            return own
+        children = [m for (m, how) in seen if m is not model and m in self._children and not how]
         if not outermost and len(children) == 1:  # training_step called one submodule itself
             (child,) = children
             name = names[child]
             self._resolve(name, f"the output of `{name}` ({type(child).__name__})")
-            return [seen[child].detach()]
-        tensors = [
-            f"{names[m] or '(the LightningModule)'} {tuple(getattr(out, 'shape', out))}"
-            for m, out in seen.items()
-            if m in names and isinstance(out, (tuple, torch.Tensor))
+            return seen[(child, "")]
+        shapes = [
+            f"{names[m] or '(the LightningModule)'} {shape}"
+            for m, shape in self._shapes.items()
+            if m in names
         ]
         if len(outermost) > 1:
             found = ", ".join(f"`{n or '(the LightningModule)'}`" for n in outermost)
             detail = f"Several modules return logits ({found}): name the one to read"
-        elif tensors:
-            shown = ", ".join(tensors[::-1][:8])
-            detail = f"No module returned logits by name; the candidates, last run first: {shown}"
+        elif shapes:
+            shown = ", ".join(shapes[::-1][:8])
+            detail = (
+                f"No module's output reproduced the loss by its cross-entropy{tried} or named "
+                f"its logits; the candidates, last run first: {shown}"
+            )
         else:
             detail = "No module returned a floating tensor in the training step"
         raise ConfigurationError(f"{self.advice(owner)} {detail}.")
+
+    def _by_agreement(
+        self,
+        outputs: Any,
+        seen: dict[tuple[nn.Module, str], list[torch.Tensor]],
+        names: dict[nn.Module, str],
+        owner: str,
+    ) -> list[torch.Tensor] | str:
+        """The logits of the outermost candidate whose cross-entropy reproduces the step's loss
+        (:attr:`found` set); else what was tried, for the error message."""
+        loss, batch = self._step_loss(outputs), self._batch
+        if loss is None or batch is None:
+            return " (the step returned no loss to compare with)"
+        if not integer_tensors(batch):
+            return " (the batch holds no integer targets)"
+        scaled = float(loss) * self._loss_scale
+        agreeing: dict[tuple[str, str], list[torch.Tensor]] = {}
+        for (module, how), chunks in seen.items():
+            found = readings(chunks, batch, scaled)
+            if found and found[0].discrepancy <= tolerance(loss.dtype, chunks[0].dtype):
+                agreeing[(names[module], how)] = chunks
+        outer = [
+            k for k in agreeing if not any(o[0] != k[0] and _contains(o[0], k[0]) for o in agreeing)
+        ]
+        distinct = {tuple(x.data_ptr() for x in agreeing[k]) for k in outer}
+        if len(distinct) > 1:
+            shown = ", ".join(f"`{n or '(the LightningModule)'}`{h}" for n, h in outer)
+            raise ConfigurationError(
+                f"{self.advice(owner)} Several outputs reproduce the loss by their "
+                f"cross-entropy ({shown}): name the one to read."
+            )
+        if not outer:
+            return f" ({scaled:.6g}; {len(seen)} candidate(s) tried)"
+        name, how = outer[0]
+        assert self._model is not None
+        kind = type(self._model.get_submodule(name)).__name__
+        label = f"`{name}`" if name else "the LightningModule's forward"
+        part = {"": "", ".logits": " .logits", "chunks": " (chunks)"}.get(how, f"{how}")
+        self._resolve(
+            name,
+            f"the output{part} of {label} ({kind}): its cross-entropy reproduces the loss",
+            how,
+        )
+        return agreeing[(name, how)]
 
 
 def take_logits(capture: LogitsCapture, outputs: Any, owner: str) -> list[torch.Tensor]:
