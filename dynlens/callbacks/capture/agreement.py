@@ -34,18 +34,18 @@ class Alignment:
     """Where a step's targets are in its batch (a dict key or a tuple index) and whether they
     are shifted by one position."""
 
-    key: str | int
+    key: str | int | None  # None: the batch is one tensor (LitGPT's pretraining layout)
     shift: bool
 
     def describe(self) -> str:
-        where = f"batch[{self.key!r}]"
+        where = "the batch" if self.key is None else f"batch[{self.key!r}]"
         how = "shifted by one position (the logits at t score target t + 1)" if self.shift else ""
         return f"targets: {where}" + (f", {how}" if how else ", as given")
 
     def targets(self, batch: Any, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         """The targets of ``chunks`` from ``batch``, aligned and split as the chunks are."""
         try:
-            found = batch[self.key]
+            found = batch if self.key is None else batch[self.key]
         except (KeyError, IndexError, TypeError):
             return None
         if not _is_index_tensor(found):
@@ -63,10 +63,12 @@ def _is_index_tensor(value: Any) -> bool:
     )
 
 
-def integer_tensors(batch: Any) -> list[tuple[str | int, torch.Tensor]]:
+def integer_tensors(batch: Any) -> list[tuple[str | int | None, torch.Tensor]]:
     """The batch's tensors that can be class indices, the likely targets first: a dict's
     ``labels``/``targets``/``y``… entries, then its other keys; a tuple's second element onward,
-    then its first."""
+    then its first; a batch that is one tensor itself (key ``None``)."""
+    if isinstance(batch, torch.Tensor):
+        return [(None, batch)] if _is_index_tensor(batch) else []
     if isinstance(batch, Mapping):
         keys = [k for k in TARGET_KEYS if k in batch] + [k for k in batch if k not in TARGET_KEYS]
         return [(k, batch[k]) for k in keys if isinstance(k, str) and _is_index_tensor(batch[k])]
@@ -86,7 +88,13 @@ def fit_targets(
     if shift:
         if targets.dim() < 2:  # a vector of samples has no positions to shift along
             return None
-        targets = shift_targets_left(targets)
+        positions = sum(c.shape[-2] for c in chunks) if chunks[0].dim() >= 3 else -1
+        # one more position than the logits (the inputs are its first T, as LitGPT's
+        # pretraining reads a (B, T + 1) batch): position t scores target t + 1, all of them
+        if targets.shape[-1] == positions + 1:
+            targets = targets[..., 1:]
+        else:
+            targets = shift_targets_left(targets)
     if len(chunks) == 1:
         rows = chunks[0].shape[:-1]
         return [targets.reshape(rows)] if rows.numel() == targets.numel() else None

@@ -356,12 +356,19 @@ class LogitsCapture:
         if not outermost and own is not None:
             self._resolve("", "the output of the LightningModule's forward")
             return own
-        children = [m for (m, how) in seen if m is not model and m in self._children and not how]
-        if not outermost and len(children) == 1:  # training_step called one submodule itself
-            (child,) = children
+        # training_step called one submodule itself, which returned one such tensor (or a
+        # tuple holding one, as nanoGPT's (logits, loss))
+        children = [
+            (m, how)
+            for (m, how) in seen
+            if m is not model and m in self._children and how != "chunks"
+        ]
+        if not outermost and len(children) == 1:
+            ((child, how),) = children
             name = names[child]
-            self._resolve(name, f"the output of `{name}` ({type(child).__name__})")
-            return seen[(child, "")]
+            part = f"{how} " if how else ""
+            self._resolve(name, f"the output {part}of `{name}` ({type(child).__name__})", how)
+            return seen[(child, how)]
         shapes = [
             f"{names[m] or '(the LightningModule)'} {shape}"
             for m, shape in self._shapes.items()
