@@ -45,7 +45,9 @@ __all__ = [
     "Reason",
     "WarningReason",
     "format_event",
+    "join_events",
     "parse_event",
+    "split_events",
 ]
 
 #: What a reason may be: no spaces or backticks, so the text form parses back unambiguously.
@@ -64,6 +66,28 @@ def format_event(reason: str, text: str) -> str:
             f"got {reason!r}"
         )
     return f"`{reason}`{SEPARATOR}{text}"
+
+
+#: Between the events of one step in one TensorBoard text: TensorBoard shows one text per step
+#: and tag (the last written), so a step's events are written together, each a paragraph.
+_BETWEEN = "\n\n"
+_NEXT_EVENT = re.compile(rf"\n\n(?=`{REASON_PATTERN}`{SEPARATOR})")
+
+
+def join_events(texts: list[str]) -> str:
+    """One TensorBoard text for the events of one step (:func:`split_events` undoes it)."""
+    return _BETWEEN.join(texts)
+
+
+def split_events(text: str) -> list[str]:
+    """The events in one TensorBoard text (one, or a step's several joined by
+    :func:`join_events`).
+
+    Example:
+        >>> split_events(join_events(["`targets` · step 0: a", "`precision` · step 0: b"]))
+        ['`targets` · step 0: a', '`precision` · step 0: b']
+    """
+    return _NEXT_EVENT.split(text)
 
 
 def parse_event(text: str) -> tuple[str | None, str]:
@@ -121,6 +145,7 @@ class LogitsReason(Reason, monitor="logits"):
     ATTENTION_DIVERGENCE = "attention_divergence"  #: ... and its divergence level
     LOGZ_DRIFT = "logz_drift"  #: ``|logz_mean|`` passed ``logz_threshold``
     LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
+    SOFT_CAP = "soft_cap"  #: layers whose attention scores are soft-capped (raw scores logged)
 
 
 class HessianReason(Reason, monitor="hessian"):

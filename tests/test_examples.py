@@ -51,8 +51,25 @@ def test_hf_causal_lm_example_logs_every_monitor_with_nothing_named(tmp_path, ca
     assert "dynlens/collapse/zero_loss_fraction" in logged and "dynlens/hessian/trace" in logged
     assert collapse.capture.causal_lm and logits.capture.found[0] == "model"
     out = capsys.readouterr().out
-    assert "labels shifted by one position (causal LM)" in out
+    assert "batch['labels'], shifted by one position" in out and "reproduces the loss" in out
     assert f"tensorboard --logdir {tmp_path}" in out
+
+
+def test_litgpt_example_logs_every_monitor_with_nothing_named(tmp_path, capsys):
+    collapse, logits, _, early, *_ = load("litgpt_pretrain").main(
+        max_steps=6, chunk=4, logdir=str(tmp_path)
+    )
+    logged = scalars(tmp_path / "litgpt_pretrain_chunk4")
+    layers = ["model.transformer.h.0.attn", "model.transformer.h.1.attn"]
+    assert logits.layers == layers
+    assert all(f"dynlens/logits/attn_max/{layer}" in logged for layer in layers)
+    assert "dynlens/collapse/zero_loss_fraction" in logged and "dynlens/hessian/trace" in logged
+    assert "dynlens/warning/collapse/gap_median" in logged
+    for monitor in (collapse, logits, early):
+        assert monitor.capture.found[0] == "model" and monitor.capture.how == "chunks"
+    assert collapse.capture.alignment.key is None and collapse.capture.alignment.shift
+    out = capsys.readouterr().out
+    assert "targets: the batch, shifted by one position" in out
 
 
 def test_early_warning_example_logs_the_forecast(tmp_path, capsys):

@@ -76,7 +76,7 @@ from rich import get_console
 from typing_extensions import override
 
 from ..compat import Callback
-from ..events import Reason, format_event
+from ..events import Reason, format_event, join_events
 from .context import logging_step
 from .layout import Chart, tag_regex, tensorboard_writers, write_layout
 from .schedule import BudgetSchedule, check_cadence, dense_cadence
@@ -359,6 +359,13 @@ class Monitor(DeclaredState, Callback):
         self.events.append({"step": int(step), "reason": code, "message": message})
         if not trainer.is_global_zero:
             return True
+        # TensorBoard shows one text per step (the last): each write carries the step's events
+        same_step = []
+        for event in reversed(self.events):
+            if event["step"] != int(step):
+                break
+            same_step.append(format_event(event["reason"], f"step {step}: {event['message']}"))
+        text = join_events(same_step[::-1]) if len(same_step) > 1 else text
         for writer in tensorboard_writers(trainer):
             self._rank_zero_side_effect(
                 "SummaryWriter.add_text",

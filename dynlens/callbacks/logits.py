@@ -354,6 +354,16 @@ class LogitGrowthMonitor(PooledMonitor):
         if self._attention_armed:  # the step is whole: pool its attention statistics
             self._attention_armed = False
             layers = self.attention_capture.take()
+            capped = self.attention_capture.capped
+            if capped:
+                caps = ", ".join(sorted({f"{c:g}" for c in capped.values()}))
+                said = (
+                    f"the attention scores of {len(capped)} layer(s) are soft-capped before "
+                    f"the softmax (tanh(s/c)·c, c = {caps}): attn_max and attn_rms are the raw "
+                    f"scores s (the softmax sees at most c)"
+                )
+                step = logging_step(trainer)
+                self.log_event(trainer, step, LogitsReason.SOFT_CAP, said, once=True)
             if not self.attention_seen:
                 self.attention_seen = bool(layers)
                 self.write_layout(trainer)  # the panel now knows whether to chart attention

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..events import split_events
 from .eventfile import FileReport, Histogram, read_event_file
 
 __all__ = [
@@ -158,6 +159,7 @@ def read_run(directory: str | os.PathLike[str], name: str | None = None) -> RunD
             report = FileReport(path, problems=[f"{path}: cannot be read ({exc.strerror or exc})"])
         run.files.append(report)
         run.notes.extend(report.problems)
+    run.texts = {tag: _one_per_event(records) for tag, records in run.texts.items()}
     run.histograms = {tag: _purge_histograms(histograms[tag]) for tag in sorted(histograms)}
     for tag in sorted(raw):
         series = _purge_restarts(*raw[tag])
@@ -170,6 +172,19 @@ def read_run(directory: str | os.PathLike[str], name: str | None = None) -> RunD
                 "summaries ignore them"
             )
     return run
+
+
+def _one_per_event(records: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Text records as events: a step's later record that repeats an earlier one and adds to it
+    (a monitor writes each step's events together, as TensorBoard shows one text per step)
+    replaces it, and a record of several events (:func:`dynlens.events.join_events`) is split."""
+    kept: list[tuple[int, str]] = []
+    for step, text in records:
+        if kept and kept[-1][0] == step and text.startswith(kept[-1][1]):
+            kept[-1] = (step, text)
+        else:
+            kept.append((step, text))
+    return [(step, event) for step, text in kept for event in split_events(text)]
 
 
 def _run_name(root: Path, directory: Path, prefix_root: bool) -> str:

@@ -162,6 +162,24 @@ def litgpt_config(name: str, **overrides: Any):
             parallel_residual=False,
             rotary_percentage=1.0,
         ),
+        # Gemma 2's soft caps, tanh(s / c) · c, on attention scores (c 0.5 here, so that raw
+        # and capped scores differ at initialisation) and on the output logits
+        "gemma-2": dict(
+            n_layer=2,
+            n_head=4,
+            n_query_groups=2,
+            n_embd=32,
+            norm_class_name="RMSNorm",
+            mlp_class_name="GemmaMLP",
+            intermediate_size=64,
+            bias=False,
+            parallel_residual=False,
+            rotary_percentage=1.0,
+            post_attention_norm=True,
+            post_mlp_norm=True,
+            attention_logit_softcapping=0.5,
+            final_logit_softcapping=30.0,
+        ),
     }
     return Config(
         block_size=SEQ + 1,

@@ -259,3 +259,33 @@ def test_compiled_models_train_bit_identically_with_every_monitor():
     _compiled(1, second)
     assert all(m.disabled_reason is None for m in [collapse, *attached, *second])
     assert "zero_loss_fraction" in second[0].latest
+
+
+def test_soft_capped_attention_is_reported_raw_and_said():
+    # Gemma 2's cap tanh(s / c) · c before the softmax: the raw q·kᵀ·scale, as SDPA layers
+    # report theirs, so that the 1e3/1e4 levels can be reached at all
+    torch.manual_seed(0)
+    module = LitGPTPretrain(litgpt_config("gemma-2"))
+    calls: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    for layer in module.model.modules():
+        if hasattr(layer, "scaled_dot_product_attention") and hasattr(layer, "qkv"):
+            original = layer.scaled_dot_product_attention
+            scale = 1 / math.sqrt(layer.config.head_size)
+
+            def record(q, k, v, mask=None, original=original, scale=scale):
+                if torch.is_grad_enabled():
+                    calls.append((q.detach().double(), k.detach().double(), scale))
+                return original(q, k, v, mask)
+
+            layer.scaled_dot_product_attention = record
+    growth = dynlens.LogitGrowthMonitor(every_n_steps=1, attention_every_n_steps=1, verbose=False)
+    fit(module, list(tokens(0, length=SEQ + 1)), [growth], steps=1)
+    recorder = AttentionRecorder()
+    recorder.calls = calls
+    raw = recorder.maxima()
+    logged = sorted(growth.latest[f"attn_max/{n}"] for n in growth.layers)
+    assert len(logged) == 2 and logged == pytest.approx(raw, rel=1e-5)
+    assert max(raw) > 0.5  # above the cap: capped scores could not show it
+    assert set(growth.attention_capture.capped.values()) == {0.5}
+    (said,) = [e["message"] for e in growth.events if e["reason"] == "soft_cap"]
+    assert "2 layer(s)" in said and "c = 0.5" in said

@@ -16,6 +16,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
 from torch.utils.tensorboard import SummaryWriter
 
+from dynlens.events import join_events
 from dynlens.report.eventfile import masked_crc32c
 from dynlens.report.reader import find_runs, read_run
 
@@ -87,6 +88,20 @@ def test_reads_text_events_and_tensorflow2_style_scalars(tmp_path):
     assert run.scalars["new/float"].values.tolist() == [0.25]
     assert run.scalars["new/double"].values.tolist() == [1 / 3]
     assert run.scalars["new/double"].steps.tolist() == [2]
+
+
+def test_a_steps_events_written_together_are_read_one_by_one(tmp_path):
+    # as a monitor writes them (TensorBoard shows one text per step and tag): each write of a
+    # step carries its events so far; two separate records of one step (older files) stay two
+    a, b, c = "`targets` · step 0: a", "`precision` · step 0: b", "`onset` · step 3: c"
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_text("dynlens/collapse/events", a, 0)
+    writer.add_text("dynlens/collapse/events", join_events([a, b]), 0)
+    writer.add_text("dynlens/collapse/events", c, 3)
+    writer.add_text("dynlens/collapse/events", "step 3: legacy", 3)
+    writer.close()
+    run = read_run(tmp_path)
+    assert run.texts == {"dynlens/collapse/events": [(0, a), (0, b), (3, c), (3, "step 3: legacy")]}
 
 
 def test_resumed_run_merges_files_in_order_and_later_points_win(tmp_path):

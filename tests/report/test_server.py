@@ -169,7 +169,14 @@ def test_every_monitor_panel_is_served_with_exact_tags_values_and_events(server)
         tag = f"{monitor.key('events')}/text_summary"
         assert (tag in text_tags) == bool(monitor.events), monitor.name
         texts = tb.get("/data/plugin/text/text", run=RUN, tag=tag) if monitor.events else []
+        # one text per step (TensorBoard shows the last written): a step's events, each a
+        # paragraph
+        by_step: dict[int, list[str]] = {}
+        for e in monitor.events:
+            by_step.setdefault(e["step"], []).append(
+                f"{e['reason']} · step {e['step']}: {e['message']}"
+            )
         assert [(t["step"], plain(t["text"])) for t in texts] == [
-            (e["step"], f"{e['reason']} · step {e['step']}: {e['message']}") for e in monitor.events
+            (step, "\n".join(events)) for step, events in by_step.items()
         ], monitor.name
     assert {m.name for m in monitors if m.events} >= {"grokking", "collapse", "continual"}

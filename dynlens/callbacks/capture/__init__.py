@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from .agreement import Alignment, fit_targets, shifts, targets_of, targets_said
+from .agreement import Alignment, fit_targets
+from .aligned import shifts, targets_of, targets_said
 from .attention import AttentionCapture
 from .log_probs import LogProbsTap, same_memory
 from .logits import AUTO, LogitsCapture, is_causal_lm, logits_found, take_logits

@@ -47,6 +47,7 @@ from ...attention import (
     DEFAULT_CHUNK_ELEMENTS,
     AttentionLogitSums,
     attention_logit_sums,
+    masked_below,
     multi_head_attention_logit_sums,
     softmax_logit_sums,
 )
@@ -56,6 +57,9 @@ _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
 # the three spellings of a softmax a hand-written attention may call
 _SOFTMAX = (F.softmax, torch.Tensor.softmax, torch.softmax)
+# a soft cap, tanh(s / c) · c (Gemma 2), as written by hand
+_TANH = (torch.tanh, torch.Tensor.tanh)
+_MUL = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 _MHA_SIGNATURE = inspect.signature(_MHA)
 # the arguments of multi_head_attention_forward that shape q·k (value, dropout, out_proj do not)
 _MHA_QK_ARGS = (
@@ -118,6 +122,10 @@ class _Interceptor(TorchFunctionMode):
         attention = func is _SDPA or func is _MHA
         if attention or (func in _SOFTMAX and _attention_scores(args, kwargs) is not None):
             self.capture._record(func, args, kwargs)
+        elif func in _TANH and args and _attention_scores((args[0], -1), {}) is not None:
+            self.capture._tanh = (result, args[0])
+        elif func in _MUL and self.capture._tanh is not None and len(args) == 2:
+            self.capture._capping(args, result)
         return result
 
 
@@ -150,6 +158,13 @@ class AttentionCapture:
         self._error: Exception | None = None
         #: Attention calls seen (measured or not) since the last :meth:`take`.
         self.calls_seen = 0
+        #: Layers whose scores are soft-capped before their softmax, with the cap c of
+        #: tanh(s / c) · c: their raw scores s are measured.
+        self.capped: dict[str, float] = {}
+        # a tanh of a (batch, heads, queries, keys) tensor, and a cap of one, awaiting the
+        # softmax that would consume them: (tanh's result, its input[, the cap])
+        self._tanh: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._capped: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._tag: Any = None  # what the owner armed the statistics being gathered under
         self._taken: tuple[Any, dict[str, AttentionLogitSums]] | None = None  # the last take
 
@@ -170,6 +185,7 @@ class AttentionCapture:
 
     def _reset(self) -> None:
         self._sums, self._error, self.calls_seen = {}, None, 0
+        self._tanh = self._capped = None
 
     def arm(self, tag: Any = None) -> None:
         """Start intercepting (a measured micro-batch begins); statistics of earlier micro-batches
@@ -252,6 +268,7 @@ class AttentionCapture:
             elif func in _SOFTMAX:
                 scores = _attention_scores(args, kwargs)
                 assert scores is not None  # checked before the call was taken as attention
+                scores = self._raw(scores, name)
                 sums = softmax_logit_sums(scores, chunk_elements=self.chunk_elements)
             else:
                 bound = _MHA_SIGNATURE.bind(*args, **kwargs)
@@ -263,3 +280,26 @@ class AttentionCapture:
             return
         previous = self._sums.get(name)
         self._sums[name] = sums if previous is None else previous.merge(sums)
+
+    def _capping(self, args: tuple, result: torch.Tensor) -> None:
+        """A product of the pending tanh's result and a number c: the scores are capped at c."""
+        assert self._tanh is not None
+        capped, inner = self._tanh
+        a, b = args
+        cap = b if a is capped else a if b is capped else None
+        if isinstance(cap, (int, float)) and not isinstance(cap, bool):
+            self._tanh, self._capped = None, (result, inner, float(cap))
+
+    def _raw(self, scores: torch.Tensor, name: str) -> torch.Tensor:
+        """The scores a softmax receives with a soft cap undone: where the step capped scores
+        of this shape just before, the raw s = c · (s / c) at every position the mask keeps."""
+        pending, self._capped, self._tanh = self._capped, None, None
+        if pending is None or pending[1].shape != scores.shape:
+            return scores
+        _, inner, cap = pending
+        with torch.no_grad():
+            raw = inner.detach().to(scores.dtype) * cap
+            kept = scores.detach() > masked_below(scores.dtype)
+            scores = torch.where(kept, raw, scores.detach())
+        self.capped[name] = cap
+        return scores
