@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dynlens
+import dynlens.callbacks.capture.logits as logits_module
 from dynlens.callbacks.capture import Alignment, LogitsCapture
 from dynlens.callbacks.capture.agreement import (
     Reading,
@@ -21,6 +24,7 @@ from dynlens.callbacks.capture.agreement import (
     tolerance,
 )
 from dynlens.callbacks.validate import ConfigurationError
+from tests.helpers import trainer
 
 
 def test_mean_cross_entropy_ignores_negative_targets_as_ignore_index_does():
@@ -135,3 +139,37 @@ def test_two_different_outputs_that_both_reproduce_the_loss_are_named_in_the_err
     first, _ = holder.model(x)
     with pytest.raises(ConfigurationError, match="Several outputs reproduce the loss"):
         capture.take({"loss": F.cross_entropy(first, y)}, "Monitor")
+
+
+def test_a_failing_hook_never_raises_into_the_forward_and_the_monitor_fails_soft(monkeypatch):
+    class Step(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Tupled()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(*batch)[1]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def boom(output, how):
+        raise RuntimeError("simulated failure inside a forward hook")
+
+    data = [(torch.randn(3), torch.tensor(i % 4)) for i in range(8)]
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        module = Step()
+        trainer(max_steps=2, callbacks=callbacks, logger=False).fit(
+            module, torch.utils.data.DataLoader(data, batch_size=4)
+        )
+        return [p.detach().clone() for p in module.parameters()]
+
+    reference = fit([])
+    monkeypatch.setattr(logits_module, "_extract", boom)
+    monitor = dynlens.SoftmaxCollapseMonitor(every_n_steps=1, logits_module="model", verbose=False)
+    with pytest.warns(RuntimeWarning, match="simulated failure inside a forward hook"):
+        trained = fit([monitor])
+    assert all(torch.equal(a, b) for a, b in zip(trained, reference, strict=True))
+    assert "simulated failure" in monitor.disabled_reason

@@ -180,6 +180,8 @@ class LogitsCapture:
         self._largest_target: int | None = None
         self._search_handle: torch.utils.hooks.RemovableHandle | None = None
         self._children: set[nn.Module] = set()
+        # an error met inside a hook, kept for take() (a hook never raises into the forward)
+        self._error: Exception | None = None
 
     @property
     def hooked(self) -> bool:
@@ -238,7 +240,10 @@ class LogitsCapture:
         if torch.compiler.is_compiling():
             return  # invisible to Dynamo: the compiled graph is the one without monitors
         if self._armed and not in_own_forward():  # not another monitor's replay or evaluation
-            self._captured.extend(x.detach() for x in _extract(output, self.how))
+            try:
+                self._captured.extend(x.detach() for x in _extract(output, self.how))
+            except Exception as exc:  # never into the model's forward: re-raised by take()
+                self._error = self._error or exc
 
     def _search(self, module: nn.Module, args: Any, output: Any) -> None:
         # every module's output during the first measured step of "auto" (the gradient-recording
@@ -247,11 +252,15 @@ class LogitsCapture:
             return
         if not torch.is_grad_enabled() or in_own_forward() or self._searching is None:
             return
-        direct = module is self._model or module in self._children
-        for how, chunks in _candidates(output):
-            if direct or how == ".logits" or self._may_be_logits(chunks[0]):
-                self._searching.setdefault((module, how), []).extend(x.detach() for x in chunks)
-            self._shapes.setdefault(module, tuple(chunks[0].shape))
+        try:
+            direct = module is self._model or module in self._children
+            for how, chunks in _candidates(output):
+                if direct or how == ".logits" or self._may_be_logits(chunks[0]):
+                    kept = self._searching.setdefault((module, how), [])
+                    kept.extend(x.detach() for x in chunks)
+                self._shapes.setdefault(module, tuple(chunks[0].shape))
+        except Exception as exc:  # never into the model's forward: re-raised by take()
+            self._error = self._error or exc
 
     def _may_be_logits(self, chunk: torch.Tensor) -> bool:
         """Enough classes for every target of the batch (so its cross-entropy can be read)."""
@@ -287,6 +296,9 @@ class LogitsCapture:
         align (:attr:`alignment`), or raises :class:`ConfigurationError` naming the candidates
         when the logits cannot be told apart."""
         try:
+            error, self._error = self._error, None
+            if error is not None:
+                raise error
             if self.found is None and self._searching is not None:
                 logits = self._discover(outputs, self._searching, owner)
             elif self.found is not None and self.found[0] is not None:
