@@ -173,3 +173,31 @@ def test_a_failing_hook_never_raises_into_the_forward_and_the_monitor_fails_soft
         trained = fit([monitor])
     assert all(torch.equal(a, b) for a, b in zip(trained, reference, strict=True))
     assert "simulated failure" in monitor.disabled_reason
+
+
+def test_every_rank_takes_rank_0s_decisions():
+    # ranks decide from their own batches; rank 0's decision is broadcast and adopted
+    torch.manual_seed(0)
+    holder, x, y = Holder(Tupled()), torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 1])
+    rank_0 = (("model.head", "the output of `model.head`"), "", Alignment(0, True), None)
+
+    class Strategy:
+        def broadcast(self, obj, src=0):
+            assert src == 0 and obj[0][0] == "model"  # this rank's own decision, sent
+            return rank_0
+
+    class Trainer:
+        world_size, strategy = 2, Strategy()
+
+    holder._trainer = Trainer()
+    capture = LogitsCapture()
+    capture.attach(holder, "Monitor")
+    capture.arm((x, y))
+    _, loss = holder.model(x, y)
+    capture.take({"loss": loss}, "Monitor")
+    assert capture.found == rank_0[0] and capture.how == "" and capture.hooked
+    assert capture.alignment == Alignment(0, True)
+    capture.arm((x, y))
+    later, _ = holder.model(x, y)
+    (again,) = capture.take({"loss": loss}, "Monitor")
+    assert torch.equal(again, later)  # now read through the hook on model.head

@@ -308,9 +308,25 @@ class LogitsCapture:
                 logits = [value.detach()] if isinstance(value, torch.Tensor) else []
             if logits and not self.aligned:
                 self._align(logits, outputs)
+                self._agree()
             return logits
         finally:
             self.disarm()
+
+    def _agree(self) -> None:
+        """Rank 0's decisions on every rank: ranks see different batches, and a decision by
+        agreement with the loss could differ between them (a rank whose targets are all
+        ignored); the monitors then reduce the same quantities everywhere."""
+        trainer = getattr(self._model, "_trainer", None)
+        if trainer is None or getattr(trainer, "world_size", 1) <= 1:
+            return
+        mine = (self.found, self.how, self.alignment, self.disagreement)
+        found, how, self.alignment, self.disagreement = trainer.strategy.broadcast(mine, src=0)
+        if (found, how) != (self.found, self.how):
+            if self._handle is not None:
+                self._handle.remove()
+                self._handle = None
+            self._resolve(found[0], found[1], how)
 
     def _step_loss(self, outputs: Any) -> torch.Tensor | None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
