@@ -42,6 +42,7 @@ __all__ = [
     "HessianReason",
     "Instability",
     "LogitsReason",
+    "OptimizerReason",
     "Reason",
     "WarningReason",
     "format_event",
@@ -146,6 +147,12 @@ class LogitsReason(Reason, monitor="logits"):
     LOGZ_DRIFT = "logz_drift"  #: ``|logz_mean|`` passed ``logz_threshold``
     LOGITS_FOUND = "logits_found"  #: where ``logits_module="auto"`` found the logits
     SOFT_CAP = "soft_cap"  #: layers whose attention scores are soft-capped (raw scores logged)
+
+
+class OptimizerReason(Reason, monitor="optimizer"):
+    """Events of ``OptimizerMonitor``."""
+
+    SPIKE = "spike"  #: the loss or the gradient norm spiked (above its recent mean by 6 σ)
 
 
 class HessianReason(Reason, monitor="hessian"):

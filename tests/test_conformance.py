@@ -302,6 +302,9 @@ ON_NAN = {
     dynlens.EarlyWarningMonitor: lambda m, logged: (
         (NaNAtStep.STEP, "divergence") in [(e["step"], e["reason"]) for e in m.events]
     ),
+    dynlens.OptimizerMonitor: lambda m, logged: all(
+        math.isnan(v) for v in _after_the_nan(logged["grad_norm"])
+    ),
     dynlens.GrokkingMonitor: lambda m, logged: all(
         math.isnan(v) for v in _after_the_nan(logged["weight_norm"])
     ),

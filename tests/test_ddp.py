@@ -50,7 +50,9 @@ def test_every_monitor_under_two_process_ddp(tmp_path):
         b = rank1["values"][key]
         assert (math.isnan(a) and math.isnan(b)) or a == b, key
     families = {key.split("/")[1] for key in rank0["values"]}
-    assert families == {"grokking", "collapse", "hessian", "logits", "continual", "warning"}
+    assert families == {
+        "grokking", "collapse", "hessian", "logits", "continual", "warning", "optimizer"
+    }  # fmt: skip
     # rank 0 decides the budget schedule and broadcasts it: the same steps on every rank
     assert rank0["budget_steps"] and rank0["budget_steps"] == rank1["budget_steps"]
     evaluated = rank0["continual_budget_steps"]
@@ -100,7 +102,7 @@ def test_ddp_values_equal_one_process_on_the_same_global_batch(tmp_path):
         # DDP's averaged gradients after the first step
         assert ddp[key] == pytest.approx(points, rel=1e-4, abs=1e-6), key
         compared.add(key.split("/")[1])
-    assert compared == {"grokking", "collapse", "logits", "continual", "warning"}
+    assert compared == {"grokking", "collapse", "logits", "continual", "warning", "optimizer"}
     # two steps per logging interval: collapse and logit statistics pooled over both
     assert sorted(ddp["dynlens/collapse/sc_fraction"]) == [1, 3]
     assert sorted(ddp["dynlens/logits/attn_max/block"]) == [1, 3]

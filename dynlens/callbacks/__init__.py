@@ -7,6 +7,7 @@ from .early_warning import EarlyWarningMonitor
 from .grokking import GrokkingMonitor
 from .hessian import HessianMonitor
 from .logits import LogitGrowthMonitor
+from .optimizer import OptimizerMonitor
 from .perpgrad import PerpGrad
 from .validate import ConfigurationError
 
@@ -18,6 +19,7 @@ __all__ = [
     "HessianMonitor",
     "LogitGrowthMonitor",
     "Monitor",
+    "OptimizerMonitor",
     "PerpGrad",
     "SoftmaxCollapseMonitor",
 ]
