@@ -18,6 +18,7 @@ def test_the_table_order_is_the_declared_one():
         "hessian",
         "hessian_blocks",
         "hessian_spectrum",
+        "optimizer",
         "logits",
         "continual",
         "warning",

@@ -204,6 +204,33 @@ def test_logits_peak_attention_growth_rate_and_log_z_drift(tmp_path):
     }
 
 
+def test_optimizer_gradient_range_fastest_block_spikes_and_eps_share(tmp_path):
+    opt = "dynlens/optimizer/"
+    write(
+        tmp_path,
+        {
+            opt + "grad_norm": {0: 2.0, 10: 0.5, 20: float("nan"), 30: 8.0},
+            opt + "update_to_weight": {0: 1e-3, 10: 2e-3, 30: 4e-3},
+            opt + "update_to_weight/layers.0": {0: 1e-3, 10: 1e-3, 30: 1e-3},
+            opt + "update_to_weight/head": {0: 5e-3, 10: 6e-3, 30: 9e-3},
+            opt + "adam/eps_share": {10: 0.25, 30: 0.5},
+        },
+        texts=[(opt + "events", 30, "`spike` · step 30: the gradient norm 8 is ...")],
+    )
+    assert summarise(tmp_path)["optimizer"] == {
+        "measurements": 3,  # finite values
+        "grad_norm_min": 0.5,
+        "grad_norm_median": 2.0,
+        "grad_norm_max": 8.0,
+        "update_to_weight_median": f32(2e-3),
+        "largest_update_block": "head",
+        "largest_update_to_weight": f32(6e-3),
+        "spikes": 1,
+        "first_spike_step": 30,
+        "eps_share_final": 0.5,
+    }
+
+
 def test_continual_replays_continual_metrics_on_the_logged_accuracies(tmp_path):
     # The stability gap of task 0 while task 1 is learned (ContinualMetrics' docstring example),
     # logged as ContinualEvaluation logs it: acc_task_<t> and the current task at each step.
