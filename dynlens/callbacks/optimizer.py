@@ -22,6 +22,7 @@ from ..optimizer_stats import (
     is_spike,
     squared_norms,
     step_quantities,
+    sum_of_products,
 )
 from .base import Monitor, fail_soft
 from .context import logging_step, sharding_strategy
@@ -205,7 +206,7 @@ class OptimizerMonitor(Monitor):
         params = self._params(pl_module)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         device = params[0].device
-        moments: dict[torch.Tensor, tuple[torch.Tensor, float]] = {}
+        moments: dict[torch.Tensor, tuple[torch.Tensor, float, float]] = {}
         for opt in trainer.optimizers:
             moments.update(adam_moments(opt))
         adam = [(g, *moments[p]) for p, g in zip(params, grads, strict=True) if p in moments]
@@ -213,7 +214,10 @@ class OptimizerMonitor(Monitor):
             "g2": squared_norms(grads),
             "w2": squared_norms(params),
             "adam": adam_sums(adam, device) if adam else None,
-            "theta": [p.detach().clone() for p in params] if self.update else None,
+            # a copy in float32 (fused), to take the update from
+            "theta": torch._foreach_mul([p.detach().float() for p in params], 1.0)
+            if self.update
+            else None,
         }
 
     def _params(self, pl_module: Any) -> list[torch.Tensor]:
@@ -242,18 +246,15 @@ class OptimizerMonitor(Monitor):
         if index is None:
             index = torch.zeros(len(params), dtype=torch.long)
         parts = [block_sums(before["g2"], index, blocks), block_sums(before["w2"], index, blocks)]
+        used2 = squared_norms(used).sum()
         if before["theta"] is not None:
-            deltas = [a.detach() - b for a, b in zip(params, before["theta"], strict=True)]
-            parts.append(block_sums(squared_norms(deltas), index, blocks))
-            device = parts[0].device
-            dot = torch.stack(
-                [
-                    (d.double() * g.double()).sum().to(device)
-                    for d, g in zip(deltas, used, strict=True)
-                ]
-            ).sum()
+            after = [p.detach().float() for p in params]
+            deltas = torch._foreach_sub(after, before["theta"])
+            d2 = squared_norms(deltas)
+            parts.append(block_sums(d2, index, blocks))
+            dot = sum_of_products(deltas, [g.float() for g in used], d2.sum(), used2)
             parts.append(dot.reshape(1))
-        parts.append(squared_norms(used).sum().reshape(1))
+        parts.append(used2.reshape(1))
         adam = before["adam"]
         if adam is not None:
             parts.append(adam.to(parts[0].device))

@@ -28,6 +28,7 @@ class Regression(pl.LightningModule):
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, spike_at: int | None = None):
         super().__init__()
+        torch.manual_seed(0)
         self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 1)
         self.optimizer, self.lr, self.spike_at = optimizer, lr, spike_at
 
@@ -85,24 +86,29 @@ def norm(tensors) -> float:
     return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
 
 
+# θ is float32: the step it took, θ_after − θ_before, carries the rounding of θ (float32's ε
+# times |θ| / |Δθ|, about 1e-5 here) against the exact −η·g
+STEP = 1e-4
+
+
 def test_sgd_s_step_is_minus_the_learning_rate_times_the_gradient():
     monitor = dynlens.OptimizerMonitor(every_n_steps=1, blocks="module", verbose=False)
     (seen,) = run(Regression(lr=0.1), monitor)
     g, theta = seen["grad"], seen["theta"]
     got = monitor.latest
-    assert got["grad_norm"] == pytest.approx(norm(g.values()), rel=1e-12)
-    assert got["param_norm"] == pytest.approx(norm(theta.values()), rel=1e-12)
-    assert got["update_norm"] == pytest.approx(0.1 * norm(g.values()), rel=1e-6)
+    assert got["grad_norm"] == pytest.approx(norm(g.values()), rel=1e-6)
+    assert got["param_norm"] == pytest.approx(norm(theta.values()), rel=1e-6)
+    assert got["update_norm"] == pytest.approx(0.1 * norm(g.values()), rel=STEP)
     assert got["update_to_weight"] == pytest.approx(
-        0.1 * norm(g.values()) / norm(theta.values()), rel=1e-6
+        0.1 * norm(g.values()) / norm(theta.values()), rel=STEP
     )
     assert got["cos_update_grad"] == pytest.approx(1.0, abs=1e-6)
     for block in ("first", "second"):
         mine = [v for n, v in g.items() if n.startswith(block)]
         weights = [v for n, v in theta.items() if n.startswith(block)]
-        assert got[f"grad_norm/{block}"] == pytest.approx(norm(mine), rel=1e-12)
+        assert got[f"grad_norm/{block}"] == pytest.approx(norm(mine), rel=1e-6)
         assert got[f"update_to_weight/{block}"] == pytest.approx(
-            0.1 * norm(mine) / norm(weights), rel=1e-6
+            0.1 * norm(mine) / norm(weights), rel=STEP
         )
     assert "grad_norm_clipped" not in got and not any(k.startswith("adam/") for k in got)
 
@@ -131,7 +137,7 @@ def test_clipping_is_seen_before_and_after():
     monitor = dynlens.OptimizerMonitor(every_n_steps=1, verbose=False)
     (seen,) = run(Regression(), monitor, gradient_clip_val=1e-3)
     got = monitor.latest
-    assert got["grad_norm"] == pytest.approx(norm(seen["grad"].values()), rel=1e-12)
+    assert got["grad_norm"] == pytest.approx(norm(seen["grad"].values()), rel=1e-6)
     assert got["grad_norm_clipped"] == pytest.approx(1e-3, rel=1e-5)
     assert got["clipped_share"] == 1.0
     assert got["update_norm"] == pytest.approx(0.1 * 1e-3, rel=1e-4)  # SGD on the clipped g
