@@ -56,8 +56,9 @@ class OptimizerMonitor(Monitor):
     * for the Adam family, from its second step: ``adam/eps_share``, the share of coordinates
       where √v̂ < ε (updates no longer follow their gradients there: Wortsman et al. 2023), and
       ``adam/g2_over_v_median`` and ``adam/g2_over_v_p99``, quantiles over coordinates of g²/v̂
-      read to a tenth of a decade (≫ 1: v̂ lags the gradient, which precedes spikes: Bai et al.
-      2025);
+      read to a tenth of a decade, over an evenly strided sample in a large model
+      (:func:`dynlens.optimizer_stats.adam_sums`) (≫ 1: v̂ lags the gradient, which precedes
+      spikes: Bai et al. 2025);
     * ``spike/count`` and ``spike/rate`` (per measured step): the loss or the gradient norm above
       the mean of the previous ``spike_window`` measured values by ``spike_sigma`` standard
       deviations (OLMo-core's rule); each spike is a ``spike`` event.
