@@ -153,6 +153,7 @@ class OptimizerReason(Reason, monitor="optimizer"):
     """Events of ``OptimizerMonitor``."""
 
     SPIKE = "spike"  #: the loss or the gradient norm spiked (above its recent mean by 6 σ)
+    MEMORY = "memory"  #: the size of the copy of θ the update needs (said once)
 
 
 class HessianReason(Reason, monitor="hessian"):

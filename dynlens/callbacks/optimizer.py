@@ -69,9 +69,9 @@ class OptimizerMonitor(Monitor):
         blocks: per-block norms: ``"layer"`` (default), ``"module"``, ``"tensor"``, a mapping
             block → parameter names (as :func:`dynlens.curvature.parameter_blocks`), or
             ``None`` for totals only.
-        update: keep a copy of θ before each measured step (as many bytes as the trainable
-            parameters, on measured steps only) to log the update; ``False`` logs no update keys
-            and copies nothing.
+        update: keep a float32 copy of θ before each measured step (on measured steps only;
+            its size is said once, event ``memory``) to log the update; ``False`` logs no
+            update keys and copies nothing.
         spike_window, spike_sigma: the spike rule (default 128 values, 6 σ).
         prefix, verbose: as for every monitor.
     """
@@ -237,6 +237,17 @@ class OptimizerMonitor(Monitor):
             return
         params = self._params(pl_module)
         used = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if before["theta"] is not None and not self.fired(OptimizerReason.MEMORY):
+            copy = sum(t.numel() for t in before["theta"]) * 4
+            held = sum(p.numel() * p.element_size() for p in params)
+            self.log_event(
+                trainer,
+                logging_step(trainer),
+                OptimizerReason.MEMORY,
+                f"the update needs a float32 copy of θ on measured steps: {copy / 2**20:.4g} MiB "
+                f"(θ itself: {held / 2**20:.4g} MiB; update=False takes none)",
+                once=True,
+            )
         self._publish(trainer, params, used, before, _loss(outputs, trainer))
 
     def _vector(self, params: list[torch.Tensor], used: list[torch.Tensor], before: dict) -> Any:

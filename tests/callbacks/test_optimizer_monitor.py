@@ -111,6 +111,9 @@ def test_sgd_s_step_is_minus_the_learning_rate_times_the_gradient():
             0.1 * norm(mine) / norm(weights), rel=STEP
         )
     assert "grad_norm_clipped" not in got and not any(k.startswith("adam/") for k in got)
+    (said,) = [e["message"] for e in monitor.events if e["reason"] == "memory"]
+    size = sum(t.numel() for t in theta.values()) * 4 / 2**20  # float32
+    assert f"{size:.4g} MiB" in said
 
 
 def test_adam_s_second_moment_is_read_from_its_own_state():
@@ -157,6 +160,7 @@ def test_without_the_update_nothing_is_copied_or_logged_of_it():
     monitor = dynlens.OptimizerMonitor(every_n_steps=1, update=False, blocks=None, verbose=False)
     run(Regression(), monitor)
     assert set(monitor.latest) == {"grad_norm", "param_norm", "spike/count", "spike/rate"}
+    assert not monitor.events  # no copy, nothing to say
 
 
 def test_the_pure_rules():
