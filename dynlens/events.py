@@ -152,7 +152,8 @@ class LogitsReason(Reason, monitor="logits"):
 class OptimizerReason(Reason, monitor="optimizer"):
     """Events of ``OptimizerMonitor``."""
 
-    SPIKE = "spike"  #: the loss or the gradient norm spiked (above its recent mean by 6 σ)
+    LOSS_SPIKE = "loss_spike"  #: the loss spiked (above its recent mean by 6 σ)
+    GRADIENT_SPIKE = "gradient_spike"  #: the gradient norm spiked (above its recent mean by 6 σ)
     MEMORY = "memory"  #: the size of the copy of θ the update needs (said once)
 
 

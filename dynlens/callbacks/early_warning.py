@@ -188,6 +188,7 @@ class EarlyWarningMonitor(WarningSignals):
             owner=losses,
         )
         self.add_state("spikes", 0, owner=losses)
+        self._gradient_spikes_read: int = self.add_state("_gradient_spikes_read", -1)
         self.add_state("observed", 0, key="losses_observed", owner=losses)
         self.add_state("away", None, key="loss_away", owner=losses)
         #: The training losses of the steps since the last measured step: (step, loss).
@@ -370,6 +371,8 @@ class EarlyWarningMonitor(WarningSignals):
             return
         self.attention_capture.disarm()
         step = logging_step(trainer)
+        if self.watches("spike"):
+            self._gradient_spikes(trainer)
         if collapse:
             self._collapse_signal(trainer, outputs)
         if self.watches("attention"):
@@ -488,13 +491,3 @@ class EarlyWarningMonitor(WarningSignals):
             return
         lead = self._lead("spike", event.step) if self.policy.happen("spike", event.step) else ""
         self.log_event(trainer, event.step, WarningReason.SPIKE, f"spike: {event.describe()}{lead}")
-
-    def _lead(self, instability: str, step: int) -> str:
-        warned = [w for w in self.warnings if w["event"] == instability]
-        return f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
-
-    def _happen(self, trainer: Any, instability: str, step: int, what: str) -> None:
-        if not self.policy.happen(instability, step):
-            return
-        message = f"{instability}: {what}{self._lead(instability, step)}"
-        self.log_event(trainer, step, WarningReason.happened(instability), message)

@@ -19,13 +19,14 @@ from ..attention import AttentionLogitSums
 from ..collapse import collapse_threshold, collapsed_mask, runner_up_gap
 from ..crossing import Crossing
 from ..early_warning import ATTENTION_LIMIT, LIMITED, RATIO_POINTS, WarningPolicy
-from ..events import WarningReason
+from ..events import OptimizerReason, WarningReason
 from ..nn import Activation
 from .base import Monitor
 from .capture import AttentionCapture, LogitsCapture, logits_found, take_logits
 from .context import logging_step
 from .logits import LogitGrowthMonitor
 from .lr_ahead import LRAhead
+from .optimizer import OptimizerMonitor
 from .replay import losses_across_step
 from .schedule import dense_cadence
 
@@ -55,6 +56,35 @@ class WarningSignals(Monitor):
     _max_logit: torch.Tensor | None
     _ratio_losses: torch.Tensor | None
     _decrease: torch.Tensor | None
+    warnings: list[dict[str, Any]]
+    _gradient_spikes_read: int  # the last step of an OptimizerMonitor's gradient spike read
+
+    def _lead(self, instability: str, step: int) -> str:
+        warned = [w for w in self.warnings if w["event"] == instability]
+        return f" ({step - warned[0]['step']} steps after the warning)" if warned else ""
+
+    def _happen(self, trainer: Any, instability: str, step: int, what: str) -> None:
+        if not self.policy.happen(instability, step):
+            return
+        message = f"{instability}: {what}{self._lead(instability, step)}"
+        self.log_event(trainer, step, WarningReason.happened(instability), message)
+
+    def _gradient_spikes(self, trainer: Any) -> None:
+        """The gradient-norm spikes an attached :class:`OptimizerMonitor` saw since the last
+        read (its ``gradient_spike`` events): each is a spike here too, the first is when
+        ``spike`` happened, as a loss spike is."""
+        for source in getattr(trainer, "callbacks", ()):
+            if not isinstance(source, OptimizerMonitor):
+                continue
+            for event in source.events:
+                if event["reason"] != OptimizerReason.GRADIENT_SPIKE:
+                    continue
+                if event["step"] <= self._gradient_spikes_read:
+                    continue
+                at = self._gradient_spikes_read = int(event["step"])
+                lead = self._lead("spike", at) if self.policy.happen("spike", at) else ""
+                what = f"spike: the gradient norm (OptimizerMonitor): {event['message']}{lead}"
+                self.log_event(trainer, at, WarningReason.SPIKE, what)
 
     def _attention_sums(self, trainer: Any, step: int) -> dict[str, AttentionLogitSums]:
         """The step's attention statistics: those of the LogitGrowthMonitor that measures the

@@ -61,7 +61,8 @@ class OptimizerMonitor(Monitor):
       spikes: Bai et al. 2025);
     * ``spike/count`` and ``spike/rate`` (per measured step): the loss or the gradient norm above
       the mean of the previous ``spike_window`` measured values by ``spike_sigma`` standard
-      deviations (OLMo-core's rule); each spike is a ``spike`` event.
+      deviations (OLMo-core's rule); each spike is an event, ``loss_spike`` or
+      ``gradient_spike`` (an attached ``EarlyWarningMonitor`` reads the latter).
 
     Args:
         every_n_steps: measure every this many optimizer steps (default 10; a measured step
@@ -324,17 +325,24 @@ class OptimizerMonitor(Monitor):
         self, trainer: Any, step: int, metrics: dict[str, float], loss: float | None
     ) -> None:
         self._measured += 1
-        signals = [("gradient norm", metrics["grad_norm"], self._grad_norms)]
+        signals = [
+            (
+                "gradient norm",
+                metrics["grad_norm"],
+                self._grad_norms,
+                OptimizerReason.GRADIENT_SPIKE,
+            )
+        ]
         if loss is not None:
-            signals.append(("loss", loss, self._losses))
-        for what, value, history in signals:
+            signals.append(("loss", loss, self._losses, OptimizerReason.LOSS_SPIKE))
+        for what, value, history, reason in signals:
             if is_spike(history, value, self.spike_sigma):
                 self._spikes += 1
                 mean = sum(history) / len(history)
                 self.log_event(
                     trainer,
                     step,
-                    OptimizerReason.SPIKE,
+                    reason,
                     f"the {what} {value:.4g} is more than {self.spike_sigma:g} standard "
                     f"deviations above the mean of the last {len(history)} measured steps "
                     f"({mean:.4g})",

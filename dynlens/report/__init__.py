@@ -83,8 +83,8 @@ value), ``first_logz_mean``, ``final_logz_mean``, ``logz_drift`` (final − firs
 and ``grad_norm_max`` (over the measured steps, NaN left out), ``update_to_weight_median``,
 ``largest_update_block`` and ``largest_update_to_weight`` (the ``update_to_weight/<block>`` with
 the largest median: the block that moves fastest against its size), ``spikes`` and
-``first_spike_step`` (its ``spike`` events) and ``eps_share_final`` (the last
-``adam/eps_share``).
+``first_spike_step`` (its ``loss_spike`` and ``gradient_spike`` events) and ``eps_share_final``
+(the last ``adam/eps_share``).
 
 ``continual`` — :class:`dynlens.continual.ContinualMetrics` replayed on the logged
 ``continual/acc_task_<t>`` curves (tasks start where ``continual/task`` first names them):

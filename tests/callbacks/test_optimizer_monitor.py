@@ -150,9 +150,8 @@ def test_clipping_is_seen_before_and_after():
 def test_a_loss_spike_is_counted_and_said():
     monitor = dynlens.OptimizerMonitor(every_n_steps=1, verbose=False)
     run(Regression(lr=0.01, spike_at=12), monitor, steps=14)
-    spikes = [e for e in monitor.events if e["reason"] == "spike"]
-    assert [e["step"] for e in spikes] == [12, 12]  # the loss, and the gradient with it
-    assert "loss" in spikes[-1]["message"] and "gradient norm" in spikes[0]["message"]
+    spikes = [(e["step"], e["reason"]) for e in monitor.events if e["reason"].endswith("spike")]
+    assert spikes == [(12, "gradient_spike"), (12, "loss_spike")]  # the gradient with the loss
     assert monitor.latest["spike/count"] == 2 and monitor.latest["spike/rate"] == 2 / 14
 
 
@@ -183,3 +182,19 @@ def test_the_pure_rules():
 def test_bad_arguments_say_what_to_pass(kwargs, match):
     with pytest.raises(dynlens.ConfigurationError, match=match):
         dynlens.OptimizerMonitor(**kwargs)
+
+
+def test_early_warning_reads_the_gradient_spikes():
+    # the spike at step 12 is seen by OptimizerMonitor in the gradient norm; an attached
+    # EarlyWarningMonitor takes it as a spike of its own (whichever callback runs first)
+    for order in (0, 1):
+        optimizer = dynlens.OptimizerMonitor(every_n_steps=1, verbose=False)
+        early = dynlens.EarlyWarningMonitor(every_n_steps=1, instabilities=["spike"], verbose=False)
+        monitors = [optimizer, early] if order == 0 else [early, optimizer]
+        torch.manual_seed(0)
+        trainer(max_steps=16, callbacks=monitors, logger=False).fit(
+            Regression(lr=0.01, spike_at=12), batches()
+        )
+        said = [e for e in early.events if "gradient norm (OptimizerMonitor)" in e["message"]]
+        assert [(e["step"], e["reason"]) for e in said] == [(12, "spike")], order
+        assert early.policy.happened["spike"] == 12

@@ -215,7 +215,7 @@ def test_optimizer_gradient_range_fastest_block_spikes_and_eps_share(tmp_path):
             opt + "update_to_weight/head": {0: 5e-3, 10: 6e-3, 30: 9e-3},
             opt + "adam/eps_share": {10: 0.25, 30: 0.5},
         },
-        texts=[(opt + "events", 30, "`spike` · step 30: the gradient norm 8 is ...")],
+        texts=[(opt + "events", 30, "`gradient_spike` · step 30: the gradient norm 8 is ...")],
     )
     assert summarise(tmp_path)["optimizer"] == {
         "measurements": 3,  # finite values

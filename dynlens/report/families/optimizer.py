@@ -53,8 +53,8 @@ def _median(series: Series | None) -> float | None:
 def optimizer(ctx: Context) -> dict[str, Any] | None:
     """The gradient norm's range and median over the measured steps, the median update-to-weight
     ratio in total and the block whose median is largest (the block that moves fastest against
-    its size), the spikes (``spike`` events) and the final share of Adam's coordinates in the ε
-    regime."""
+    its size), the spikes (``loss_spike`` and ``gradient_spike`` events) and the final share of
+    Adam's coordinates in the ε regime."""
     grad = ctx.series("optimizer", "grad_norm")
     if grad is None:
         return None
@@ -65,7 +65,9 @@ def optimizer(ctx: Context) -> dict[str, Any] | None:
     }
     medians = {name: m for name, m in blocks.items() if m is not None}
     fastest = max(medians, key=medians.__getitem__) if medians else None
-    spikes = ctx.event_steps("optimizer", "spike")
+    spikes = sorted(
+        ctx.event_steps("optimizer", "loss_spike") + ctx.event_steps("optimizer", "gradient_spike")
+    )
     return {
         "measurements": ctx.count(grad),
         "grad_norm_min": float(finite.min()) if finite.size else None,
