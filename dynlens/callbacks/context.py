@@ -1,12 +1,14 @@
-"""What the run is doing now, as every monitor reads it: the logging step, whether a forward
-pass is a monitor's own, whether the strategy shards the parameters."""
+"""What the run is doing now, as every monitor reads it: the logging step, the step's loss,
+whether a forward pass is a monitor's own, whether the strategy shards the parameters."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import torch
 
 
 def logging_step(trainer: Any) -> int:
@@ -17,6 +19,14 @@ def logging_step(trainer: Any) -> int:
     """
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
+def loss_of(outputs: Any) -> torch.Tensor | None:
+    """The training loss in ``training_step``'s outputs (a tensor, or a dict's ``"loss"``);
+    ``None`` when there is none of one element. Under automatic optimisation Lightning hands on
+    the loss divided by ``accumulate_grad_batches``."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
 # Set while a monitor runs forward passes of its own inside a training step (a Hessian replay,

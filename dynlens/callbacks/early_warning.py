@@ -29,8 +29,8 @@ from ..loss_events import NOISE_WINDOW, LossEvent
 from ..nn import Activation, CrossEntropyLoss
 from .base import fail_soft
 from .capture import AttentionCapture, LogitsCapture
-from .context import logging_step, sharding_strategy
-from .early_warning_signals import WarningSignals, attention_source, loss_of
+from .context import logging_step, loss_of, sharding_strategy
+from .early_warning_signals import WarningSignals, attention_source
 from .layout import Chart
 from .logits import LogitGrowthMonitor
 from .lr_ahead import LRAhead, largest_rate

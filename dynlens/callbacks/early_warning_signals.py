@@ -188,9 +188,3 @@ def attention_source(trainer: Any, every_n_steps: int) -> LogitGrowthMonitor | N
         ):
             return callback
     return None
-
-
-def loss_of(outputs: Any) -> torch.Tensor | None:
-    """The training loss in ``training_step``'s outputs (a tensor, or a dict's ``"loss"``)."""
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None

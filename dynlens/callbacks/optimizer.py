@@ -25,7 +25,7 @@ from ..optimizer_stats import (
     sum_of_products,
 )
 from .base import Monitor, fail_soft
-from .context import logging_step, sharding_strategy
+from .context import logging_step, loss_of, sharding_strategy
 from .layout import Chart
 from .schedule import StepWindow
 from .validate import ConfigurationError, check_positive_int, check_positive_number
@@ -132,7 +132,7 @@ class OptimizerMonitor(Monitor):
         self._window = StepWindow()
         self._names: list[str] = []
         self._partition: dict[str, list[str]] = {}
-        self._index: torch.Tensor | None = None
+        self._index = torch.zeros(0, dtype=torch.long)  # each parameter's block
         self._sharded = False
         self._clips = False
         # read before the step: the gradients' sums, Adam's, and θ
@@ -177,7 +177,11 @@ class OptimizerMonitor(Monitor):
                 self._partition = parameter_blocks(self._names, self.blocks)
             except ValueError as exc:
                 raise ConfigurationError(f"OptimizerMonitor(blocks=...): {exc}") from None
-            self._index = block_index(self._names, self._partition)
+        self._index = (
+            block_index(self._names, self._partition)
+            if self._partition
+            else torch.zeros(len(self._names), dtype=torch.long)  # one block: the totals
+        )
         self._sharded = sharding_strategy(trainer) is not None
         self._clips = bool(getattr(trainer, "gradient_clip_val", None))
 
@@ -252,12 +256,9 @@ class OptimizerMonitor(Monitor):
         self._publish(trainer, params, used, before, _loss(outputs, trainer))
 
     def _vector(self, params: list[torch.Tensor], used: list[torch.Tensor], before: dict) -> Any:
-        """The step's sums, in one float64 vector: per block Σ g², Σ θ², (Σ Δθ²), then Σ g²
-        after clipping, (Σ Δθ·g), and Adam's counts and histogram."""
-        index = self._index
-        blocks = len(self._partition) if index is not None else 1
-        if index is None:
-            index = torch.zeros(len(params), dtype=torch.long)
+        """The step's sums, in one float64 vector: per block Σ g², Σ θ², (Σ Δθ²), then
+        (Σ Δθ·g), Σ g² after clipping, and Adam's counts and histogram."""
+        index, blocks = self._index, max(len(self._partition), 1)
         parts = [block_sums(before["g2"], index, blocks), block_sums(before["w2"], index, blocks)]
         used2 = squared_norms(used).sum()
         if before["theta"] is not None:
@@ -353,9 +354,9 @@ class OptimizerMonitor(Monitor):
 
 
 def _loss(outputs: Any, trainer: Any) -> torch.Tensor | None:
-    """The step's training loss (Lightning divides what it hands on by the accumulated
-    micro-batches; that division is undone)."""
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+    """The step's training loss, with Lightning's division by the accumulated micro-batches
+    undone."""
+    loss = loss_of(outputs)
+    if loss is None:
         return None
     return loss.detach().reshape(()) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)

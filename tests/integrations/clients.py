@@ -136,50 +136,32 @@ def litgpt_config(name: str, **overrides: Any):
     """A tiny LitGPT ``Config`` of a family's shape (no download)."""
     from litgpt import Config
 
+    llama: dict[str, Any] = dict(
+        n_layer=2,
+        n_head=4,
+        n_query_groups=2,
+        n_embd=32,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=64,
+        bias=False,
+        parallel_residual=False,
+        rotary_percentage=1.0,
+    )
     shapes: dict[str, dict[str, Any]] = {
         "pythia": dict(n_layer=2, n_head=4, n_embd=32, parallel_residual=True, bias=True),
-        "llama-gqa": dict(
-            n_layer=2,
-            n_head=4,
-            n_query_groups=2,
-            n_embd=32,
-            norm_class_name="RMSNorm",
-            mlp_class_name="LLaMAMLP",
-            intermediate_size=64,
-            bias=False,
-            parallel_residual=False,
-            rotary_percentage=1.0,
-        ),
-        "llama-mqa": dict(
-            n_layer=2,
-            n_head=4,
-            n_query_groups=1,
-            n_embd=32,
-            norm_class_name="RMSNorm",
-            mlp_class_name="LLaMAMLP",
-            intermediate_size=64,
-            bias=False,
-            parallel_residual=False,
-            rotary_percentage=1.0,
-        ),
+        "llama-gqa": llama,
+        "llama-mqa": {**llama, "n_query_groups": 1},
         # Gemma 2's soft caps, tanh(s / c) · c, on attention scores (c 0.5 here, so that raw
         # and capped scores differ at initialisation) and on the output logits
-        "gemma-2": dict(
-            n_layer=2,
-            n_head=4,
-            n_query_groups=2,
-            n_embd=32,
-            norm_class_name="RMSNorm",
-            mlp_class_name="GemmaMLP",
-            intermediate_size=64,
-            bias=False,
-            parallel_residual=False,
-            rotary_percentage=1.0,
-            post_attention_norm=True,
-            post_mlp_norm=True,
-            attention_logit_softcapping=0.5,
-            final_logit_softcapping=30.0,
-        ),
+        "gemma-2": {
+            **llama,
+            "mlp_class_name": "GemmaMLP",
+            "post_attention_norm": True,
+            "post_mlp_norm": True,
+            "attention_logit_softcapping": 0.5,
+            "final_logit_softcapping": 30.0,
+        },
     }
     return Config(
         block_size=SEQ + 1,

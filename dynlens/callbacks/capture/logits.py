@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from ..context import in_own_forward
+from ..context import in_own_forward, loss_of
 from ..validate import ConfigurationError
 from .agreement import Alignment, Reading, choose, integer_tensors, readings, tolerance
 
@@ -329,10 +329,8 @@ class LogitsCapture:
             self._resolve(found[0], found[1], how)
 
     def _step_loss(self, outputs: Any) -> torch.Tensor | None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
-            return loss.detach().reshape(())
-        return None
+        loss = loss_of(outputs)
+        return loss.detach().reshape(()) if loss is not None and loss.is_floating_point() else None
 
     def _align(self, logits: list[torch.Tensor], outputs: Any) -> None:
         """Decide the targets' alignment by agreement with the step's loss (see the class)."""
